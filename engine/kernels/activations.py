@@ -1,0 +1,19 @@
+"""Gated SiLU of the feed-forward blocks: y = silu(a) * b for x = [a | b] on the last dim."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .dispatch import triton_enabled
+
+
+def silu_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return F.silu(x[..., :h]) * x[..., h:]
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    if triton_enabled(x):
+        from . import triton_ops
+        return triton_ops.silu_mul(x)
+    return silu_mul_ref(x)

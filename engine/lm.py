@@ -1,0 +1,178 @@
+"""The PersonaPlex language model: embeddings, temporal transformer, depformer, heads.
+
+Parameters are plain tensors in a small module tree (names in `weights.LM_NAME_TABLE`);
+the math is written once here and used by the eager path and the captured CUDA graphs.
+All streaming state lives in `state.LMState`, one row per session slot.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import DepformerConfig, LMConfig, TemporalConfig
+from .kernels import decode_attention, prefill_attention_ref, rms_norm, rope, silu_mul
+
+
+class Linear(nn.Module):
+    """y = x W^T, with W [out, in] or stacked per step [S, out, in] (then `step` picks one)."""
+
+    def __init__(self, in_features: int, out_features: int, steps: int | None = None, device=None, dtype=None):
+        super().__init__()
+        shape = (out_features, in_features) if steps is None else (steps, out_features, in_features)
+        self.weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype), requires_grad=False)
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[-2]
+
+    def forward(self, x: torch.Tensor, step: int | None = None) -> torch.Tensor:
+        w = self.weight if step is None else self.weight[step]
+        return F.linear(x, w)
+
+
+def _param(*shape, device=None, dtype=None) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, device=device, dtype=dtype), requires_grad=False)
+
+
+class TemporalLayer(nn.Module):
+    def __init__(self, c: TemporalConfig, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.norm1 = _param(c.dim, **kw)
+        self.attn_in = Linear(c.dim, 3 * c.dim, **kw)
+        self.attn_out = Linear(c.dim, c.dim, **kw)
+        self.norm2 = _param(c.dim, **kw)
+        self.ffn_in = Linear(c.dim, 2 * c.hidden, **kw)
+        self.ffn_out = Linear(c.hidden, c.dim, **kw)
+
+
+class DepformerLayer(nn.Module):
+    def __init__(self, c: DepformerConfig, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.norm1 = _param(c.dim, **kw)  # norms are shared by all steps
+        self.attn_in = Linear(c.dim, 3 * c.dim, steps=c.steps, **kw)
+        self.attn_out = Linear(c.dim, c.dim, steps=c.steps, **kw)
+        self.norm2 = _param(c.dim, **kw)
+        self.ffn_in = Linear(c.dim, 2 * c.hidden, steps=c.steps, **kw)
+        self.ffn_out = Linear(c.hidden, c.dim, steps=c.steps, **kw)
+
+
+class Depformer(nn.Module):
+    def __init__(self, lm: LMConfig, device=None, dtype=None):
+        super().__init__()
+        c = lm.depformer
+        kw = dict(device=device, dtype=dtype)
+        self.inp = Linear(lm.temporal.dim, c.dim, steps=c.steps, **kw)       # depformer_in.k
+        self.text_emb = _param(lm.text_card + 1, c.dim, **kw)                # E_0
+        self.emb = _param(c.steps - 1, lm.card + 1, c.dim, **kw)             # E_k, k >= 1
+        self.layers = nn.ModuleList([DepformerLayer(c, **kw) for _ in range(c.num_layers)])
+        self.heads = Linear(c.dim, lm.card, steps=c.steps, **kw)             # linears.k
+
+
+class LM(nn.Module):
+    def __init__(self, cfg: LMConfig, device=None, dtype=None):
+        super().__init__()
+        self.cfg = cfg
+        t = cfg.temporal
+        kw = dict(device=device, dtype=dtype)
+        self.emb = _param(cfg.n_q, cfg.card + 1, t.dim, **kw)
+        self.text_emb = _param(cfg.text_card + 1, t.dim, **kw)
+        self.layers = nn.ModuleList([TemporalLayer(t, **kw) for _ in range(t.num_layers)])
+        self.out_norm = _param(t.dim, **kw)
+        self.text_head = Linear(t.dim, cfg.text_card, **kw)
+        self.depformer = Depformer(cfg, **kw)
+
+    # ------------------------------------------------------------------------------
+    # embeddings
+
+    def embed(self, columns: torch.Tensor) -> torch.Tensor:
+        """columns: [..., 17] token ids (-1 embeds to zero) -> [..., dim].
+        Sum of the 16 audio embeddings, then the text embedding, as the reference adds them."""
+        cfg = self.cfg
+        audio = columns[..., 1:]
+        x = None
+        for k in range(cfg.n_q):
+            e = _embedding(audio[..., k], self.emb[k])
+            x = e if x is None else x + e
+        return x + _embedding(columns[..., 0], self.text_emb)
+
+    # ------------------------------------------------------------------------------
+    # temporal transformer
+
+    def temporal_decode(self, x: torch.Tensor, kv, slots: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One position per slot. x: [B, dim]; pos: [B] positions (written to the KV rings
+        at pos mod window); kv: `state.KVRings`. Returns out_norm(h) [B, dim]."""
+        t = self.cfg.temporal
+        B = x.shape[0]
+        H, D, C = t.num_heads, t.head_dim, t.window
+        ring_idx = pos % C
+        lengths = torch.clamp(pos + 1, max=C)
+        for i, layer in enumerate(self.layers):
+            qkv = layer.attn_in(rms_norm(x, layer.norm1, t.norm_eps)).view(B, 3, H, D)
+            q, k = rope(qkv[:, 0], qkv[:, 1], pos, t.max_period)
+            kv.write(i, slots, ring_idx, k, qkv[:, 2])
+            a = decode_attention(q, kv.k[i], kv.v[i], slots, lengths)
+            x = x + layer.attn_out(a.reshape(B, H * D))
+            x = x + layer.ffn_out(silu_mul(layer.ffn_in(rms_norm(x, layer.norm2, t.norm_eps))))
+        return rms_norm(x, self.out_norm, t.norm_eps)
+
+    def temporal_prefill(self, x: torch.Tensor, kv, slots: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """A whole prompt per slot, from position 0. x: [B, T, dim] (rows past lengths[b] are
+        padding). Leaves in each slot's KV rings exactly what stepping the prompt would, and
+        returns out_norm(h) [B, T, dim]."""
+        t = self.cfg.temporal
+        B, T, _ = x.shape
+        H, D, C = t.num_heads, t.head_dim, t.window
+        pos = torch.arange(T, device=x.device).repeat(B)
+        # Stepping keeps the last min(len, C) positions of each prompt, at p mod C.
+        keep = (pos.view(B, T) < lengths.view(B, 1)) & (pos.view(B, T) >= lengths.view(B, 1) - C)
+        w_slots = slots.view(B, 1).expand(B, T)[keep]
+        w_idx = (pos.view(B, T) % C)[keep]
+        for i, layer in enumerate(self.layers):
+            qkv = layer.attn_in(rms_norm(x, layer.norm1, t.norm_eps)).view(B * T, 3, H, D)
+            q, k = rope(qkv[:, 0], qkv[:, 1], pos, t.max_period)
+            v = qkv[:, 2]
+            a = prefill_attention_ref(q.view(B, T, H, D), k.view(B, T, H, D), v.view(B, T, H, D), C, lengths)
+            kv.write(i, w_slots, w_idx, k.view(B, T, H, D)[keep], v.view(B, T, H, D)[keep])
+            x = x + layer.attn_out(a.reshape(B, T, H * D))
+            x = x + layer.ffn_out(silu_mul(layer.ffn_in(rms_norm(x, layer.norm2, t.norm_eps))))
+        return rms_norm(x, self.out_norm, t.norm_eps)
+
+    def text_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.text_head(h)
+
+    # ------------------------------------------------------------------------------
+    # depformer
+
+    def depformer_step(self, k: int, h: torch.Tensor, prev: torch.Tensor, dep_kv: list) -> torch.Tensor:
+        """Step k of the depformer for every slot. h: [B, dim] temporal output; prev: [B]
+        the token chosen at step k - 1 (the frame's text token for k = 0); dep_kv: per layer
+        a list of (k, v) of the earlier steps of this frame, appended to. Returns logits [B, card]."""
+        c = self.cfg.depformer
+        dep = self.depformer
+        B = h.shape[0]
+        H, D = c.num_heads, c.head_dim
+        emb = dep.text_emb if k == 0 else dep.emb[k - 1]
+        x = dep.inp(h, k) + _embedding(prev, emb)
+        for i, layer in enumerate(dep.layers):
+            qkv = layer.attn_in(rms_norm(x, layer.norm1, c.norm_eps), k).view(B, 3, H, D)
+            cache = dep_kv[i]
+            cache.append((qkv[:, 1], qkv[:, 2]))
+            keys = torch.stack([kk for kk, _ in cache], dim=2)    # [B, H, k + 1, D]
+            vals = torch.stack([vv for _, vv in cache], dim=2)
+            a = F.scaled_dot_product_attention(qkv[:, 0].unsqueeze(2), keys, vals).view(B, H * D)
+            x = x + layer.attn_out(a, k)
+            x = x + layer.ffn_out(silu_mul(layer.ffn_in(rms_norm(x, layer.norm2, c.norm_eps), k)), k)
+        return dep.heads(x, k)
+
+
+def _embedding(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """The reference's ScaledEmbedding: id -1 gives a zero vector, other negatives clamp to 0."""
+    out = F.embedding(ids.clamp(min=0), table)
+    return torch.where((ids == -1).unsqueeze(-1), torch.zeros((), dtype=out.dtype, device=out.device), out)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,121 @@
+"""The prompt phase (SPEC.md): voice prompt, 0.5 s of silence, role prompt, 0.5 s of silence.
+
+Every prompt step gives all 17 streams, so nothing the model predicts during the prompt is
+kept: the temporal transformer only has to see the prompt's input columns, which a cheap
+simulation of the reference's token ring yields. `plan_prompt` runs that simulation; the
+engine then embeds the columns and runs one prefill pass over all prompt positions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import PROMPT_TEXT_TOKEN, SILENCE_TOKENS, SINE_TOKENS, LMConfig
+
+SILENCE_FRAMES = 6  # 0.5 s at 12.5 Hz
+
+
+@dataclass
+class VoicePrompt:
+    """A voice prompt in one of its two forms: the reference's `.pt` (embeddings fed as the
+    input of T - 1 steps, then the token ring replaced by `cache`) or agent codes of a WAV."""
+    name: str
+    embeddings: torch.Tensor | None = None  # [T, dim] float
+    cache: torch.Tensor | None = None       # [17, ring_size] int64
+    codes: torch.Tensor | None = None       # [T, agent_codebooks] int64
+
+    @property
+    def frames(self) -> int:
+        if self.embeddings is not None:
+            return self.embeddings.shape[0]
+        return 0 if self.codes is None else self.codes.shape[0]
+
+
+@dataclass
+class PromptPlan:
+    """What the prompt leaves: the transformer's input at positions 0..P-1 (`embedding_rows`
+    taken from the voice's embeddings, then token columns), and the token ring."""
+    embedding_rows: int
+    columns: torch.Tensor          # [P - embedding_rows, 17] int64
+    tokens: torch.Tensor           # [17, R] ring after the prompt
+    provided: torch.Tensor         # [17, R]
+    offset: int
+    text_ids: list[int] = field(default_factory=list)
+
+    @property
+    def positions(self) -> int:
+        return self.embedding_rows + self.columns.shape[0]
+
+
+class _Ring:
+    """The reference generator's token ring for one stream of fully given steps."""
+
+    def __init__(self, cfg: LMConfig):
+        self.cfg = cfg
+        K, R = cfg.num_streams, cfg.ring_size
+        self.tokens = torch.full((K, R), -2, dtype=torch.long)
+        self.provided = torch.zeros((K, R), dtype=torch.bool)
+        self.offset = 0
+        self.initial = torch.tensor([cfg.text_initial_id] + [cfg.audio_initial_id] * cfg.n_q)
+
+    def step(self, given: torch.Tensor) -> torch.Tensor | None:
+        """Writes a fully given column; returns the column the transformer reads this step,
+        or None for the very first step, where the reference runs no model."""
+        cfg, R, o = self.cfg, self.tokens.shape[1], self.offset
+        for k, d in enumerate(cfg.delays):
+            self.tokens[k, (o + d) % R] = given[k]
+            self.provided[k, (o + d) % R] = True
+        for k, d in enumerate(cfg.delays):
+            if o <= d:
+                self.tokens[k, o % R] = self.initial[k]
+                self.provided[k, o % R] = True
+        if o == 0:
+            self.tokens[:, 0] = self.initial
+            self.offset = 1
+            return None
+        col = self.tokens[:, (o - 1) % R].clone()
+        # Every target stream is provided, so the prediction changes nothing.
+        self.provided[:, (o - 1) % R] = False
+        self.offset = o + 1
+        return col
+
+
+def _frame(cfg: LMConfig, text: int, agent) -> torch.Tensor:
+    return torch.tensor([text, *agent, *SINE_TOKENS], dtype=torch.long)
+
+
+def plan_prompt(cfg: LMConfig, voice: VoicePrompt | None, text_ids: list[int],
+                voice_only: bool = False) -> PromptPlan:
+    """Simulates the reference's prompt steps (voice, silence, role prompt, silence), or
+    with `voice_only` the voice's steps alone (what the reference saves as a `.pt`)."""
+    if cfg.agent_codebooks != len(SILENCE_TOKENS):
+        raise ValueError("the prompt phase needs 8 agent and 8 user codebooks")
+    ring = _Ring(cfg)
+    columns: list[torch.Tensor] = []
+    embedding_rows = 0
+    if voice is not None and voice.embeddings is not None:
+        # step_embeddings(): dummy tokens (text 3, audio initial), the first call at offset 0
+        # runs nothing and is repeated; each embedding then replaces one input column.
+        dummy = torch.tensor([PROMPT_TEXT_TOKEN] + [cfg.audio_initial_id] * cfg.n_q)
+        for _ in range(voice.embeddings.shape[0]):
+            while ring.step(dummy) is None:
+                pass
+            embedding_rows += 1
+        ring.tokens.copy_(voice.cache)
+    elif voice is not None and voice.codes is not None:
+        for codes in voice.codes:
+            col = ring.step(_frame(cfg, PROMPT_TEXT_TOKEN, codes.tolist()))
+            if col is not None:
+                columns.append(col)
+    steps = [_frame(cfg, PROMPT_TEXT_TOKEN, SILENCE_TOKENS)] * SILENCE_FRAMES
+    steps += [_frame(cfg, int(t), SILENCE_TOKENS) for t in text_ids]
+    steps += [_frame(cfg, PROMPT_TEXT_TOKEN, SILENCE_TOKENS)] * SILENCE_FRAMES
+    if voice_only:
+        steps = []
+    for given in steps:
+        col = ring.step(given)
+        if col is not None:
+            columns.append(col)
+    cols = torch.stack(columns) if columns else torch.zeros((0, cfg.num_streams), dtype=torch.long)
+    return PromptPlan(embedding_rows, cols, ring.tokens, ring.provided, ring.offset, list(text_ids))

@@ -1,0 +1,72 @@
+"""Streaming state of the language model: explicit tensors, one row per session slot.
+
+Row `num_slots` is a scratch row: padding rows of a batch point at it, so they never touch a
+live session. Nothing here is resized after allocation.
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import LMConfig
+
+
+class KVRings:
+    """Keys and values of the temporal transformer: [layers, slots, heads, window, head_dim].
+    Position p of a slot lives at index p mod window."""
+
+    def __init__(self, layers: int, slots: int, heads: int, window: int, head_dim: int, device, dtype):
+        shape = (layers, slots, heads, window, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    def write(self, layer: int, slots: torch.Tensor, ring_idx: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """slots, ring_idx: [N]; k, v: [N, heads, head_dim]."""
+        self.k[layer][slots, :, ring_idx] = k.to(self.k.dtype)
+        self.v[layer][slots, :, ring_idx] = v.to(self.v.dtype)
+
+    def bytes_per_slot(self) -> int:
+        return 2 * self.k[:, 0].numel() * self.k.element_size()
+
+
+class LMState:
+    """Token ring, provided mask and offset are the reference generator's `cache`,
+    `provided` and `offset`, per slot; sampling settings sit beside them."""
+
+    def __init__(self, cfg: LMConfig, num_slots: int, device, dtype):
+        t = cfg.temporal
+        S = num_slots + 1
+        self.cfg = cfg
+        self.num_slots = num_slots
+        self.scratch = num_slots
+        self.kv = KVRings(t.num_layers, S, t.num_heads, t.window, t.head_dim, device, dtype)
+        K, R = cfg.num_streams, cfg.ring_size
+        self.tokens = torch.full((S, K, R), -2, dtype=torch.long, device=device)
+        self.provided = torch.zeros((S, K, R), dtype=torch.bool, device=device)
+        self.offset = torch.zeros(S, dtype=torch.long, device=device)
+        self.delays = torch.tensor(cfg.delays, dtype=torch.long, device=device)
+        self.initial = torch.tensor(
+            [cfg.text_initial_id] + [cfg.audio_initial_id] * cfg.n_q, dtype=torch.long, device=device)
+        # sampling, per slot
+        self.seed = torch.zeros(S, dtype=torch.long, device=device)
+        self.temp_text = torch.full((S,), 0.7, dtype=torch.float32, device=device)
+        self.temp_audio = torch.full((S,), 0.8, dtype=torch.float32, device=device)
+        self.topk_text = torch.full((S,), 25, dtype=torch.long, device=device)
+        self.topk_audio = torch.full((S,), 250, dtype=torch.long, device=device)
+        self.greedy = torch.zeros(S, dtype=torch.bool, device=device)
+
+    def set_sampling(self, slot: int, *, seed: int, temp_text: float, temp_audio: float,
+                     topk_text: int, topk_audio: int, greedy: bool) -> None:
+        self.seed[slot] = int(seed) & 0xFFFFFFFF
+        self.temp_text[slot] = float(temp_text)
+        self.temp_audio[slot] = float(temp_audio)
+        self.topk_text[slot] = int(topk_text)
+        self.topk_audio[slot] = int(topk_audio)
+        self.greedy[slot] = bool(greedy)
+
+    def load_ring(self, slot: int, tokens: torch.Tensor, provided: torch.Tensor, offset: int) -> None:
+        self.tokens[slot] = tokens.to(self.tokens.device)
+        self.provided[slot] = provided.to(self.provided.device)
+        self.offset[slot] = int(offset)
+
+    def kv_bytes_per_slot(self) -> int:
+        return self.kv.bytes_per_slot()

@@ -1,0 +1,120 @@
+"""One frame of the language model for a batch of slots, as the reference's generator does it.
+
+The token ring of a slot is the reference's `cache[17, max_delay + 3]` with its `provided`
+mask and `offset` o. A step at offset o (o >= 1):
+  1. writes the given tokens of stream k at column (o + delay_k) mod R;
+  2. runs the temporal transformer on column o - 1 (position o - 1) and predicts column o:
+     the text token, then the depformer's codebooks one by one, each teacher-forced with the
+     given token wherever column o holds a provided one;
+  3. clears `provided` of column o - 1, writes the sampled tokens where column o was not
+     provided, and returns column o - max_delay read with each stream's delay (one frame late).
+Everything is tensor code over the batch, with no host synchronisation, so it can be captured
+in a CUDA graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .kernels import sample_tokens
+from .lm import LM
+from .state import LMState
+
+
+@dataclass
+class TickOutput:
+    tokens: torch.Tensor          # [B, 17] the frame o - max_delay (valid where `valid`)
+    valid: torch.Tensor           # [B] bool: False for the first max_delay steps of a stream
+    text_logits: torch.Tensor | None = None   # [B, text_card] float32
+    audio_logits: torch.Tensor | None = None  # [B, steps, card] float32
+
+
+def write_given(state: LMState, slots: torch.Tensor, given: torch.Tensor, mask: torch.Tensor) -> None:
+    """Writes given tokens ([B, 17], where mask [B, 17]) at column offset + delay, then the
+    initial tokens of streams whose delay has not elapsed yet (the reference's first steps)."""
+    B, K = given.shape
+    R = state.tokens.shape[2]
+    off = state.offset[slots]
+    s = slots.view(B, 1).expand(B, K)
+    k = torch.arange(K, device=given.device).view(1, K).expand(B, K)
+    cols = (off.view(B, 1) + state.delays.view(1, K)) % R
+    state.tokens[s, k, cols] = torch.where(mask, given, state.tokens[s, k, cols])
+    state.provided[s, k, cols] = state.provided[s, k, cols] | mask
+    init = off.view(B, 1) <= state.delays.view(1, K)
+    col0 = (off % R).view(B, 1).expand(B, K)
+    state.tokens[s, k, col0] = torch.where(init, state.initial.view(1, K), state.tokens[s, k, col0])
+    state.provided[s, k, col0] = state.provided[s, k, col0] | init
+
+
+def start_stream(state: LMState, slots: torch.Tensor, given: torch.Tensor, mask: torch.Tensor) -> None:
+    """The reference's step at offset 0: writes the given tokens, sets column 0 to the initial
+    tokens and runs no model. Only a prompt stepped frame by frame starts this way; the
+    engine's prefill leaves slots past it."""
+    write_given(state, slots, given, mask)
+    state.tokens[slots, :, 0] = state.initial.view(1, -1)
+    state.offset[slots] = 1
+
+
+def lm_tick(model: LM, state: LMState, slots: torch.Tensor, given: torch.Tensor, mask: torch.Tensor,
+            depformer_steps: int, return_logits: bool = False,
+            input_embeddings: torch.Tensor | None = None) -> TickOutput:
+    """One step for every slot in `slots` ([B], distinct except for the scratch row; every
+    offset >= 1). given/mask: [B, 17] tokens to write (in a conversation: the user's 8
+    codebooks). `input_embeddings` [B, dim] replaces the embedded input column, as the
+    reference's `step_embeddings` does for a voice prompt's saved embeddings."""
+    cfg = model.cfg
+    B, K = given.shape
+    R = state.tokens.shape[2]
+    write_given(state, slots, given, mask)
+
+    off = state.offset[slots]
+    s = slots.view(B, 1).expand(B, K)
+    k = torch.arange(K, device=given.device).view(1, K).expand(B, K)
+    in_col = state.tokens[s, k, ((off - 1) % R).view(B, 1).expand(B, K)]
+    tgt_idx = (off % R).view(B, 1).expand(B, K)
+    target = state.tokens[s, k, tgt_idx]
+    prov = state.provided[s, k, tgt_idx]
+
+    x = model.embed(in_col) if input_embeddings is None else input_embeddings.to(state.kv.k.dtype)
+    h = model.temporal_decode(x, state.kv, slots, off - 1)
+    text_logits = model.text_logits(h).float()
+    text = sample_tokens(text_logits, state.temp_text[slots], state.topk_text[slots], state.greedy[slots],
+                         state.seed[slots], off, stream=0)
+    prev = torch.where(prov[:, 0], target[:, 0], text)
+
+    temp_a, topk_a = state.temp_audio[slots], state.topk_audio[slots]
+    greedy, seed = state.greedy[slots], state.seed[slots]
+    dep_kv = [[] for _ in model.depformer.layers]
+    audio, audio_logits = [], []
+    for step in range(depformer_steps):
+        logits = model.depformer_step(step, h, prev, dep_kv).float()
+        tok = sample_tokens(logits, temp_a, topk_a, greedy, seed, off, stream=1 + step)
+        audio.append(tok)
+        if return_logits:
+            audio_logits.append(logits)
+        prev = torch.where(prov[:, 1 + step], target[:, 1 + step], tok)
+
+    # Clear the consumed column, then keep provided tokens and write the sampled ones.
+    state.provided[s, k, ((off - 1) % R).view(B, 1).expand(B, K)] = False
+    sampled = torch.cat([text.view(B, 1), torch.stack(audio, dim=1)], dim=1)
+    n = sampled.shape[1]
+    new_col = torch.cat([torch.where(prov[:, :n], target[:, :n], sampled), target[:, n:]], dim=1)
+    state.tokens[s, k, tgt_idx] = new_col
+
+    out_cols = ((off - cfg.max_delay).view(B, 1) + state.delays.view(1, K)) % R
+    out = state.tokens[s, k, out_cols]
+    state.offset[slots] = off + 1
+    return TickOutput(
+        tokens=out,
+        valid=off > cfg.max_delay,
+        text_logits=text_logits if return_logits else None,
+        audio_logits=torch.stack(audio_logits, dim=1) if return_logits else None,
+    )
+
+
+def user_mask(cfg, batch: int, device) -> torch.Tensor:
+    """The given-mask of a conversation frame: the user's codebooks only."""
+    m = torch.zeros(batch, cfg.num_streams, dtype=torch.bool, device=device)
+    m[:, 1 + cfg.agent_codebooks:] = True
+    return m
