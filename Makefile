@@ -1,0 +1,30 @@
+# `make demo` and `make test` set everything up on a fresh machine (Python 3.10+, pip, venv).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+TORCH  ?= torch==2.13.0
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py Makefile
+	@ldconfig -p 2>/dev/null | grep -q 'libopus\.so\.0' || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing libopus (apt-get install libopus0)"; \
+	    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopus0 >/dev/null; \
+	  else echo "libopus is missing: install it first (Debian/Ubuntu: sudo apt-get install libopus0)"; exit 1; fi; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	@touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q tests
+
+demo: install
+	$(PY) -m frontends.demo
+
+clean:
+	rm -rf $(VENV) artifacts build *.egg-info

@@ -1,0 +1,292 @@
+"""`Engine`: session slots over one loaded model, and `step`, the only call a frontend makes
+per 80 ms frame.
+
+A slot is opened with a voice prompt, a role prompt, sampling settings and a seed; opening
+runs the prompt phase as one prefill pass. `step` takes one frame of user audio for every
+slot that has one and returns, per slot, one frame of agent audio and the text token.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from . import weights as W
+from .errors import UserError, VoiceError
+from .config import DEFAULT_TEXT_PROMPT, ModelConfig, PERSONAPLEX_7B, load_config
+from .lm import LM
+from .mimi import Mimi, MimiState
+from .prompts import PromptPlan, VoicePrompt, plan_prompt
+from .state import LMState
+from .tick import lm_tick, user_mask
+from .tokenizer import Tokenizer
+
+log = logging.getLogger("ppx.engine")
+
+
+class EngineFull(UserError, RuntimeError):
+    """Every slot is taken."""
+
+
+@dataclass
+class SamplingParams:
+    """Reference defaults: audio temperature 0.8, top-k 250; text temperature 0.7, top-k 25."""
+    temp_text: float = 0.7
+    temp_audio: float = 0.8
+    topk_text: int = 25
+    topk_audio: int = 250
+    greedy: bool = False
+    seed: int | None = None   # None or -1: a random seed
+
+    def validate(self) -> None:
+        for name in ("temp_text", "temp_audio"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and np.isfinite(v) and 0 <= v <= 100):
+                raise UserError(f"{name} must be a number from 0 to 100, got {v!r}")
+        for name in ("topk_text", "topk_audio"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and 1 <= v <= 1_000_000):
+                raise UserError(f"{name} must be a whole number from 1 up, got {v!r}")
+
+    def resolved_seed(self) -> int:
+        if self.seed is None or self.seed == -1:
+            return int.from_bytes(os.urandom(4), "little")
+        return int(self.seed) & 0xFFFFFFFF
+
+
+@dataclass
+class FrameOut:
+    pcm: np.ndarray        # [frame_size] float32, 24 kHz
+    text_id: int           # the frame's text token
+    tokens: np.ndarray     # [17] all streams of the output frame
+
+
+@dataclass
+class _Slot:
+    voice: str
+    prompt_tokens: int
+    seed: int
+    frames: int = 0
+    opened_at: float = field(default_factory=time.monotonic)
+
+
+class Engine:
+    def __init__(self, cfg: ModelConfig, lm: LM, mimi: Mimi, tokenizer: Tokenizer, *, max_slots: int = 1,
+                 depformer_steps: int | None = None, checkpoint_id: str = ""):
+        self.cfg = cfg
+        self.lm = lm
+        self.mimi = mimi
+        self.tokenizer = tokenizer
+        self.device = next(lm.parameters()).device
+        self.dtype = next(lm.parameters()).dtype
+        self.max_slots = max_slots
+        self.checkpoint_id = checkpoint_id
+        # Steps past the agent's codebooks predict the user's, which are always given.
+        self.depformer_steps = depformer_steps or cfg.lm.agent_codebooks
+        if not cfg.lm.agent_codebooks <= self.depformer_steps <= cfg.lm.depformer.steps:
+            raise UserError(f"depformer steps must be {cfg.lm.agent_codebooks}..{cfg.lm.depformer.steps}")
+        self.lm_state = LMState(cfg.lm, max_slots, self.device, self.dtype)
+        self.mimi_state = MimiState(mimi, max_slots, self.device)
+        self.slots: dict[int, _Slot] = {}
+        self._free = list(range(max_slots))
+
+    # ------------------------------------------------------------------------------
+    # loading
+
+    @classmethod
+    def load(cls, *, config: ModelConfig | str | None = None, moshi_weight=None, mimi_weight=None,
+             tokenizer=None, hf_repo: str = W.DEFAULT_HF_REPO, device: str | torch.device = "cuda",
+             dtype: torch.dtype | None = None, max_slots: int = 1, depformer_steps: int | None = None) -> "Engine":
+        """Loads the model: local files where given, the rest from the hub repo."""
+        t0 = time.monotonic()
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise W.WeightsError("--device cuda was asked for but no CUDA GPU is visible; pass --device cpu")
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        if config is None:
+            cfg = PERSONAPLEX_7B
+        elif isinstance(config, ModelConfig):
+            cfg = config
+        else:
+            cfg = load_config(config)
+        lm_path = W.resolve_file(moshi_weight, W.LM_FILE, hf_repo)
+        mimi_path = W.resolve_file(mimi_weight, W.MIMI_FILE, hf_repo)
+        tok_path = W.resolve_file(tokenizer, W.TOKENIZER_FILE, hf_repo)
+        log.info("loading the language model from %s (%s, %s)", lm_path, device, str(dtype).replace("torch.", ""))
+        lm = W.materialize(lambda dtype: LM(cfg.lm, dtype=dtype), device, dtype)
+        W.load_lm_weights(lm, lm_path, cfg.lm)
+        log.info("loading Mimi from %s", mimi_path)
+        mimi = W.materialize(lambda dtype: Mimi(cfg.mimi, dtype=dtype), device, torch.float32)
+        W.load_mimi_weights(mimi, mimi_path, cfg.mimi)
+        tok = Tokenizer(tok_path, vocab_size=cfg.lm.text_card)
+        ckpt_id = f"{lm_path.resolve()}:{lm_path.stat().st_size}:{lm_path.stat().st_mtime_ns}"
+        eng = cls(cfg, lm, mimi, tok, max_slots=max_slots, depformer_steps=depformer_steps, checkpoint_id=ckpt_id)
+        log.info("model ready in %.1f s", time.monotonic() - t0)
+        return eng
+
+    @property
+    def frame_size(self) -> int:
+        return self.cfg.mimi.frame_size
+
+    @property
+    def sample_rate(self) -> int:
+        return self.cfg.mimi.sample_rate
+
+    # ------------------------------------------------------------------------------
+    # voices
+
+    @torch.no_grad()
+    def encode_voice(self, pcm: np.ndarray, name: str = "voice") -> VoicePrompt:
+        """Agent codes of a voice recording (24 kHz mono float32, loudness-normalised),
+        Mimi-encoded frame by frame from a fresh encoder, as the reference does."""
+        from .audio import frames
+
+        fr = frames(pcm, self.frame_size)
+        slot = self.lm_state.scratch
+        self.mimi_state.reset_encoder(slot)
+        slots = torch.tensor([slot], device=self.device)
+        codes = [self.mimi.encode(torch.from_numpy(f).to(self.device)[None], self.mimi_state, slots)[0]
+                 for f in fr]
+        self.mimi_state.reset_encoder(slot)
+        return VoicePrompt(name, codes=torch.stack(codes).cpu())
+
+    @torch.no_grad()
+    def voice_embeddings(self, voice: VoicePrompt) -> VoicePrompt:
+        """The reference's `.pt` form of a voice given as codes: the transformer inputs of its
+        steps and the token ring they leave."""
+        plan = plan_prompt(self.cfg.lm, voice, [], voice_only=True)
+        emb = self.lm.embed(plan.columns.to(self.device)).float().cpu()
+        return VoicePrompt(voice.name, embeddings=emb, cache=plan.tokens.clone())
+
+    def check_voice(self, voice: VoicePrompt) -> None:
+        cfg = self.cfg.lm
+        if voice.embeddings is not None:
+            if voice.embeddings.dim() != 2 or voice.embeddings.shape[1] != cfg.temporal.dim:
+                raise VoiceError(f"voice prompt '{voice.name}' was made for a model of width "
+                                 f"{voice.embeddings.shape[-1]}, this model has {cfg.temporal.dim}")
+            if voice.cache is None or tuple(voice.cache.shape) != (cfg.num_streams, cfg.ring_size):
+                raise VoiceError(f"voice prompt '{voice.name}' has a token cache of the wrong shape")
+        elif voice.codes is None:
+            raise VoiceError(f"voice prompt '{voice.name}' is empty")
+
+    # ------------------------------------------------------------------------------
+    # slots
+
+    def _plan(self, voice: VoicePrompt | None, text_prompt: str) -> PromptPlan:
+        if voice is not None:
+            self.check_voice(voice)
+        ids = self.tokenizer.encode_prompt(text_prompt)
+        return plan_prompt(self.cfg.lm, voice, ids)
+
+    @torch.no_grad()
+    def open(self, voice: VoicePrompt | None, text_prompt: str = DEFAULT_TEXT_PROMPT,
+             sampling: SamplingParams | None = None) -> int:
+        """Takes a free slot and runs the prompt phase into it; returns the slot index."""
+        sampling = sampling or SamplingParams()
+        sampling.validate()
+        plan = self._plan(voice, text_prompt)
+        if not self._free:
+            raise EngineFull(f"all {self.max_slots} session slots are in use")
+        slot = self._free.pop(0)
+        try:
+            seed = sampling.resolved_seed()
+            self._prefill([slot], [voice], [plan])
+            self.lm_state.set_sampling(slot, seed=seed, temp_text=sampling.temp_text,
+                                       temp_audio=sampling.temp_audio, topk_text=sampling.topk_text,
+                                       topk_audio=sampling.topk_audio, greedy=sampling.greedy)
+            self.mimi_state.reset(slot)
+        except BaseException:
+            self._free.insert(0, slot)
+            raise
+        self.slots[slot] = _Slot(voice=voice.name if voice else "", prompt_tokens=len(plan.text_ids), seed=seed)
+        return slot
+
+    def close(self, slot: int) -> None:
+        if slot in self.slots:
+            del self.slots[slot]
+            self._free.append(slot)
+            self._free.sort()
+
+    def _prefill(self, slots: list[int], voices: list[VoicePrompt | None], plans: list[PromptPlan]) -> None:
+        lm = self.lm
+        rows = []
+        for voice, plan in zip(voices, plans):
+            x = lm.embed(plan.columns.to(self.device))
+            if plan.embedding_rows:
+                x = torch.cat([voice.embeddings.to(self.device, x.dtype), x], dim=0)
+            rows.append(x)
+        T = max(r.shape[0] for r in rows)
+        x = torch.zeros(len(rows), T, rows[0].shape[1], device=self.device, dtype=self.dtype)
+        for i, r in enumerate(rows):
+            x[i, : r.shape[0]] = r
+        lengths = torch.tensor([r.shape[0] for r in rows], device=self.device)
+        lm.temporal_prefill(x, self.lm_state.kv, torch.tensor(slots, device=self.device), lengths)
+        for slot, plan in zip(slots, plans):
+            self.lm_state.load_ring(slot, plan.tokens, plan.provided, plan.offset)
+
+    # ------------------------------------------------------------------------------
+    # the tick
+
+    @torch.no_grad()
+    def step_tensors(self, slots: torch.Tensor, pcm: torch.Tensor, return_logits: bool = False):
+        """slots: [B]; pcm: [B, frame_size] on the device. Returns (pcm_out [B, frame_size],
+        tokens [B, 17], TickOutput)."""
+        cfg = self.cfg.lm
+        B = slots.shape[0]
+        codes = self.mimi.encode(pcm, self.mimi_state, slots)
+        given = torch.zeros(B, cfg.num_streams, dtype=torch.long, device=self.device)
+        given[:, 1 + cfg.agent_codebooks:] = codes
+        out = lm_tick(self.lm, self.lm_state, slots, given, user_mask(cfg, B, self.device),
+                      self.depformer_steps, return_logits=return_logits)
+        audio = self.mimi.decode(out.tokens[:, 1:1 + cfg.agent_codebooks], self.mimi_state, slots)
+        return audio, out.tokens, out
+
+    def step(self, frames: Mapping[int, np.ndarray]) -> dict[int, FrameOut]:
+        """One frame of user audio per slot in, one frame of agent audio and text per slot out."""
+        if not frames:
+            return {}
+        slot_list = sorted(frames)
+        for s in slot_list:
+            if s not in self.slots:
+                raise KeyError(f"slot {s} is not open")
+        pcm = np.stack([np.asarray(frames[s], dtype=np.float32).reshape(self.frame_size) for s in slot_list])
+        audio, tokens, _ = self.step_tensors(torch.tensor(slot_list, device=self.device),
+                                             torch.from_numpy(pcm).to(self.device))
+        audio, tokens = audio.cpu().numpy(), tokens.cpu().numpy()
+        out = {}
+        for i, s in enumerate(slot_list):
+            self.slots[s].frames += 1
+            out[s] = FrameOut(pcm=audio[i], text_id=int(tokens[i, 0]), tokens=tokens[i])
+        return out
+
+
+def load_voice_pt(path: str | Path, name: str | None = None) -> VoicePrompt:
+    """A voice prompt in the reference's `.pt` format (loaded with weights_only=True)."""
+    path = Path(path)
+    try:
+        d = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise VoiceError(f"'{path}' is not a voice prompt file ({e.__class__.__name__})") from None
+    if not isinstance(d, dict) or "embeddings" not in d or "cache" not in d:
+        raise VoiceError(f"'{path}' is not a voice prompt file (it needs 'embeddings' and 'cache')")
+    emb, cache = d["embeddings"], d["cache"]
+    if not (isinstance(emb, torch.Tensor) and isinstance(cache, torch.Tensor)):
+        raise VoiceError(f"'{path}' is not a voice prompt file (its entries are not tensors)")
+    if emb.dim() != 4 or emb.shape[1:3] != (1, 1) or cache.dim() != 3 or cache.shape[0] != 1:
+        raise VoiceError(f"'{path}' is not a voice prompt file (embeddings {tuple(emb.shape)}, "
+                         f"cache {tuple(cache.shape)})")
+    return VoicePrompt(name or path.stem, embeddings=emb.reshape(emb.shape[0], emb.shape[-1]).float(),
+                       cache=cache[0].long())
+
+
+def save_voice_pt(voice: VoicePrompt, path: str | Path) -> None:
+    """Writes the reference's `.pt` format: embeddings [T, 1, 1, dim], cache [1, 17, R]."""
+    torch.save({"embeddings": voice.embeddings[:, None, None, :].contiguous(),
+                "cache": voice.cache[None].contiguous()}, str(path))

@@ -1,0 +1,378 @@
+"""Mimi, the streaming audio codec: one 1920-sample frame <-> one column of 8 codes.
+
+Encoder: SEANet (causal convolutions, strides 4, 5, 6, 8) -> 8-layer transformer at 25 Hz ->
+stride-2 convolution to 12.5 Hz -> split residual VQ (1 semantic + 7 acoustic codebooks).
+Decoder: the reverse, with a channel-wise transposed convolution back to 25 Hz.
+
+Streaming state is explicit, one row per slot (`MimiState`): each convolution keeps the last
+`kernel - stride` input samples (its tail), each transposed convolution the `kernel - stride`
+outputs that later inputs still add to, each transformer a KV ring and a position. A fresh
+row reproduces the reference's first call exactly (zero tails, replicate padding for the
+downsampling convolution, bias-valued partials).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import MimiConfig, MimiTransformerConfig
+from .kernels import rope
+
+
+def _p(*shape, device=None, dtype=None) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, device=device, dtype=dtype), requires_grad=False)
+
+
+class Conv(nn.Module):
+    """Causal 1-d convolution that keeps a tail of `(kernel - 1) * dilation + 1 - stride` inputs."""
+
+    def __init__(self, cin, cout, kernel, stride=1, dilation=1, bias=True, device=None, dtype=None):
+        super().__init__()
+        self.weight = _p(cout, cin, kernel, device=device, dtype=dtype)
+        self.bias = _p(cout, device=device, dtype=dtype) if bias else None
+        self.stride, self.dilation = stride, dilation
+        self.tail = (kernel - 1) * dilation + 1 - stride
+
+    def forward(self, x: torch.Tensor, tail: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, C, T] with T a multiple of the stride; tail: [B, C, self.tail]."""
+        xx = torch.cat([tail, x], dim=-1) if self.tail else x
+        y = F.conv1d(xx, self.weight, self.bias, stride=self.stride, dilation=self.dilation)
+        return y, (xx[..., xx.shape[-1] - self.tail:] if self.tail else tail)
+
+
+class ConvTr(nn.Module):
+    """Causal transposed convolution; keeps the last `kernel - stride` outputs (the partial sum
+    that the next input still adds to), bias included."""
+
+    def __init__(self, cin, cout, kernel, stride, groups=1, bias=True, device=None, dtype=None):
+        super().__init__()
+        self.weight = _p(cin, cout // groups, kernel, device=device, dtype=dtype)
+        self.bias = _p(cout, device=device, dtype=dtype) if bias else None
+        self.stride, self.groups = stride, groups
+        self.tail = kernel - stride
+
+    def forward(self, x: torch.Tensor, partial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = F.conv_transpose1d(x, self.weight, self.bias, stride=self.stride, groups=self.groups)
+        head = y[..., :self.tail] + (partial - self.bias.view(1, -1, 1) if self.bias is not None else partial)
+        n = x.shape[-1] * self.stride
+        out = torch.cat([head, y[..., self.tail:n]], dim=-1)
+        return out, y[..., n:]
+
+    def fresh_partial(self, batch: int, device) -> torch.Tensor:
+        cout = self.weight.shape[1] * self.groups
+        if self.bias is None:
+            return torch.zeros(batch, cout, self.tail, device=device, dtype=self.weight.dtype)
+        return self.bias.detach().view(1, -1, 1).expand(batch, cout, self.tail).clone()
+
+
+class ResBlock(nn.Module):
+    def __init__(self, dim, hidden, kernel, dilation, device=None, dtype=None):
+        super().__init__()
+        self.conv1 = Conv(dim, hidden, kernel, dilation=dilation, device=device, dtype=dtype)
+        self.conv2 = Conv(hidden, dim, 1, device=device, dtype=dtype)
+
+
+class SeanetEncoder(nn.Module):
+    def __init__(self, cfg: MimiConfig, device=None, dtype=None):
+        super().__init__()
+        s = cfg.seanet
+        kw = dict(device=device, dtype=dtype)
+        convs = [Conv(s.channels, s.n_filters, s.kernel_size, **kw)]
+        res = []
+        mult = 1
+        for ratio in reversed(s.ratios):
+            dim = mult * s.n_filters
+            res.append(nn.ModuleList([ResBlock(dim, dim // s.compress, s.residual_kernel_size, s.dilation_base ** j,
+                                               **kw) for j in range(s.n_residual_layers)]))
+            convs.append(Conv(dim, 2 * dim, 2 * ratio, stride=ratio, **kw))
+            mult *= 2
+        convs.append(Conv(mult * s.n_filters, s.dimension, s.last_kernel_size, **kw))
+        self.convs = nn.ModuleList(convs)
+        self.res = nn.ModuleList(res)
+
+    def state_convs(self) -> list[Conv]:
+        """Every convolution with a tail, in the order the state keeps them."""
+        out = [self.convs[0]]
+        for n, blocks in enumerate(self.res):
+            for b in blocks:
+                out += [b.conv1, b.conv2]
+            out.append(self.convs[n + 1])
+        out.append(self.convs[-1])
+        return out
+
+    def forward(self, x: torch.Tensor, tails: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        it = iter(tails)
+        new: list[torch.Tensor] = []
+
+        def run(conv, inp):
+            y, t = conv(inp, next(it))
+            new.append(t)
+            return y
+
+        x = run(self.convs[0], x)
+        for n, blocks in enumerate(self.res):
+            for b in blocks:
+                x = x + run(b.conv2, F.elu(run(b.conv1, F.elu(x))))
+            x = run(self.convs[n + 1], F.elu(x))
+        x = run(self.convs[-1], F.elu(x))
+        return x, new
+
+
+class SeanetDecoder(nn.Module):
+    def __init__(self, cfg: MimiConfig, device=None, dtype=None):
+        super().__init__()
+        s = cfg.seanet
+        kw = dict(device=device, dtype=dtype)
+        mult = 2 ** len(s.ratios)
+        self.conv_in = Conv(s.dimension, mult * s.n_filters, s.kernel_size, **kw)
+        ups, res = [], []
+        for ratio in s.ratios:
+            dim = mult * s.n_filters
+            ups.append(ConvTr(dim, dim // 2, 2 * ratio, ratio, **kw))
+            res.append(nn.ModuleList([ResBlock(dim // 2, dim // 2 // s.compress, s.residual_kernel_size,
+                                               s.dilation_base ** j, **kw) for j in range(s.n_residual_layers)]))
+            mult //= 2
+        self.ups = nn.ModuleList(ups)
+        self.res = nn.ModuleList(res)
+        self.conv_out = Conv(s.n_filters, s.channels, s.last_kernel_size, **kw)
+
+    def state_convs(self) -> list[Conv]:
+        out = [self.conv_in]
+        for blocks in self.res:
+            for b in blocks:
+                out += [b.conv1, b.conv2]
+        out.append(self.conv_out)
+        return out
+
+    def forward(self, x, tails, partials):
+        it = iter(tails)
+        new_tails, new_partials = [], []
+
+        def run(conv, inp):
+            y, t = conv(inp, next(it))
+            new_tails.append(t)
+            return y
+
+        x = run(self.conv_in, x)
+        for up, blocks, partial in zip(self.ups, self.res, partials):
+            x, p = up(F.elu(x), partial)
+            new_partials.append(p)
+            for b in blocks:
+                x = x + run(b.conv2, F.elu(run(b.conv1, F.elu(x))))
+        x = run(self.conv_out, F.elu(x))
+        return x, new_tails, new_partials
+
+
+class MimiLayer(nn.Module):
+    def __init__(self, c: MimiTransformerConfig, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.norm1 = nn.LayerNorm(c.dim, eps=c.norm_eps, **kw)
+        self.attn_in = _p(3 * c.dim, c.dim, **kw)
+        self.attn_out = _p(c.dim, c.dim, **kw)
+        self.scale1 = _p(c.dim, **kw)
+        self.norm2 = nn.LayerNorm(c.dim, eps=c.norm_eps, **kw)
+        self.linear1 = _p(c.dim_feedforward, c.dim, **kw)
+        self.linear2 = _p(c.dim, c.dim_feedforward, **kw)
+        self.scale2 = _p(c.dim, **kw)
+        for n in (self.norm1, self.norm2):
+            n.weight.requires_grad_(False)
+            n.bias.requires_grad_(False)
+
+
+class MimiTransformer(nn.Module):
+    """Causal transformer over T new positions per call, with a KV ring of `window` entries.
+
+    After writing positions E - T .. E - 1, the ring holds E - window .. E - 1, and query q
+    sees every held key up to q: the reference's ring cache of `context` entries hides its
+    oldest one, which leaves exactly these keys."""
+
+    def __init__(self, c: MimiTransformerConfig, device=None, dtype=None):
+        super().__init__()
+        self.cfg = c
+        self.layers = nn.ModuleList([MimiLayer(c, device=device, dtype=dtype) for _ in range(c.num_layers)])
+
+    def forward(self, x: torch.Tensor, k_ring: torch.Tensor, v_ring: torch.Tensor, pos: torch.Tensor):
+        """x: [B, C, T] (conv layout); k_ring, v_ring: [layers, B, H, W, D] (this batch's rows,
+        updated in place); pos: [B] positions already written. Returns [B, C, T]."""
+        c = self.cfg
+        B, C, T = x.shape
+        H, D, W = c.num_heads, c.head_dim, c.window
+        x = x.transpose(1, 2)
+        qpos = pos.view(B, 1) + torch.arange(T, device=x.device).view(1, T)         # [B, T]
+        end = pos + T
+        idx = torch.arange(W, device=x.device).view(1, W)
+        # Position held at ring index i once positions < end are written.
+        kpos = (end - 1).view(B, 1) - ((end - 1).view(B, 1) - idx) % W               # [B, W]
+        mask = (kpos >= 0).view(B, 1, 1, W) & (kpos.view(B, 1, 1, W) <= qpos.view(B, 1, T, 1))
+        widx = (qpos % W)
+        b_idx = torch.arange(B, device=x.device).view(B, 1).expand(B, T)
+        for i, layer in enumerate(self.layers):
+            h = layer.norm1(x)
+            qkv = F.linear(h, layer.attn_in).view(B, T, 3, H, D)
+            q, k = rope(qkv[:, :, 0].reshape(B * T, H, D), qkv[:, :, 1].reshape(B * T, H, D),
+                        qpos.reshape(-1), c.max_period)
+            q, k = q.view(B, T, H, D), k.view(B, T, H, D)
+            k_ring[i][b_idx, :, widx] = k
+            v_ring[i][b_idx, :, widx] = qkv[:, :, 2]
+            a = F.scaled_dot_product_attention(q.transpose(1, 2), k_ring[i], v_ring[i], attn_mask=mask)
+            x = x + layer.scale1 * F.linear(a.transpose(1, 2).reshape(B, T, C), layer.attn_out)
+            h = layer.norm2(x)
+            x = x + layer.scale2 * F.linear(F.gelu(F.linear(h, layer.linear1)), layer.linear2)
+        return x.transpose(1, 2)
+
+
+class Quantizer(nn.Module):
+    """Split residual VQ: codebook 0 from `first`, codebooks 1.. from `rest`, each with its
+    own input and output projections; nearest centroid by Euclidean distance."""
+
+    def __init__(self, cfg: MimiConfig, device=None, dtype=None):
+        super().__init__()
+        q = cfg.quantizer
+        kw = dict(device=device, dtype=dtype)
+        n_rest = cfg.num_codebooks - q.n_q_semantic
+        self.first_in = _p(q.dimension, q.input_dimension, **kw)
+        self.first_out = _p(q.output_dimension, q.dimension, **kw)
+        self.first_codebooks = _p(q.n_q_semantic, q.bins, q.dimension, **kw)
+        self.rest_in = _p(q.dimension, q.input_dimension, **kw)
+        self.rest_out = _p(q.output_dimension, q.dimension, **kw)
+        self.rest_codebooks = _p(n_rest, q.bins, q.dimension, **kw)
+
+    @staticmethod
+    def _encode(x: torch.Tensor, codebooks: torch.Tensor) -> list[torch.Tensor]:
+        codes = []
+        x = x.float()
+        for cb in codebooks.float():
+            # argmin |x - e|^2 = argmin (|e|^2 - 2 x.e)
+            d = (cb * cb).sum(-1).view(1, -1) - 2 * x @ cb.t()
+            c = d.argmin(dim=-1)
+            codes.append(c)
+            x = x - cb[c]
+        return codes
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, dim] latent -> codes [B, num_codebooks]."""
+        first = self._encode(F.linear(x, self.first_in), self.first_codebooks)
+        rest = self._encode(F.linear(x, self.rest_in), self.rest_codebooks)
+        return torch.stack(first + rest, dim=1)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes: [B, num_codebooks] -> [B, dim]."""
+        nf = self.first_codebooks.shape[0]
+        first = sum(self.first_codebooks[i][codes[:, i]] for i in range(nf))
+        rest = sum(self.rest_codebooks[i][codes[:, nf + i]] for i in range(self.rest_codebooks.shape[0]))
+        return F.linear(first, self.first_out) + F.linear(rest, self.rest_out)
+
+
+class Mimi(nn.Module):
+    def __init__(self, cfg: MimiConfig, device=None, dtype=None):
+        super().__init__()
+        self.cfg = cfg
+        kw = dict(device=device, dtype=dtype)
+        d = cfg.seanet.dimension
+        st = cfg.downsample_stride
+        self.encoder = SeanetEncoder(cfg, **kw)
+        self.encoder_transformer = MimiTransformer(cfg.transformer, **kw)
+        self.downsample = _p(d, d, 2 * st, **kw)
+        self.quantizer = Quantizer(cfg, **kw)
+        self.upsample = _p(d, 1, 2 * st, **kw)   # channel-wise (groups = d), no bias
+        self.decoder_transformer = MimiTransformer(cfg.transformer, **kw)
+        self.decoder = SeanetDecoder(cfg, **kw)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.downsample.dtype
+
+    def encode(self, pcm: torch.Tensor, state: "MimiState", slots: torch.Tensor) -> torch.Tensor:
+        """pcm: [B, frame_size] float -> codes [B, num_codebooks]; advances the encoder rows."""
+        B = pcm.shape[0]
+        x = pcm.to(self.dtype).view(B, 1, -1)
+        tails = [t[slots] for t in state.enc_tails]
+        x, tails = self.encoder(x, tails)
+        for dst, t in zip(state.enc_tails, tails):
+            dst[slots] = t
+        k, v = state.enc_k[:, slots], state.enc_v[:, slots]
+        x = self.encoder_transformer(x, k, v, state.enc_pos[slots])
+        state.enc_k[:, slots], state.enc_v[:, slots] = k, v
+        state.enc_pos[slots] += x.shape[-1]
+        # Downsampling: the reference pads its first call by replicating the first sample.
+        st = self.cfg.downsample_stride
+        fresh = state.enc_fresh[slots].view(B, 1, 1)
+        tail = torch.where(fresh, x[..., :1].expand(-1, -1, st), state.down_tail[slots])
+        xx = torch.cat([tail, x], dim=-1)
+        y = F.conv1d(xx, self.downsample, stride=st)
+        state.down_tail[slots] = xx[..., xx.shape[-1] - st:]
+        state.enc_fresh[slots] = False
+        return self.quantizer.encode(y[..., 0])
+
+    def decode(self, codes: torch.Tensor, state: "MimiState", slots: torch.Tensor) -> torch.Tensor:
+        """codes: [B, num_codebooks] -> pcm [B, frame_size] float32; advances the decoder rows."""
+        B = codes.shape[0]
+        st = self.cfg.downsample_stride
+        d = self.cfg.seanet.dimension
+        x = self.quantizer.decode(codes).view(B, d, 1)
+        y = F.conv_transpose1d(x, self.upsample, stride=st, groups=d)       # [B, d, 2 * st]
+        x = y[..., :st] + state.up_partial[slots]   # kernel 2 * stride: half overlaps the next frame
+        state.up_partial[slots] = y[..., st:]
+        k, v = state.dec_k[:, slots], state.dec_v[:, slots]
+        x = self.decoder_transformer(x, k, v, state.dec_pos[slots])
+        state.dec_k[:, slots], state.dec_v[:, slots] = k, v
+        state.dec_pos[slots] += x.shape[-1]
+        tails = [t[slots] for t in state.dec_tails]
+        partials = [p[slots] for p in state.dec_partials]
+        out, tails, partials = self.decoder(x, tails, partials)
+        for dst, t in zip(state.dec_tails, tails):
+            dst[slots] = t
+        for dst, p in zip(state.dec_partials, partials):
+            dst[slots] = p
+        return out.view(B, -1).float()
+
+
+class MimiState:
+    """Per-slot streaming state of the encoder and decoder (row `num_slots` is scratch)."""
+
+    def __init__(self, mimi: Mimi, num_slots: int, device):
+        cfg = mimi.cfg
+        S = num_slots + 1
+        dt = mimi.dtype
+        d = cfg.seanet.dimension
+        st = cfg.downsample_stride
+        t = cfg.transformer
+        self.mimi = mimi
+        self.enc_tails = [torch.zeros(S, c.weight.shape[1], c.tail, device=device, dtype=dt)
+                          for c in mimi.encoder.state_convs()]
+        self.dec_tails = [torch.zeros(S, c.weight.shape[1], c.tail, device=device, dtype=dt)
+                          for c in mimi.decoder.state_convs()]
+        self.dec_partials = [u.fresh_partial(S, device) for u in mimi.decoder.ups]
+        kv = (t.num_layers, S, t.num_heads, t.window, t.head_dim)
+        self.enc_k = torch.zeros(kv, device=device, dtype=dt)
+        self.enc_v = torch.zeros(kv, device=device, dtype=dt)
+        self.dec_k = torch.zeros(kv, device=device, dtype=dt)
+        self.dec_v = torch.zeros(kv, device=device, dtype=dt)
+        self.enc_pos = torch.zeros(S, dtype=torch.long, device=device)
+        self.dec_pos = torch.zeros(S, dtype=torch.long, device=device)
+        self.enc_fresh = torch.ones(S, dtype=torch.bool, device=device)
+        self.down_tail = torch.zeros(S, d, st, device=device, dtype=dt)
+        self.up_partial = torch.zeros(S, d, st, device=device, dtype=dt)
+
+    def reset(self, slot: int) -> None:
+        """Makes `slot` a fresh stream (the reference's reset_streaming)."""
+        for t in self.enc_tails + self.dec_tails:
+            t[slot].zero_()
+        for p, u in zip(self.dec_partials, self.mimi.decoder.ups):
+            p[slot] = u.fresh_partial(1, p.device)[0]
+        self.enc_pos[slot] = 0
+        self.dec_pos[slot] = 0
+        self.enc_fresh[slot] = True
+        self.down_tail[slot].zero_()
+        self.up_partial[slot].zero_()
+
+    def reset_encoder(self, slot: int) -> None:
+        for t in self.enc_tails:
+            t[slot].zero_()
+        self.enc_pos[slot] = 0
+        self.enc_fresh[slot] = True
+        self.down_tail[slot].zero_()

@@ -1,0 +1,58 @@
+"""The SentencePiece text tokenizer and the role prompt's `<system>` wrapping."""
+from __future__ import annotations
+
+from pathlib import Path
+
+MAX_PROMPT_TOKENS = 1000  # 80 s of the model's 240 s context
+_SPECIAL_JSON = {0: "EPAD", 1: "BOS", 2: "EOS", 3: "PAD"}
+
+
+from .errors import UserError
+
+
+class PromptError(UserError, ValueError):
+    """A role prompt the model cannot take; the message says why."""
+
+
+def wrap_with_system_tags(text: str) -> str:
+    cleaned = text.strip()
+    if cleaned.startswith("<system>") and cleaned.endswith("<system>"):
+        return cleaned
+    return f"<system> {cleaned} <system>"
+
+
+class Tokenizer:
+    def __init__(self, path: str | Path, vocab_size: int | None = None):
+        import sentencepiece
+
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"tokenizer '{path}' does not exist")
+        self.sp = sentencepiece.SentencePieceProcessor()
+        try:
+            self.sp.Load(str(path))
+        except Exception as e:
+            raise UserError(f"'{path}' is not a SentencePiece model ({e})") from None
+        if vocab_size is not None and self.sp.GetPieceSize() > vocab_size:
+            raise UserError(f"tokenizer '{path}' has {self.sp.GetPieceSize()} pieces, the model only {vocab_size}")
+
+    def encode_prompt(self, text: str) -> list[int]:
+        if "\x00" in text:
+            raise PromptError("the role prompt contains a NUL character")
+        if not text.strip():
+            raise PromptError("the role prompt is empty")
+        ids = self.sp.Encode(wrap_with_system_tags(text))
+        if len(ids) > MAX_PROMPT_TOKENS:
+            raise PromptError(f"the role prompt is {len(ids)} tokens long; at most {MAX_PROMPT_TOKENS} fit")
+        return ids
+
+    def piece(self, token: int) -> str | None:
+        """The text a client shows for a token, or None for padding (ids 0 and 3)."""
+        if token in (0, 3):
+            return None
+        return self.sp.IdToPiece(int(token)).replace("\u2581", " ")
+
+    def json_piece(self, token: int) -> str:
+        """The offline tool's text entry: padding as its name, anything else as its piece."""
+        p = self.piece(token)
+        return _SPECIAL_JSON[int(token)] if p is None else p

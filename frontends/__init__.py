@@ -1,0 +1,1 @@
+"""Thin frontends over `engine.Engine`: the offline tool and the websocket server."""

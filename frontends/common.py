@@ -1,0 +1,82 @@
+"""What the command-line tools share: model flags (named as the reference's), logging, and
+turning user errors into one clear sentence and a non-zero exit."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable, NoReturn
+
+import torch
+
+from engine.errors import UserError
+from engine.weights import DEFAULT_HF_REPO
+
+log = logging.getLogger("ppx")
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+          "float32": torch.float32, "fp32": torch.float32}
+
+
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    g = ap.add_argument_group("model")
+    g.add_argument("--moshi-weight", type=str, help="local LM checkpoint (model.safetensors)")
+    g.add_argument("--mimi-weight", type=str, help="local Mimi checkpoint (tokenizer-e351c8d8-checkpoint125.safetensors)")
+    g.add_argument("--tokenizer", type=str, help="local SentencePiece text tokenizer (tokenizer_spm_32k_3.model)")
+    g.add_argument("--hf-repo", type=str, default=DEFAULT_HF_REPO,
+                   help=f"hub repository for files not given locally (default {DEFAULT_HF_REPO}; needs HF_TOKEN)")
+    g.add_argument("--config", type=str, help="model config JSON with the reference's names (default: the 7B)")
+    g.add_argument("--device", type=str, default="auto", help="cuda, cpu, or auto (cuda when there is one)")
+    g.add_argument("--dtype", type=str, default="auto", choices=["auto", *DTYPES],
+                   help="LM weights and activations (auto: bfloat16 on a GPU, float32 on the CPU)")
+    g.add_argument("--cpu-offload", action="store_true",
+                   help="accepted for compatibility with the reference; the engine keeps the model on one device")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def die(msg: str, code: int = 1) -> NoReturn:
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}' (use cuda, cpu or auto)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible; pass --device cpu")
+    return dev
+
+
+def load_engine(args, max_slots: int = 1):
+    from engine.engine import Engine
+
+    if getattr(args, "cpu_offload", False):
+        log.warning("--cpu-offload is not needed: the engine keeps the whole model on the device")
+    device = resolve_device(args.device)
+    dtype = None if args.dtype == "auto" else DTYPES[args.dtype]
+    return Engine.load(config=args.config, moshi_weight=args.moshi_weight, mimi_weight=args.mimi_weight,
+                       tokenizer=args.tokenizer, hf_repo=args.hf_repo, device=device, dtype=dtype,
+                       max_slots=max_slots)
+
+
+def run_main(fn: Callable[[], int]) -> int:
+    """Runs a tool's body: user errors become one line on stderr and exit code 1."""
+    try:
+        return fn()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except torch.cuda.OutOfMemoryError:
+        print("error: the GPU ran out of memory; try fewer sessions or a smaller --dtype", file=sys.stderr)
+        return 1

@@ -1,0 +1,63 @@
+"""Shared fixtures: the golden traces of the reference (tests/data/golden) and engines on them."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.config import load_config
+from engine.engine import Engine, SamplingParams, load_voice_pt
+
+DATA = Path(__file__).parent / "data"
+GOLDEN = DATA / "golden"
+TINY = GOLDEN / "tiny-1234"
+
+torch.set_num_threads(2)
+
+
+def tiny_files():
+    return dict(config=TINY / "config.json", moshi_weight=TINY / "lm.safetensors",
+                mimi_weight=TINY / "mimi.safetensors", tokenizer=TINY / "tokenizer.model")
+
+
+def make_tiny_engine(max_slots: int = 1, device: str = "cpu", dtype=torch.float32) -> Engine:
+    return Engine.load(**tiny_files(), device=device, dtype=dtype, max_slots=max_slots)
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    return load_config(TINY / "config.json")
+
+
+@pytest.fixture(scope="session")
+def trace():
+    return dict(np.load(TINY / "trace.npz"))
+
+
+@pytest.fixture(scope="session")
+def golden_prompt() -> str:
+    return json.loads((TINY / "config.json").read_text())["text_prompt"]
+
+
+@pytest.fixture(scope="session")
+def golden_voice():
+    return load_voice_pt(TINY / "voice.pt")
+
+
+@pytest.fixture()
+def tiny_engine():
+    return make_tiny_engine(max_slots=4)
+
+
+GREEDY = SamplingParams(greedy=True, seed=0)
+
+
+def user_frames(trace, n: int, start: int = 0) -> np.ndarray:
+    """The user's codes as the model heard them: frame i is output frame i + 1's streams 9..16.
+    The last frame's codes never reach the output, so it repeats the one before."""
+    toks = trace["tokens"]
+    idx = np.minimum(np.arange(start, start + n) + 1, toks.shape[0] - 1)
+    return toks[idx, 9:17]
