@@ -48,9 +48,15 @@ def test_a_row_depends_only_on_its_own_seed_and_counter():
     assert not torch.equal(other_seed, full)
 
 
-def test_noise_is_uniform_and_in_range():
+def test_noise_is_uniform_and_strictly_inside_the_unit_interval():
     u = uniform_noise(torch.tensor([5]), torch.tensor([9]), 2, 200000)
     assert (u > 0).all() and (u < 1).all()
+    # the extreme hash values must not round to 0 or 1 (an infinite Gumbel draw)
+    from engine.kernels.sampling import hash_to_unit
+    edge = hash_to_unit(torch.tensor([0, 0xFFFFFFFF, 0xFFFFFF00]))
+    assert (edge > 0).all() and (edge < 1).all()
+    assert torch.isfinite(-torch.log(-torch.log(edge))).all()
+    assert torch.isfinite(-torch.log(-torch.log(u))).all()
     assert abs(u.mean().item() - 0.5) < 0.005
     hist = torch.histc(u, bins=10, min=0, max=1) / u.numel()
     assert (hist - 0.1).abs().max() < 0.005

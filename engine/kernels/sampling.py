@@ -40,9 +40,13 @@ def uniform_noise(seed: torch.Tensor, counter: torch.Tensor, stream: int, vocab:
     h = _mix32((seed.view(-1, 1) & _M32) ^ 0x9E3779B9)
     h = _mix32(h ^ (counter.view(-1, 1) & _M32))
     h = _mix32(h ^ (stream * 0x85EBCA6B & _M32))
-    h = _mix32(h ^ v)
-    # 24 high bits -> (0, 1) exactly representable in float32
-    return ((h >> 8).float() + 0.5) * (1.0 / 16777216.0)
+    return hash_to_unit(_mix32(h ^ v))
+
+
+def hash_to_unit(h: torch.Tensor) -> torch.Tensor:
+    """32-bit hashes -> float32 in [2^-24, 1 - 2^-24]: 23 high bits, so k + 0.5 is exact in
+    float32 (with 24 bits, k + 0.5 rounds up to 2^24 and u = 1 makes an infinite Gumbel draw)."""
+    return ((h >> 9).float() + 0.5) * (1.0 / 8388608.0)
 
 
 def sample_tokens_ref(logits, temperature, top_k, greedy, seed, counter, stream: int):
