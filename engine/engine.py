@@ -95,6 +95,8 @@ class Engine:
         self.mimi_state = MimiState(mimi, max_slots, self.device)
         self.slots: dict[int, _Slot] = {}
         self._free = list(range(max_slots))
+        self._user_mask = user_mask(cfg.lm, max_slots + 1, self.device)
+        self.graphs = None
 
     # ------------------------------------------------------------------------------
     # loading
@@ -234,19 +236,37 @@ class Engine:
     # ------------------------------------------------------------------------------
     # the tick
 
-    @torch.no_grad()
-    def step_tensors(self, slots: torch.Tensor, pcm: torch.Tensor, return_logits: bool = False):
-        """slots: [B]; pcm: [B, frame_size] on the device. Returns (pcm_out [B, frame_size],
-        tokens [B, 17], TickOutput)."""
+    def tick(self, slots: torch.Tensor, pcm: torch.Tensor):
+        """The whole per-frame step for a batch of slots, as pure tensor code (the graphs
+        capture exactly this). slots: [B]; pcm: [B, frame_size]. Returns (agent pcm
+        [B, frame_size] float32, output tokens [B, 17], text logits [B, text_card],
+        audio logits [B, depformer_steps, card])."""
         cfg = self.cfg.lm
         B = slots.shape[0]
         codes = self.mimi.encode(pcm, self.mimi_state, slots)
         given = torch.zeros(B, cfg.num_streams, dtype=torch.long, device=self.device)
         given[:, 1 + cfg.agent_codebooks:] = codes
-        out = lm_tick(self.lm, self.lm_state, slots, given, user_mask(cfg, B, self.device),
-                      self.depformer_steps, return_logits=return_logits)
+        out = lm_tick(self.lm, self.lm_state, slots, given, self._user_mask[:B], self.depformer_steps,
+                      return_logits=True)
         audio = self.mimi.decode(out.tokens[:, 1:1 + cfg.agent_codebooks], self.mimi_state, slots)
-        return audio, out.tokens, out
+        return audio, out.tokens, out.text_logits, out.audio_logits
+
+    def enable_graphs(self, buckets=None) -> float:
+        """Captures the tick as CUDA graphs (one per batch bucket); returns seconds taken."""
+        from .graphs import DEFAULT_BUCKETS, TickGraphs
+
+        if self.device.type != "cuda":
+            return 0.0
+        self.graphs = TickGraphs(self, buckets or DEFAULT_BUCKETS)
+        return self.graphs.capture()
+
+    @torch.no_grad()
+    def step_tensors(self, slots: torch.Tensor, pcm: torch.Tensor):
+        """slots: [B]; pcm: [B, frame_size] on the device -> (pcm_out, tokens, text_logits,
+        audio_logits), through the captured graphs when there are any."""
+        if self.graphs is not None:
+            return self.graphs.run(slots, pcm)
+        return self.tick(slots, pcm)
 
     def step(self, frames: Mapping[int, np.ndarray]) -> dict[int, FrameOut]:
         """One frame of user audio per slot in, one frame of agent audio and text per slot out."""
@@ -257,8 +277,8 @@ class Engine:
             if s not in self.slots:
                 raise KeyError(f"slot {s} is not open")
         pcm = np.stack([np.asarray(frames[s], dtype=np.float32).reshape(self.frame_size) for s in slot_list])
-        audio, tokens, _ = self.step_tensors(torch.tensor(slot_list, device=self.device),
-                                             torch.from_numpy(pcm).to(self.device))
+        audio, tokens, _, _ = self.step_tensors(torch.tensor(slot_list, device=self.device),
+                                                torch.from_numpy(pcm).to(self.device))
         audio, tokens = audio.cpu().numpy(), tokens.cpu().numpy()
         out = {}
         for i, s in enumerate(slot_list):

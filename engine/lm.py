@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import DepformerConfig, LMConfig, TemporalConfig
-from .kernels import decode_attention, prefill_attention_ref, rms_norm, rope, silu_mul
+from .kernels import add_rms_norm, decode_attention, prefill_attention_ref, qkv_rope_write, rms_norm, rope, silu_mul
 
 
 class Linear(nn.Module):
@@ -109,14 +109,16 @@ class LM(nn.Module):
         H, D, C = t.num_heads, t.head_dim, t.window
         ring_idx = pos % C
         lengths = torch.clamp(pos + 1, max=C)
+        delta = None
         for i, layer in enumerate(self.layers):
-            qkv = layer.attn_in(rms_norm(x, layer.norm1, t.norm_eps)).view(B, 3, H, D)
-            q, k = rope(qkv[:, 0], qkv[:, 1], pos, t.max_period)
-            kv.write(i, slots, ring_idx, k, qkv[:, 2])
+            x, h = add_rms_norm(x, delta, layer.norm1, t.norm_eps) if delta is not None else \
+                (x, rms_norm(x, layer.norm1, t.norm_eps))
+            qkv = layer.attn_in(h).view(B, 3, H, D)
+            q = qkv_rope_write(qkv, pos, t.max_period, slots, ring_idx, kv.k[i], kv.v[i])
             a = decode_attention(q, kv.k[i], kv.v[i], slots, lengths)
-            x = x + layer.attn_out(a.reshape(B, H * D))
-            x = x + layer.ffn_out(silu_mul(layer.ffn_in(rms_norm(x, layer.norm2, t.norm_eps))))
-        return rms_norm(x, self.out_norm, t.norm_eps)
+            x, h = add_rms_norm(x, layer.attn_out(a.reshape(B, H * D)), layer.norm2, t.norm_eps)
+            delta = layer.ffn_out(silu_mul(layer.ffn_in(h)))
+        return add_rms_norm(x, delta, self.out_norm, t.norm_eps)[1]
 
     def temporal_prefill(self, x: torch.Tensor, kv, slots: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """A whole prompt per slot, from position 0. x: [B, T, dim] (rows past lengths[b] are
@@ -156,15 +158,19 @@ class LM(nn.Module):
         H, D = c.num_heads, c.head_dim
         emb = dep.text_emb if k == 0 else dep.emb[k - 1]
         x = dep.inp(h, k) + _embedding(prev, emb)
+        delta = None
         for i, layer in enumerate(dep.layers):
-            qkv = layer.attn_in(rms_norm(x, layer.norm1, c.norm_eps), k).view(B, 3, H, D)
+            x, hn = add_rms_norm(x, delta, layer.norm1, c.norm_eps) if delta is not None else \
+                (x, rms_norm(x, layer.norm1, c.norm_eps))
+            qkv = layer.attn_in(hn, k).view(B, 3, H, D)
             cache = dep_kv[i]
             cache.append((qkv[:, 1], qkv[:, 2]))
             keys = torch.stack([kk for kk, _ in cache], dim=2)    # [B, H, k + 1, D]
             vals = torch.stack([vv for _, vv in cache], dim=2)
             a = F.scaled_dot_product_attention(qkv[:, 0].unsqueeze(2), keys, vals).view(B, H * D)
-            x = x + layer.attn_out(a, k)
-            x = x + layer.ffn_out(silu_mul(layer.ffn_in(rms_norm(x, layer.norm2, c.norm_eps), k)), k)
+            x, hn = add_rms_norm(x, layer.attn_out(a, k), layer.norm2, c.norm_eps)
+            delta = layer.ffn_out(silu_mul(layer.ffn_in(hn, k)), k)
+        x = x + delta
         return dep.heads(x, k)
 
 

@@ -49,40 +49,45 @@ class PromptPlan:
 
 
 class _Ring:
-    """The reference generator's token ring for one stream of fully given steps."""
+    """The reference generator's token ring for one stream of fully given steps
+    (plain Python lists: a prompt is a few hundred steps)."""
 
     def __init__(self, cfg: LMConfig):
-        self.cfg = cfg
-        K, R = cfg.num_streams, cfg.ring_size
-        self.tokens = torch.full((K, R), -2, dtype=torch.long)
-        self.provided = torch.zeros((K, R), dtype=torch.bool)
+        self.delays = list(cfg.delays)
+        self.R = cfg.ring_size
+        K = cfg.num_streams
+        self.tokens = [[-2] * self.R for _ in range(K)]
+        self.provided = [[False] * self.R for _ in range(K)]
         self.offset = 0
-        self.initial = torch.tensor([cfg.text_initial_id] + [cfg.audio_initial_id] * cfg.n_q)
+        self.initial = [cfg.text_initial_id] + [cfg.audio_initial_id] * cfg.n_q
 
-    def step(self, given: torch.Tensor) -> torch.Tensor | None:
+    def step(self, given: list[int]) -> list[int] | None:
         """Writes a fully given column; returns the column the transformer reads this step,
         or None for the very first step, where the reference runs no model."""
-        cfg, R, o = self.cfg, self.tokens.shape[1], self.offset
-        for k, d in enumerate(cfg.delays):
-            self.tokens[k, (o + d) % R] = given[k]
-            self.provided[k, (o + d) % R] = True
-        for k, d in enumerate(cfg.delays):
+        R, o = self.R, self.offset
+        for k, d in enumerate(self.delays):
+            self.tokens[k][(o + d) % R] = given[k]
+            self.provided[k][(o + d) % R] = True
+        for k, d in enumerate(self.delays):
             if o <= d:
-                self.tokens[k, o % R] = self.initial[k]
-                self.provided[k, o % R] = True
+                self.tokens[k][o % R] = self.initial[k]
+                self.provided[k][o % R] = True
         if o == 0:
-            self.tokens[:, 0] = self.initial
+            for k, row in enumerate(self.tokens):
+                row[0] = self.initial[k]
             self.offset = 1
             return None
-        col = self.tokens[:, (o - 1) % R].clone()
+        c = (o - 1) % R
+        col = [row[c] for row in self.tokens]
         # Every target stream is provided, so the prediction changes nothing.
-        self.provided[:, (o - 1) % R] = False
+        for row in self.provided:
+            row[c] = False
         self.offset = o + 1
         return col
 
 
-def _frame(cfg: LMConfig, text: int, agent) -> torch.Tensor:
-    return torch.tensor([text, *agent, *SINE_TOKENS], dtype=torch.long)
+def _frame(text: int, agent) -> list[int]:
+    return [int(text), *(int(a) for a in agent), *SINE_TOKENS]
 
 
 def plan_prompt(cfg: LMConfig, voice: VoicePrompt | None, text_ids: list[int],
@@ -97,25 +102,26 @@ def plan_prompt(cfg: LMConfig, voice: VoicePrompt | None, text_ids: list[int],
     if voice is not None and voice.embeddings is not None:
         # step_embeddings(): dummy tokens (text 3, audio initial), the first call at offset 0
         # runs nothing and is repeated; each embedding then replaces one input column.
-        dummy = torch.tensor([PROMPT_TEXT_TOKEN] + [cfg.audio_initial_id] * cfg.n_q)
+        dummy = [PROMPT_TEXT_TOKEN] + [cfg.audio_initial_id] * cfg.n_q
         for _ in range(voice.embeddings.shape[0]):
             while ring.step(dummy) is None:
                 pass
             embedding_rows += 1
-        ring.tokens.copy_(voice.cache)
+        ring.tokens = [list(map(int, row)) for row in voice.cache.tolist()]
     elif voice is not None and voice.codes is not None:
         for codes in voice.codes:
-            col = ring.step(_frame(cfg, PROMPT_TEXT_TOKEN, codes.tolist()))
+            col = ring.step(_frame(PROMPT_TEXT_TOKEN, codes.tolist()))
             if col is not None:
                 columns.append(col)
-    steps = [_frame(cfg, PROMPT_TEXT_TOKEN, SILENCE_TOKENS)] * SILENCE_FRAMES
-    steps += [_frame(cfg, int(t), SILENCE_TOKENS) for t in text_ids]
-    steps += [_frame(cfg, PROMPT_TEXT_TOKEN, SILENCE_TOKENS)] * SILENCE_FRAMES
+    steps = [_frame(PROMPT_TEXT_TOKEN, SILENCE_TOKENS)] * SILENCE_FRAMES
+    steps += [_frame(t, SILENCE_TOKENS) for t in text_ids]
+    steps += [_frame(PROMPT_TEXT_TOKEN, SILENCE_TOKENS)] * SILENCE_FRAMES
     if voice_only:
         steps = []
     for given in steps:
         col = ring.step(given)
         if col is not None:
             columns.append(col)
-    cols = torch.stack(columns) if columns else torch.zeros((0, cfg.num_streams), dtype=torch.long)
-    return PromptPlan(embedding_rows, cols, ring.tokens, ring.provided, ring.offset, list(text_ids))
+    cols = torch.tensor(columns, dtype=torch.long).view(-1, cfg.num_streams)
+    return PromptPlan(embedding_rows, cols, torch.tensor(ring.tokens, dtype=torch.long),
+                      torch.tensor(ring.provided, dtype=torch.bool), ring.offset, list(text_ids))

@@ -53,6 +53,11 @@ class LMState:
         self.topk_text = torch.full((S,), 25, dtype=torch.long, device=device)
         self.topk_audio = torch.full((S,), 250, dtype=torch.long, device=device)
         self.greedy = torch.zeros(S, dtype=torch.bool, device=device)
+        # The scratch row takes the padding rows of a batch: give it a valid position and
+        # tokens so that its (discarded) results stay finite.
+        self.tokens[self.scratch] = self.initial.view(-1, 1)
+        self.offset[self.scratch] = cfg.max_delay + 1
+        self.greedy[self.scratch] = True
 
     def set_sampling(self, slot: int, *, seed: int, temp_text: float, temp_audio: float,
                      topk_text: int, topk_audio: int, greedy: bool) -> None:

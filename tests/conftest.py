@@ -1,12 +1,19 @@
 """Shared fixtures: the golden traces of the reference (tests/data/golden) and engines on them."""
 from __future__ import annotations
 
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run on the CPU through the interpreter (set before triton is imported).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from engine.config import load_config
 from engine.engine import Engine, SamplingParams, load_voice_pt
@@ -61,3 +68,7 @@ def user_frames(trace, n: int, start: int = 0) -> np.ndarray:
     toks = trace["tokens"]
     idx = np.minimum(np.arange(start, start + n) + 1, toks.shape[0] - 1)
     return toks[idx, 9:17]
+
+
+CUDA = torch.cuda.is_available()
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")

@@ -1,12 +1,13 @@
 """Compute kernels of the per-frame step.
 
-Each op has a torch reference (`*_ref`, the definition of what the op computes) and,
-where it pays on a GPU, a Triton kernel beside it. The model calls the dispatching name
-(`rms_norm`, `rope`, ...); `use_triton(False)` or `PPX_TRITON=0` forces the references.
+Each op has a torch reference (`*_ref`, the definition of what the op computes) and, where it
+pays on a GPU, a Triton kernel in `triton_ops`. The model calls the dispatching name (`rms_norm`,
+`qkv_rope_write`, ...), which takes the kernel for CUDA tensors; `use_triton(False)` or
+`PPX_TRITON=0` forces the references.
 """
 from .dispatch import triton_enabled, use_triton  # noqa: F401
-from .rms_norm import rms_norm, rms_norm_ref  # noqa: F401
-from .rope import rope, rope_ref  # noqa: F401
+from .rms_norm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref  # noqa: F401
+from .rope import qkv_rope_write, qkv_rope_write_ref, rope, rope_ref  # noqa: F401
 from .attention import decode_attention, decode_attention_ref, prefill_attention_ref  # noqa: F401
-from .activations import silu_mul, silu_mul_ref  # noqa: F401
+from .activations import elu, elu_ref, silu_mul, silu_mul_ref  # noqa: F401
 from .sampling import sample_tokens, sample_tokens_ref, uniform_noise  # noqa: F401

@@ -1,4 +1,6 @@
-"""Gated SiLU of the feed-forward blocks: y = silu(a) * b for x = [a | b] on the last dim."""
+"""Activations: the gated SiLU of the feed-forward blocks, y = silu(a) * b for x = [a | b] on
+the last dim (silu rounded to x's dtype before the product, as torch computes it); Mimi's ELU,
+y = x for x > 0, exp(x) - 1 otherwise."""
 from __future__ import annotations
 
 import torch
@@ -17,3 +19,14 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
         from . import triton_ops
         return triton_ops.silu_mul(x)
     return silu_mul_ref(x)
+
+
+def elu_ref(x: torch.Tensor) -> torch.Tensor:
+    return F.elu(x)
+
+
+def elu(x: torch.Tensor) -> torch.Tensor:
+    if triton_enabled(x) and x.is_contiguous():
+        from . import triton_ops
+        return triton_ops.elu(x)
+    return elu_ref(x)

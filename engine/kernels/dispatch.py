@@ -13,7 +13,11 @@ def use_triton(on: bool) -> None:
     _enabled = bool(on)
 
 
+# Tests may run the whole engine through the Triton interpreter on the CPU.
+_on_cpu = os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("PPX_TRITON_ON_CPU") == "1"
+
+
 def triton_enabled(t: torch.Tensor) -> bool:
-    """Triton runs where the tensor lives on a GPU (or under TRITON_INTERPRET=1 in tests,
-    which call the kernels directly)."""
-    return _enabled and t.is_cuda
+    """Triton runs where the tensor lives on a GPU (on the CPU only under the interpreter,
+    when PPX_TRITON_ON_CPU=1 asks for it)."""
+    return _enabled and (t.is_cuda or _on_cpu)

@@ -2,6 +2,8 @@
 
 For pair i of a head of size D at position t: angle = t * max_period^(-2i/D),
 (a, b) -> (a cos - b sin, a sin + b cos), cast back to the input dtype.
+`qkv_rope_write` fuses it with the decode step's KV-ring write: q and k rotated, k and v
+stored at [slot, :, ring_idx] of one layer's rings, rotated q returned.
 """
 from __future__ import annotations
 
@@ -12,11 +14,15 @@ import torch
 from .dispatch import triton_enabled
 
 
+def rope_freqs_ref(D: int, max_period: float, device) -> torch.Tensor:
+    ds = torch.arange(D // 2, device=device, dtype=torch.float32)
+    return torch.exp(ds * (-math.log(max_period) * 2 / D))
+
+
 def rope_ref(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, max_period: float):
     """q, k: [N, H, D]; pos: [N] (int). Returns the rotated q and k."""
     N, H, D = q.shape
-    ds = torch.arange(D // 2, device=q.device, dtype=torch.float32)
-    freqs = torch.exp(ds * (-math.log(max_period) * 2 / D))
+    freqs = rope_freqs_ref(D, max_period, q.device)
     angle = pos.float().view(N, 1, 1) * freqs.view(1, 1, -1)
     cos, sin = torch.cos(angle), torch.sin(angle)
 
@@ -30,7 +36,19 @@ def rope_ref(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, max_period: fl
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, max_period: float):
-    if triton_enabled(q):
-        from . import triton_ops
-        return triton_ops.rope(q, k, pos, max_period)
     return rope_ref(q, k, pos, max_period)
+
+
+def qkv_rope_write_ref(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring):
+    """qkv: [B, 3, H, D]; k_ring, v_ring: [S, H, W, D] of one layer. Returns rotated q [B, H, D]."""
+    q, k = rope_ref(qkv[:, 0], qkv[:, 1], pos, max_period)
+    k_ring[slots, :, ring_idx] = k.to(k_ring.dtype)
+    v_ring[slots, :, ring_idx] = qkv[:, 2].to(v_ring.dtype)
+    return q
+
+
+def qkv_rope_write(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring):
+    if triton_enabled(qkv):
+        from . import triton_ops
+        return triton_ops.qkv_rope_write(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring)
+    return qkv_rope_write_ref(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring)

@@ -1,0 +1,80 @@
+"""One CUDA graph per batch bucket, capturing the whole tick (Mimi encode, temporal
+transformer, depformer, sampling, Mimi decode) over fixed input and output buffers.
+
+A batch of n live slots runs in the smallest bucket b >= n; rows n..b-1 point at the scratch
+slot, so they change no session. The graphs replay exactly the code the eager path runs
+(`Engine.tick`), captured after a warm-up that compiles every kernel. Set PPX_CUDA_GRAPHS=0
+(or pass `--no-cuda-graphs`) to run eagerly.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger("ppx.graphs")
+
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def graphs_enabled(flag: bool | None = None) -> bool:
+    if flag is not None:
+        return flag
+    return os.environ.get("PPX_CUDA_GRAPHS", "1") not in ("0", "false", "no")
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    slots: torch.Tensor
+    pcm: torch.Tensor
+    outputs: tuple[torch.Tensor, ...]
+
+
+class TickGraphs:
+    def __init__(self, engine, buckets=DEFAULT_BUCKETS):
+        self.engine = engine
+        cap = engine.max_slots
+        self.buckets = sorted({b for b in buckets if b < cap} | {cap})
+        self.graphs: dict[int, _Graph] = {}
+
+    def capture(self) -> float:
+        """Captures every bucket (largest first, sharing one memory pool); returns seconds."""
+        eng = self.engine
+        t0 = time.monotonic()
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        for b in sorted(self.buckets, reverse=True):
+            slots = torch.full((b,), eng.lm_state.scratch, dtype=torch.long, device=eng.device)
+            pcm = torch.zeros(b, eng.frame_size, device=eng.device)
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream), torch.no_grad():
+                for _ in range(2):  # compile and autotune outside the capture
+                    eng.tick(slots, pcm)
+            torch.cuda.current_stream().wait_stream(stream)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool), torch.no_grad():
+                outputs = eng.tick(slots, pcm)
+            self.graphs[b] = _Graph(g, slots, pcm, outputs)
+        torch.cuda.synchronize()
+        dt = time.monotonic() - t0
+        log.info("captured CUDA graphs for batch buckets %s in %.1f s", self.buckets, dt)
+        return dt
+
+    def bucket(self, n: int) -> int:
+        for b in self.buckets:
+            if b >= n:
+                return b
+        raise ValueError(f"{n} slots exceed the largest bucket {self.buckets[-1]}")
+
+    def run(self, slots: torch.Tensor, pcm: torch.Tensor):
+        n = slots.shape[0]
+        g = self.graphs[self.bucket(n)]
+        g.slots[:n].copy_(slots)
+        g.slots[n:].fill_(self.engine.lm_state.scratch)
+        g.pcm[:n].copy_(pcm)
+        g.graph.replay()
+        return tuple(o[:n] for o in g.outputs)

@@ -1,0 +1,322 @@
+"""Triton kernels of the per-frame step. Each launcher checks its inputs' layout and picks
+block sizes; each kernel computes exactly what its torch reference in this package defines.
+Nothing here synchronises with the host, so every launch can be captured in a CUDA graph."""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(int(n))
+
+
+# ----------------------------------------------------------------------------------------
+# RMSNorm, optionally fused with the residual add before it
+
+
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, xo_ptr, y_ptr, N, eps, sx, sd, sxo, sy,
+                         HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    m = offs < N
+    x = tl.load(x_ptr + row * sx + offs, mask=m, other=0.0)
+    if HAS_DELTA:
+        d = tl.load(d_ptr + row * sd + offs, mask=m, other=0.0)
+        # the residual add rounds to the activation dtype, as in the reference
+        x = (x.to(tl.float32) + d.to(tl.float32)).to(xo_ptr.dtype.element_ty)
+        tl.store(xo_ptr + row * sxo + offs, x, mask=m)
+    xf = x.to(tl.float32)
+    var = tl.sum(xf * xf, axis=0) / N + eps
+    w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    y = xf * (w * tl.rsqrt(var))
+    tl.store(y_ptr + row * sy + offs, y.to(y_ptr.dtype.element_ty), mask=m)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    assert t.stride(-1) == 1, "last dim must be contiguous"
+    return t.reshape(-1, t.shape[-1])
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, alpha: torch.Tensor, eps: float):
+    """(x + delta, rms_norm(x + delta)); with delta None, (x, rms_norm(x))."""
+    N = x.shape[-1]
+    x2 = _rows(x)
+    y = torch.empty_like(x2)
+    xo = torch.empty_like(x2) if delta is not None else x2
+    d2 = _rows(delta) if delta is not None else x2
+    nw = 4 if N <= 2048 else 8
+    _add_rms_norm_kernel[(x2.shape[0],)](x2, d2, alpha, xo, y, N, eps, x2.stride(0), d2.stride(0), xo.stride(0),
+                                         y.stride(0), HAS_DELTA=delta is not None, BLOCK=_pow2(N), num_warps=nw)
+    return xo.view(x.shape), y.view(x.shape)
+
+
+def rms_norm(x: torch.Tensor, alpha: torch.Tensor, eps: float) -> torch.Tensor:
+    return add_rms_norm(x, None, alpha, eps)[1]
+
+
+# ----------------------------------------------------------------------------------------
+# RoPE on q and k, with k and v written into the KV ring
+
+
+@triton.jit
+def _qkv_rope_write_kernel(qkv_ptr, pos_ptr, slot_ptr, ridx_ptr, q_ptr, k_ring, v_ring, freq_ptr,
+                           s_b, s_h, sq_b, sq_h, sr_slot, sr_h, sr_w, HD,
+                           HALF: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    i = tl.arange(0, HALF)
+    pos = tl.load(pos_ptr + b).to(tl.float32)
+    # the same float32 angle as the reference: far into a session (p ~ 1e4) one ulp of a
+    # frequency would already move it by 1e-3 rad
+    ang = pos * tl.load(freq_ptr + i)
+    c = tl.cos(ang)
+    s = tl.sin(ang)
+    base = qkv_ptr + b * s_b + h * s_h
+    qa = tl.load(base + 2 * i).to(tl.float32)
+    qb = tl.load(base + 2 * i + 1).to(tl.float32)
+    ka = tl.load(base + HD + 2 * i).to(tl.float32)
+    kb = tl.load(base + HD + 2 * i + 1).to(tl.float32)
+    va = tl.load(base + 2 * HD + 2 * i)
+    vb = tl.load(base + 2 * HD + 2 * i + 1)
+    qo = q_ptr + b * sq_b + h * sq_h
+    tl.store(qo + 2 * i, (qa * c - qb * s).to(q_ptr.dtype.element_ty))
+    tl.store(qo + 2 * i + 1, (qa * s + qb * c).to(q_ptr.dtype.element_ty))
+    slot = tl.load(slot_ptr + b)
+    r = tl.load(ridx_ptr + b)
+    off = slot * sr_slot + h * sr_h + r * sr_w
+    tl.store(k_ring + off + 2 * i, (ka * c - kb * s).to(k_ring.dtype.element_ty))
+    tl.store(k_ring + off + 2 * i + 1, (ka * s + kb * c).to(k_ring.dtype.element_ty))
+    tl.store(v_ring + off + 2 * i, va.to(v_ring.dtype.element_ty))
+    tl.store(v_ring + off + 2 * i + 1, vb.to(v_ring.dtype.element_ty))
+
+
+_FREQS: dict = {}
+
+
+def rope_freqs(D: int, max_period: float, device) -> torch.Tensor:
+    key = (D, max_period, str(device))
+    if key not in _FREQS:
+        from .rope import rope_freqs_ref
+        _FREQS[key] = rope_freqs_ref(D, max_period, device)
+    return _FREQS[key]
+
+
+def qkv_rope_write(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring):
+    """qkv: [B, 3, H, D]; k_ring, v_ring: [S, H, W, D] (one layer). Returns rotated q [B, H, D]."""
+    B, three, H, D = qkv.shape
+    assert three == 3 and qkv.stride(-1) == 1 and qkv.stride(2) == D and qkv.stride(1) == H * D
+    assert k_ring.is_contiguous() and v_ring.is_contiguous() and k_ring.shape == v_ring.shape
+    q = torch.empty(B, H, D, device=qkv.device, dtype=qkv.dtype)
+    _qkv_rope_write_kernel[(B, H)](
+        qkv, pos, slots, ring_idx, q, k_ring, v_ring, rope_freqs(D, max_period, qkv.device),
+        qkv.stride(0), D, q.stride(0), q.stride(1), k_ring.stride(0), k_ring.stride(1), k_ring.stride(2), H * D,
+        HALF=D // 2, num_warps=1)
+    return q
+
+
+# ----------------------------------------------------------------------------------------
+# Decode attention over the KV ring, split over the keys (flash-decoding)
+
+
+@triton.jit
+def _attn_split_kernel(q_ptr, k_ring, v_ring, slot_ptr, len_ptr, o_ptr, m_ptr, l_ptr,
+                       sq_b, sq_h, sr_slot, sr_h, sr_w, H, CHUNK, scale,
+                       D: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr):
+    bh = tl.program_id(0)
+    sp = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    slot = tl.load(slot_ptr + b)
+    L = tl.load(len_ptr + b)
+    start = sp * CHUNK
+    end = tl.minimum(start + CHUNK, L)
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + b * sq_b + h * sq_h + d).to(tl.float32) * scale
+    kbase = k_ring + slot * sr_slot + h * sr_h
+    vbase = v_ring + slot * sr_slot + h * sr_h
+    m_i = tl.zeros([1], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([1], dtype=tl.float32)
+    acc = tl.zeros([D], dtype=tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        valid = n < end
+        k = tl.load(kbase + n[:, None] * sr_w + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+        s = tl.sum(k * q[None, :], axis=1)
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new)
+        v = tl.load(vbase + n[:, None] * sr_w + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        m_i = m_new
+    out = (b * H + h) * NSPLIT + sp
+    tl.store(o_ptr + out * D + d, acc)
+    tl.store(m_ptr + out + tl.arange(0, 1), m_i)
+    tl.store(l_ptr + out + tl.arange(0, 1), l_i)
+
+
+@triton.jit
+def _attn_combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, so_b, so_h, H,
+                         D: tl.constexpr, NSPLIT: tl.constexpr):
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    sp = tl.arange(0, NSPLIT)
+    d = tl.arange(0, D)
+    m = tl.load(m_ptr + bh * NSPLIT + sp)
+    l = tl.load(l_ptr + bh * NSPLIT + sp)
+    M = tl.max(m, axis=0)
+    w = tl.where(m > float("-inf"), tl.exp(m - M), 0.0)
+    o = tl.load(o_ptr + (bh * NSPLIT + sp)[:, None] * D + d[None, :])
+    acc = tl.sum(w[:, None] * o, axis=0) / tl.sum(w * l, axis=0)
+    tl.store(out_ptr + b * so_b + h * so_h + d, acc.to(out_ptr.dtype.element_ty))
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device() if device.type == "cuda" else -1
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count if device.type == "cuda" else 8
+    return _SM_COUNT[idx]
+
+
+def attention_splits(batch: int, heads: int, window: int, device: torch.device, block_n: int = 64) -> int:
+    """Enough key splits that batch x heads x splits programs fill the GPU a few times over."""
+    want = max(1, math.ceil(4 * _num_sms(device) / (batch * heads)))
+    return min(_pow2(want), 32, _pow2(triton.cdiv(window, block_n)))
+
+
+def decode_attention(q, k_ring, v_ring, slots, lengths, nsplit: int | None = None):
+    """q: [B, H, D]; k_ring, v_ring: [S, H, W, D]; slots, lengths: [B] -> [B, H, D]."""
+    B, H, D = q.shape
+    S, H2, W, D2 = k_ring.shape
+    assert (H2, D2) == (H, D) and k_ring.is_contiguous() and v_ring.is_contiguous() and q.stride(-1) == 1
+    BLOCK_N = 64
+    nsplit = nsplit or attention_splits(B, H, W, q.device, BLOCK_N)
+    chunk = triton.cdiv(triton.cdiv(W, nsplit), BLOCK_N) * BLOCK_N
+    o = torch.empty(B * H * nsplit, D, device=q.device, dtype=torch.float32)
+    m = torch.empty(B * H * nsplit, device=q.device, dtype=torch.float32)
+    l = torch.empty(B * H * nsplit, device=q.device, dtype=torch.float32)
+    _attn_split_kernel[(B * H, nsplit)](
+        q, k_ring, v_ring, slots, lengths, o, m, l, q.stride(0), q.stride(1), k_ring.stride(0), k_ring.stride(1),
+        k_ring.stride(2), H, chunk, 1.0 / math.sqrt(D), D=D, BLOCK_N=BLOCK_N, NSPLIT=nsplit, num_warps=4)
+    out = torch.empty(B, H, D, device=q.device, dtype=q.dtype)
+    _attn_combine_kernel[(B * H,)](o, m, l, out, out.stride(0), out.stride(1), H, D=D, NSPLIT=nsplit, num_warps=1)
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Gated SiLU
+
+
+@triton.jit
+def _silu_mul_kernel(x_ptr, y_ptr, N, sx, sy, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N
+    a = tl.load(x_ptr + row * sx + offs, mask=m, other=0.0).to(tl.float32)
+    g = tl.load(x_ptr + row * sx + N + offs, mask=m, other=0.0).to(tl.float32)
+    # silu rounds to the activation dtype before the product, as torch computes it
+    s = (a / (1.0 + tl.exp(-a))).to(y_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(y_ptr + row * sy + offs, (s * g).to(y_ptr.dtype.element_ty), mask=m)
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    N = x.shape[-1] // 2
+    x2 = _rows(x)
+    y = torch.empty(x2.shape[0], N, device=x.device, dtype=x.dtype)
+    BLOCK = min(_pow2(N), 1024)
+    _silu_mul_kernel[(x2.shape[0], triton.cdiv(N, BLOCK))](x2, y, N, x2.stride(0), y.stride(0), BLOCK=BLOCK,
+                                                            num_warps=4)
+    return y.view(*x.shape[:-1], N)
+
+
+# ----------------------------------------------------------------------------------------
+# Mimi's activations
+
+
+@triton.jit
+def _elu_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    y = tl.where(x > 0, x, tl.exp(x) - 1.0)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=m)
+
+
+def elu(x: torch.Tensor) -> torch.Tensor:
+    assert x.is_contiguous()
+    y = torch.empty_like(x)
+    n = x.numel()
+    _elu_kernel[(triton.cdiv(n, 1024),)](x, y, n, BLOCK=1024, num_warps=4)
+    return y
+
+
+# ----------------------------------------------------------------------------------------
+# Top-k + temperature sampling with counter-based Gumbel noise
+
+
+@triton.jit
+def _mix32(x):
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    x = x ^ (x >> 16)
+    return x
+
+
+@triton.jit
+def _sample_kernel(logits_ptr, temp_ptr, topk_ptr, greedy_ptr, seed_ptr, counter_ptr, out_ptr,
+                   V, stride, stream_mix, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    m = offs < V
+    x = tl.load(logits_ptr + row * stride + offs, mask=m, other=float("-inf")).to(tl.float32)
+    k = tl.minimum(tl.maximum(tl.load(topk_ptr + row), 1), V).to(tl.int64)
+    # The k-th largest logit, exactly: bisection on an order-preserving integer key.
+    xi = x.to(tl.int32, bitcast=True)
+    key = tl.where(xi >= 0, xi, xi ^ 0x7FFFFFFF).to(tl.int64)
+    key = tl.where(m, key, -(1 << 40))
+    lo = tl.min(tl.where(m, key, 1 << 40), axis=0)
+    hi = tl.max(key, axis=0)
+    for _ in range(33):
+        mid = lo + (hi - lo + 1) // 2
+        cnt = tl.sum((key >= mid).to(tl.int64), axis=0)
+        ok = cnt >= k
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
+    keep = (key >= lo) & m
+    seed = (tl.load(seed_ptr + row) & 0xFFFFFFFF).to(tl.uint32)
+    counter = (tl.load(counter_ptr + row) & 0xFFFFFFFF).to(tl.uint32)
+    h = _mix32(seed ^ 0x9E3779B9)
+    h = _mix32(h ^ counter)
+    h = _mix32(h ^ stream_mix.to(tl.uint32))
+    h = _mix32(h ^ offs.to(tl.uint32))
+    u = ((h >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
+    g = -tl.log(-tl.log(u))
+    t = tl.maximum(tl.load(temp_ptr + row).to(tl.float32), 1e-6)
+    score = tl.where(keep, x / t + g, float("-inf"))
+    sampled = tl.argmax(score, axis=0)
+    best = tl.argmax(x, axis=0)
+    greedy = (tl.load(greedy_ptr + row) != 0) | (tl.load(temp_ptr + row) <= 0)
+    tl.store(out_ptr + row, tl.where(greedy, best, sampled).to(tl.int64))
+
+
+def sample_tokens(logits, temperature, top_k, greedy, seed, counter, stream: int):
+    B, V = logits.shape
+    assert logits.stride(-1) == 1
+    out = torch.empty(B, device=logits.device, dtype=torch.long)
+    BLOCK = _pow2(V)
+    nw = 16 if BLOCK >= 16384 else 8 if BLOCK >= 4096 else 4
+    _sample_kernel[(B,)](logits, temperature, top_k, greedy, seed, counter, out, V, logits.stride(0),
+                         (stream * 0x85EBCA6B) & 0xFFFFFFFF, BLOCK=BLOCK, num_warps=nw)
+    return out
