@@ -5,6 +5,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 
+# Where the project is not installed (a GPU machine with torch and triton), python3 runs it.
+RUN_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+
 .PHONY: install test demo bench clean
 
 install: $(STAMP)
@@ -25,6 +28,9 @@ test: install
 
 demo: install
 	$(PY) -m frontends.demo
+
+bench:
+	$(RUN_PY) -m benchmarks.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) artifacts build *.egg-info

@@ -22,7 +22,7 @@ from .errors import UserError, VoiceError
 from .config import DEFAULT_TEXT_PROMPT, ModelConfig, PERSONAPLEX_7B, load_config
 from .lm import LM
 from .mimi import Mimi, MimiState
-from .prompts import PromptPlan, VoicePrompt, plan_prompt
+from .prompts import PromptCache, PromptPlan, PromptState, VoicePrompt, plan_prompt
 from .state import LMState
 from .tick import lm_tick, user_mask
 from .tokenizer import Tokenizer
@@ -78,7 +78,8 @@ class _Slot:
 
 class Engine:
     def __init__(self, cfg: ModelConfig, lm: LM, mimi: Mimi, tokenizer: Tokenizer, *, max_slots: int = 1,
-                 depformer_steps: int | None = None, checkpoint_id: str = ""):
+                 depformer_steps: int | None = None, checkpoint_id: str = "", kv_window: int | None = None,
+                 prompt_cache_bytes: int | None = None):
         self.cfg = cfg
         self.lm = lm
         self.mimi = mimi
@@ -91,12 +92,21 @@ class Engine:
         self.depformer_steps = depformer_steps or cfg.lm.agent_codebooks
         if not cfg.lm.agent_codebooks <= self.depformer_steps <= cfg.lm.depformer.steps:
             raise UserError(f"depformer steps must be {cfg.lm.agent_codebooks}..{cfg.lm.depformer.steps}")
-        self.lm_state = LMState(cfg.lm, max_slots, self.device, self.dtype)
+        window = cfg.lm.temporal.window
+        if kv_window is not None and not 1 <= kv_window <= window:
+            raise UserError(f"the KV window must be 1..{window} frames, got {kv_window}")
+        if kv_window is not None and kv_window < window:
+            log.warning("KV rings hold %d frames: sessions longer than that see less history than the reference",
+                        kv_window)
+        self.lm_state = LMState(cfg.lm, max_slots, self.device, self.dtype, window=kv_window)
         self.mimi_state = MimiState(mimi, max_slots, self.device)
         self.slots: dict[int, _Slot] = {}
         self._free = list(range(max_slots))
         self._user_mask = user_mask(cfg.lm, max_slots + 1, self.device)
         self.graphs = None
+        if prompt_cache_bytes is None:
+            prompt_cache_bytes = (2 << 30) if self.device.type == "cuda" else (256 << 20)
+        self.prompt_cache = PromptCache(prompt_cache_bytes)
 
     # ------------------------------------------------------------------------------
     # loading
@@ -104,12 +114,16 @@ class Engine:
     @classmethod
     def load(cls, *, config: ModelConfig | str | None = None, moshi_weight=None, mimi_weight=None,
              tokenizer=None, hf_repo: str = W.DEFAULT_HF_REPO, device: str | torch.device = "cuda",
-             dtype: torch.dtype | None = None, max_slots: int = 1, depformer_steps: int | None = None) -> "Engine":
-        """Loads the model: local files where given, the rest from the hub repo."""
+             dtype: torch.dtype | None = None, max_slots: int = 1, depformer_steps: int | None = None,
+             kv_window: int | None = None, cuda_graphs: bool | None = None) -> "Engine":
+        """Loads the model (local files where given, the rest from the hub repo), then on a GPU
+        warms up and captures the tick as CUDA graphs."""
+        from .device import check_device
+        from .graphs import graphs_enabled
+
         t0 = time.monotonic()
         device = torch.device(device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise W.WeightsError("--device cuda was asked for but no CUDA GPU is visible; pass --device cpu")
+        check_device(device)
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         if config is None:
@@ -129,8 +143,14 @@ class Engine:
         W.load_mimi_weights(mimi, mimi_path, cfg.mimi)
         tok = Tokenizer(tok_path, vocab_size=cfg.lm.text_card)
         ckpt_id = f"{lm_path.resolve()}:{lm_path.stat().st_size}:{lm_path.stat().st_mtime_ns}"
-        eng = cls(cfg, lm, mimi, tok, max_slots=max_slots, depformer_steps=depformer_steps, checkpoint_id=ckpt_id)
-        log.info("model ready in %.1f s", time.monotonic() - t0)
+        eng = cls(cfg, lm, mimi, tok, max_slots=max_slots, depformer_steps=depformer_steps, checkpoint_id=ckpt_id,
+                  kv_window=kv_window)
+        t_load = time.monotonic() - t0
+        t_graphs = 0.0
+        if device.type == "cuda" and graphs_enabled(cuda_graphs):
+            t_graphs = eng.enable_graphs()
+        log.info("ready in %.1f s (loading %.1f s, warm-up and graph capture %.1f s); KV %.2f GB per session",
+                 time.monotonic() - t0, t_load, t_graphs, eng.lm_state.kv_bytes_per_slot() / 1e9)
         return eng
 
     @property
@@ -181,34 +201,52 @@ class Engine:
     # ------------------------------------------------------------------------------
     # slots
 
-    def _plan(self, voice: VoicePrompt | None, text_prompt: str) -> PromptPlan:
-        if voice is not None:
-            self.check_voice(voice)
-        ids = self.tokenizer.encode_prompt(text_prompt)
-        return plan_prompt(self.cfg.lm, voice, ids)
-
     @torch.no_grad()
     def open(self, voice: VoicePrompt | None, text_prompt: str = DEFAULT_TEXT_PROMPT,
              sampling: SamplingParams | None = None) -> int:
         """Takes a free slot and runs the prompt phase into it; returns the slot index."""
-        sampling = sampling or SamplingParams()
-        sampling.validate()
-        plan = self._plan(voice, text_prompt)
-        if not self._free:
+        return self.open_many([(voice, text_prompt, sampling)])[0]
+
+    @torch.no_grad()
+    def open_many(self, requests: list[tuple[VoicePrompt | None, str, SamplingParams | None]]) -> list[int]:
+        """Opens several slots; their uncached prompts run as one batched prefill pass."""
+        prepared = []
+        for voice, text, sampling in requests:
+            sampling = sampling or SamplingParams()
+            sampling.validate()
+            if voice is not None:
+                self.check_voice(voice)
+            ids = self.tokenizer.encode_prompt(text)
+            prepared.append((voice, ids, sampling))
+        if len(prepared) > len(self._free):
             raise EngineFull(f"all {self.max_slots} session slots are in use")
-        slot = self._free.pop(0)
+        slots = [self._free.pop(0) for _ in prepared]
         try:
-            seed = sampling.resolved_seed()
-            self._prefill([slot], [voice], [plan])
-            self.lm_state.set_sampling(slot, seed=seed, temp_text=sampling.temp_text,
-                                       temp_audio=sampling.temp_audio, topk_text=sampling.topk_text,
-                                       topk_audio=sampling.topk_audio, greedy=sampling.greedy)
-            self.mimi_state.reset(slot)
+            todo = []
+            for slot, (voice, ids, sampling) in zip(slots, prepared):
+                key = (self.checkpoint_id, voice.key if voice is not None else None, tuple(ids))
+                cached = self.prompt_cache.get(key)
+                if cached is not None:
+                    self._restore(slot, cached)
+                else:
+                    todo.append((slot, voice, plan_prompt(self.cfg.lm, voice, ids), key))
+            if todo:
+                self._prefill([t[0] for t in todo], [t[1] for t in todo], [t[2] for t in todo])
+                for slot, _, plan, key in todo:
+                    self.prompt_cache.put(key, self._snapshot(slot, plan))
+            for slot, (voice, ids, sampling) in zip(slots, prepared):
+                seed = sampling.resolved_seed()
+                self.lm_state.set_sampling(slot, seed=seed, temp_text=sampling.temp_text,
+                                           temp_audio=sampling.temp_audio, topk_text=sampling.topk_text,
+                                           topk_audio=sampling.topk_audio, greedy=sampling.greedy)
+                self.mimi_state.reset(slot)
+                self.slots[slot] = _Slot(voice=voice.name if voice else "", prompt_tokens=len(ids), seed=seed)
         except BaseException:
-            self._free.insert(0, slot)
+            for slot in slots:
+                self.slots.pop(slot, None)
+            self._free = sorted(set(self._free) | set(slots))
             raise
-        self.slots[slot] = _Slot(voice=voice.name if voice else "", prompt_tokens=len(plan.text_ids), seed=seed)
-        return slot
+        return slots
 
     def close(self, slot: int) -> None:
         if slot in self.slots:
@@ -232,6 +270,19 @@ class Engine:
         lm.temporal_prefill(x, self.lm_state.kv, torch.tensor(slots, device=self.device), lengths)
         for slot, plan in zip(slots, plans):
             self.lm_state.load_ring(slot, plan.tokens, plan.provided, plan.offset)
+
+    def _snapshot(self, slot: int, plan: PromptPlan) -> PromptState:
+        kv = self.lm_state.kv
+        n = min(plan.positions, kv.window)
+        return PromptState(kv.k[:, slot, :, :n].clone(), kv.v[:, slot, :, :n].clone(), plan.tokens.clone(),
+                           plan.provided.clone(), plan.offset, len(plan.text_ids))
+
+    def _restore(self, slot: int, st: PromptState) -> None:
+        kv = self.lm_state.kv
+        n = st.k.shape[2]
+        kv.k[:, slot, :, :n].copy_(st.k)
+        kv.v[:, slot, :, :n].copy_(st.v)
+        self.lm_state.load_ring(slot, st.tokens, st.provided, st.offset)
 
     # ------------------------------------------------------------------------------
     # the tick

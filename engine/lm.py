@@ -103,10 +103,10 @@ class LM(nn.Module):
 
     def temporal_decode(self, x: torch.Tensor, kv, slots: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One position per slot. x: [B, dim]; pos: [B] positions (written to the KV rings
-        at pos mod window); kv: `state.KVRings`. Returns out_norm(h) [B, dim]."""
+        at pos mod the ring's window); kv: `state.KVRings`. Returns out_norm(h) [B, dim]."""
         t = self.cfg.temporal
         B = x.shape[0]
-        H, D, C = t.num_heads, t.head_dim, t.window
+        H, D, C = t.num_heads, t.head_dim, kv.window
         ring_idx = pos % C
         lengths = torch.clamp(pos + 1, max=C)
         delta = None
@@ -126,7 +126,7 @@ class LM(nn.Module):
         returns out_norm(h) [B, T, dim]."""
         t = self.cfg.temporal
         B, T, _ = x.shape
-        H, D, C = t.num_heads, t.head_dim, t.window
+        H, D, C = t.num_heads, t.head_dim, kv.window
         pos = torch.arange(T, device=x.device).repeat(B)
         # Stepping keeps the last min(len, C) positions of each prompt, at p mod C.
         keep = (pos.view(B, T) < lengths.view(B, 1)) & (pos.view(B, T) >= lengths.view(B, 1) - C)

@@ -12,14 +12,13 @@ downsampling convolution, bias-valued partials).
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import MimiConfig, MimiTransformerConfig
-from .kernels import rope
+from .kernels import elu, rope
 
 
 def _p(*shape, device=None, dtype=None) -> nn.Parameter:
@@ -115,9 +114,9 @@ class SeanetEncoder(nn.Module):
         x = run(self.convs[0], x)
         for n, blocks in enumerate(self.res):
             for b in blocks:
-                x = x + run(b.conv2, F.elu(run(b.conv1, F.elu(x))))
-            x = run(self.convs[n + 1], F.elu(x))
-        x = run(self.convs[-1], F.elu(x))
+                x = x + run(b.conv2, elu(run(b.conv1, elu(x))))
+            x = run(self.convs[n + 1], elu(x))
+        x = run(self.convs[-1], elu(x))
         return x, new
 
 
@@ -158,11 +157,11 @@ class SeanetDecoder(nn.Module):
 
         x = run(self.conv_in, x)
         for up, blocks, partial in zip(self.ups, self.res, partials):
-            x, p = up(F.elu(x), partial)
+            x, p = up(elu(x), partial)
             new_partials.append(p)
             for b in blocks:
-                x = x + run(b.conv2, F.elu(run(b.conv1, F.elu(x))))
-        x = run(self.conv_out, F.elu(x))
+                x = x + run(b.conv2, elu(run(b.conv1, elu(x))))
+        x = run(self.conv_out, elu(x))
         return x, new_tails, new_partials
 
 

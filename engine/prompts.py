@@ -7,6 +7,8 @@ engine then embeds the columns and runs one prefill pass over all prompt positio
 """
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +32,16 @@ class VoicePrompt:
         if self.embeddings is not None:
             return self.embeddings.shape[0]
         return 0 if self.codes is None else self.codes.shape[0]
+
+    @property
+    def key(self) -> str:
+        """A digest of the voice's content: the prompt cache's key."""
+        if getattr(self, "_key", None) is None:
+            h = hashlib.sha256()
+            for t in (self.embeddings, self.cache, self.codes):
+                h.update(b"-" if t is None else t.detach().cpu().contiguous().numpy().tobytes())
+            self._key = h.hexdigest()
+        return self._key
 
 
 @dataclass
@@ -125,3 +137,52 @@ def plan_prompt(cfg: LMConfig, voice: VoicePrompt | None, text_ids: list[int],
     cols = torch.tensor(columns, dtype=torch.long).view(-1, cfg.num_streams)
     return PromptPlan(embedding_rows, cols, torch.tensor(ring.tokens, dtype=torch.long),
                       torch.tensor(ring.provided, dtype=torch.bool), ring.offset, list(text_ids))
+
+
+@dataclass
+class PromptState:
+    """What a prompt leaves in a slot: the KV ring entries 0..n-1 of every layer and the
+    token ring. Restoring it gives the state the prefill gives."""
+    k: torch.Tensor          # [layers, heads, n, head_dim]
+    v: torch.Tensor
+    tokens: torch.Tensor
+    provided: torch.Tensor
+    offset: int
+    text_tokens: int
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+
+class PromptCache:
+    """A bounded (bytes) least-recently-used cache of prompt states, keyed by
+    (checkpoint, voice, role-prompt ids), so a repeated persona starts with one copy."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._d: OrderedDict[tuple, PromptState] = OrderedDict()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key) -> PromptState | None:
+        st = self._d.get(key)
+        if st is None:
+            self.misses += 1
+            return None
+        self._d.move_to_end(key)
+        self.hits += 1
+        return st
+
+    def put(self, key, st: PromptState) -> None:
+        if st.nbytes > self.max_bytes or key in self._d:
+            return
+        self._d[key] = st
+        self.bytes += st.nbytes
+        while self.bytes > self.max_bytes:
+            _, old = self._d.popitem(last=False)
+            self.bytes -= old.nbytes
+
+    def __len__(self) -> int:
+        return len(self._d)

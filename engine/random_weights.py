@@ -131,3 +131,51 @@ def write_random_model(directory: str | Path, cfg: ModelConfig, seed: int = 0, t
         paths["tokenizer"] = d / TOKENIZER_FILE
         paths["tokenizer"].write_bytes(Path(tokenizer).read_bytes())
     return paths
+
+
+@torch.no_grad()
+def randomize_lm_(lm: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Fills an allocated `lm.LM` in place with the recipe's distributions, drawn on its own
+    device (seconds for the 7B on a GPU, where writing and reading a checkpoint takes minutes)."""
+    g = torch.Generator(device=next(lm.parameters()).device).manual_seed(seed)
+    for name, p in lm.named_parameters():
+        for row in (p.view(-1, p.shape[-1]).split(1 << 15) if p.dim() > 1 else [p.view(1, -1)]):
+            x = torch.randn(row.shape, generator=g, device=row.device, dtype=torch.float32)
+            if "norm" in name:
+                x = 1 + 0.1 * x
+            elif not name.endswith(("emb", "text_emb")):
+                x = x / math.sqrt(p.shape[-1])
+            row.copy_(x)
+    return lm
+
+
+def random_engine(cfg: ModelConfig, tokenizer: str | Path, *, device="cuda", dtype=torch.bfloat16, seed: int = 0,
+                  **engine_kw):
+    """An `Engine` over random weights of `cfg`'s shapes (LM drawn on the device, Mimi from
+    `random_mimi_state_dict` through the real loader)."""
+    import tempfile
+
+    from .engine import Engine
+    from .lm import LM
+    from .mimi import Mimi
+    from .tokenizer import Tokenizer
+    from .weights import load_mimi_weights, materialize
+
+    lm = randomize_lm_(materialize(lambda dtype: LM(cfg.lm, dtype=dtype), device, dtype), seed)
+    mimi = materialize(lambda dtype: Mimi(cfg.mimi, dtype=dtype), device, torch.float32)
+    with tempfile.TemporaryDirectory() as d:
+        save_file(random_mimi_state_dict(cfg.mimi, seed), f"{d}/mimi.safetensors")
+        load_mimi_weights(mimi, Path(f"{d}/mimi.safetensors"), cfg.mimi)
+    return Engine(cfg, lm, mimi, Tokenizer(tokenizer, cfg.lm.text_card), checkpoint_id=f"random-{seed}",
+                  **engine_kw)
+
+
+def random_voice(cfg: LMConfig, frames: int = 24, seed: int = 0):
+    """A voice prompt in the `.pt` form with random embeddings (for benchmarks)."""
+    from .prompts import VoicePrompt, plan_prompt
+
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, cfg.card, (frames + 1, cfg.agent_codebooks), generator=g)
+    plan = plan_prompt(cfg, VoicePrompt("codes", codes=codes), [], voice_only=True)
+    emb = torch.randn(frames, cfg.temporal.dim, generator=g)
+    return VoicePrompt(f"random-{seed}", embeddings=emb, cache=plan.tokens)

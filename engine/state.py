@@ -16,6 +16,7 @@ class KVRings:
 
     def __init__(self, layers: int, slots: int, heads: int, window: int, head_dim: int, device, dtype):
         shape = (layers, slots, heads, window, head_dim)
+        self.window = window
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
 
@@ -32,13 +33,13 @@ class LMState:
     """Token ring, provided mask and offset are the reference generator's `cache`,
     `provided` and `offset`, per slot; sampling settings sit beside them."""
 
-    def __init__(self, cfg: LMConfig, num_slots: int, device, dtype):
+    def __init__(self, cfg: LMConfig, num_slots: int, device, dtype, window: int | None = None):
         t = cfg.temporal
         S = num_slots + 1
         self.cfg = cfg
         self.num_slots = num_slots
         self.scratch = num_slots
-        self.kv = KVRings(t.num_layers, S, t.num_heads, t.window, t.head_dim, device, dtype)
+        self.kv = KVRings(t.num_layers, S, t.num_heads, window or t.window, t.head_dim, device, dtype)
         K, R = cfg.num_streams, cfg.ring_size
         self.tokens = torch.full((S, K, R), -2, dtype=torch.long, device=device)
         self.provided = torch.zeros((S, K, R), dtype=torch.bool, device=device)

@@ -25,7 +25,7 @@ def _real_model_reason() -> str | None:
     if not torch.cuda.is_available():
         return "there is no CUDA GPU (the 7B model needs one)"
     from engine.errors import UserError
-    from engine.weights import DEFAULT_HF_REPO, LM_FILE, resolve_file
+    from engine.weights import DEFAULT_HF_REPO, resolve_file
     try:
         resolve_file(None, "config.json", DEFAULT_HF_REPO)
     except UserError as e:

@@ -116,3 +116,28 @@ def test_slots_in_one_batch_equal_solo_runs(trace, golden_voice, golden_prompt):
                                    atol=1e-5)
     # and the two sessions did differ from each other
     assert not np.array_equal(np.stack([t for t, _ in together[0]]), np.stack([t for t, _ in together[1]]))
+
+
+def test_a_cached_prompt_restores_the_same_state(trace, golden_voice, golden_prompt):
+    eng = make_tiny_engine(max_slots=3)
+    a = eng.open(golden_voice, golden_prompt, GREEDY)
+    assert eng.prompt_cache.misses == 1 and len(eng.prompt_cache) == 1
+    b = eng.open(golden_voice, golden_prompt, GREEDY)
+    assert eng.prompt_cache.hits == 1
+    st = eng.lm_state
+    assert torch.equal(st.kv.k[:, a], st.kv.k[:, b]) and torch.equal(st.kv.v[:, a], st.kv.v[:, b])
+    assert torch.equal(st.tokens[a], st.tokens[b]) and int(st.offset[a]) == int(st.offset[b])
+    codes = user_frames(trace, 230)
+    np.testing.assert_array_equal(_live(eng, b, codes)[:, :9], trace["tokens"][:, :9])
+
+
+def test_prompts_opened_together_equal_prompts_opened_alone(trace, golden_voice, golden_prompt):
+    """One batched prefill pass over prompts of different lengths leaves each slot's state."""
+    eng = make_tiny_engine(max_slots=2)
+    a, b = eng.open_many([(golden_voice, golden_prompt, GREEDY), (None, "Be brief.", GREEDY)])
+    solo = make_tiny_engine(max_slots=2)
+    s0 = solo.open(golden_voice, golden_prompt, GREEDY)
+    s1 = solo.open(None, "Be brief.", GREEDY)
+    codes = user_frames(trace, 30)
+    np.testing.assert_array_equal(_live(eng, a, codes), _live(solo, s0, codes))
+    np.testing.assert_array_equal(_live(eng, b, codes), _live(solo, s1, codes))

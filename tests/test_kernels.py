@@ -2,7 +2,6 @@
 shapes everywhere (on the CPU through the Triton interpreter). Tolerances, as relative L2
 error against the reference computed in float64 where the op is continuous: float32 1e-5,
 bfloat16 within 2x of the torch bfloat16 reference's own error (plus 1e-3)."""
-import math
 
 import pytest
 import torch

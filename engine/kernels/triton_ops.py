@@ -266,15 +266,16 @@ def elu(x: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _mix32(x):
+    # uint32 arithmetic wraps mod 2^32, as the reference's masked int64 arithmetic does
     x = x ^ (x >> 16)
-    x = x * 0x7FEB352D
+    x = x * tl.full([], 0x7FEB352D, tl.uint32)
     x = x ^ (x >> 15)
-    x = x * 0x846CA68B
+    x = x * tl.full([], 0x846CA68B, tl.uint32)
     x = x ^ (x >> 16)
     return x
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stream_mix"])
 def _sample_kernel(logits_ptr, temp_ptr, topk_ptr, greedy_ptr, seed_ptr, counter_ptr, out_ptr,
                    V, stride, stream_mix, BLOCK: tl.constexpr):
     row = tl.program_id(0)
@@ -297,7 +298,7 @@ def _sample_kernel(logits_ptr, temp_ptr, topk_ptr, greedy_ptr, seed_ptr, counter
     keep = (key >= lo) & m
     seed = (tl.load(seed_ptr + row) & 0xFFFFFFFF).to(tl.uint32)
     counter = (tl.load(counter_ptr + row) & 0xFFFFFFFF).to(tl.uint32)
-    h = _mix32(seed ^ 0x9E3779B9)
+    h = _mix32(seed ^ tl.full([], 0x9E3779B9, tl.uint32))
     h = _mix32(h ^ counter)
     h = _mix32(h ^ stream_mix.to(tl.uint32))
     h = _mix32(h ^ offs.to(tl.uint32))

@@ -1,0 +1,303 @@
+"""`make bench`: the per-frame tick of the 7B on random weights of the real shapes, on a GPU.
+
+Reports, per batch size and context: tick latency (median, p99 over CUDA-event timings of graph
+replays), the bytes a tick must move (every weight it uses once, plus the KV entries it reads),
+the GB/s that makes, the bandwidth floor (those bytes over the device-to-device copy bandwidth
+measured in the same run) and the ratio floor / median; the prompt phase uncached and cached;
+GPU memory per session; and Kyutai's `moshi` (the reference's model code) at the same
+configuration when it is importable. Writes `<out>/<card>.json` and a PNG plot; never fails on time.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKENIZER = ROOT / "tests" / "data" / "golden" / "tiny-1234" / "tokenizer.model"
+PROMPT_100 = ("You work for Brightline Appliances, an appliance repair company, and your name is Dana Ortiz. "
+              "A technician visit costs sixty dollars per hour and pumps ship in three days.")
+
+
+def card_slug() -> str:
+    name = torch.cuda.get_device_name().replace("NVIDIA ", "")
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()
+
+
+def copy_bandwidth(nbytes: int = 2 << 30, iters: int = 20) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    times = []
+    for _ in range(iters):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    del a, b
+    return 2 * nbytes / float(np.median(times))
+
+
+def weight_bytes(engine) -> dict[str, int]:
+    """Bytes of the weights one tick reads: the temporal transformer and text head, the
+    depformer steps it runs, Mimi."""
+    lm, steps = engine.lm, engine.depformer_steps
+    nb = lambda t: t.numel() * t.element_size()  # noqa: E731
+    temporal = sum(nb(p) for p in lm.layers.parameters()) + nb(lm.out_norm) + nb(lm.text_head.weight)
+    dep = lm.depformer
+    S = dep.inp.weight.shape[0]
+    per_step = sum(nb(p) for n, p in dep.named_parameters() if p.dim() == 3 and p.shape[0] == S) // S
+    dep_bytes = steps * per_step + sum(nb(layer.norm1) + nb(layer.norm2) for layer in dep.layers)
+    mimi = sum(nb(p) for p in engine.mimi.parameters())
+    return {"temporal": temporal, "depformer": dep_bytes, "mimi": mimi}
+
+
+def kv_read_bytes(engine, positions: int) -> int:
+    t = engine.cfg.lm.temporal
+    kv = engine.lm_state.kv
+    n = min(positions, kv.window)
+    return 2 * t.num_layers * t.num_heads * n * t.head_dim * kv.k.element_size()
+
+
+def prepare_slots(engine, B: int, voice, full: bool) -> list[int]:
+    from engine.engine import SamplingParams
+
+    slots = engine.open_many([(voice, PROMPT_100, SamplingParams(seed=i)) for i in range(B)])
+    if full:
+        st = engine.lm_state
+        idx = torch.tensor(slots, device=engine.device)
+        for i in range(st.kv.k.shape[0]):  # a ring full of finite keys and values
+            st.kv.k[i, idx] = torch.randn_like(st.kv.k[i, idx])
+            st.kv.v[i, idx] = torch.randn_like(st.kv.v[i, idx])
+        st.offset[idx] = st.offset[idx] + 10 * st.kv.window
+    return slots
+
+
+def time_ticks(engine, slots: list[int], ticks: int, warmup: int = 10) -> list[float]:
+    idx = torch.tensor(slots, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    pcm = [0.1 * torch.randn(len(slots), engine.frame_size, device="cuda", generator=g) for _ in range(8)]
+    for t in range(warmup):
+        engine.step_tensors(idx, pcm[t % 8])
+    events = []
+    for t in range(ticks):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        engine.step_tensors(idx, pcm[t % 8])
+        e.record()
+        events.append((s, e))
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) for s, e in events]
+
+
+def wall_tick_ms(engine, slot: int, n: int = 50) -> float:
+    """One session through `Engine.step` (host audio in and out), wall clock."""
+    frame = np.zeros(engine.frame_size, np.float32)
+    for _ in range(5):
+        engine.step({slot: frame})
+    t0 = time.perf_counter()
+    for _ in range(n):
+        engine.step({slot: frame})
+    return (time.perf_counter() - t0) / n * 1e3
+
+
+def prompt_timings(engine, n: int = 10) -> dict:
+    from engine.random_weights import random_voice
+
+    out = {"uncached_ms": [], "cached_ms": []}
+    for i in range(n):
+        voice = random_voice(engine.cfg.lm, seed=1000 + i)
+        for kind in ("uncached_ms", "cached_ms"):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            s = engine.open(voice, PROMPT_100)
+            torch.cuda.synchronize()
+            out[kind].append((time.perf_counter() - t0) * 1e3)
+            engine.close(s)
+    plan_positions = voice.frames + 12 + len(engine.tokenizer.encode_prompt(PROMPT_100))
+    return {"positions": plan_positions, "uncached_ms": float(np.median(out["uncached_ms"])),
+            "cached_ms": float(np.median(out["cached_ms"])), "runs": n}
+
+
+def run_reference(batches: list[int]) -> dict | None:
+    """Kyutai's moshi at the same configuration, in its own process (its own GPU memory)."""
+    cmd = [sys.executable, "-m", "benchmarks.reference_moshi", "--batches", ",".join(map(str, batches))]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    if r.returncode != 0:
+        return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def plot(results: dict, path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for ctx, marker in (("short", "o"), ("full", "s")):
+        rows = [r for r in results["ticks"] if r["context"] == ctx and "median_ms" in r]
+        if rows:
+            ax.plot([r["batch"] for r in rows], [r["median_ms"] for r in rows], marker=marker, label=f"ppx, {ctx} context")
+            ax.plot([r["batch"] for r in rows], [r["floor_ms"] for r in rows], marker=marker, linestyle=":",
+                    alpha=0.6, label=f"bandwidth floor, {ctx}")
+    ref = results.get("reference") or {}
+    if ref.get("lm_step_ms"):
+        bs = sorted(int(b) for b in ref["lm_step_ms"])
+        ax.plot(bs, [ref["lm_step_ms"][str(b)] for b in bs], marker="^", color="gray",
+                label="moshi 0.2.13 LM step (no Mimi)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("live sessions (batch)")
+    ax.set_ylabel("ms per 80 ms frame")
+    ax.axhline(80, color="red", linewidth=0.8)
+    ax.set_title(f"PersonaPlex 7B full tick, {results['card']}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="make bench", description=__doc__)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--batches", default="1,8,32,64")
+    ap.add_argument("--ticks", type=int, default=200)
+    ap.add_argument("--no-reference", action="store_true")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("make bench needs a CUDA GPU; none is visible")
+        return 1
+    from engine.config import PERSONAPLEX_7B
+    from engine.engine import Engine
+    from engine.random_weights import random_engine, random_voice
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    batches = [int(b) for b in args.batches.split(",")]
+    results = {"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+               "torch": torch.__version__, "python": platform.python_version(),
+               "command": "make bench (python -m benchmarks.bench " + " ".join(argv or sys.argv[1:]) + ")",
+               "weights": "random bf16 of the 7B's shapes; Mimi float32", "ticks": []}
+    try:
+        import triton
+        results["triton"] = triton.__version__
+    except ImportError:
+        pass
+    bw = copy_bandwidth()
+    results["copy_bandwidth_GBps"] = bw / 1e9
+    print(f"{results['card']}: device-to-device copy {bw / 1e12:.2f} TB/s", flush=True)
+
+    total_mem = torch.cuda.get_device_properties(0).total_memory
+    base = random_engine(PERSONAPLEX_7B, TOKENIZER, device="cuda", dtype=torch.bfloat16, seed=0, max_slots=1)
+    wb = weight_bytes(base)
+    results["weight_bytes"] = wb
+    weights_gb = sum(p.numel() * p.element_size() for p in base.lm.parameters()) / 1e9
+    results["lm_weights_GB"] = weights_gb
+    kv_slot = base.lm_state.kv_bytes_per_slot()
+    results["kv_bytes_per_session"] = kv_slot
+    voice = random_voice(base.cfg.lm, seed=7)
+    lm, mimi, tok = base.lm, base.mimi, base.tokenizer
+    del base
+    gc.collect()
+    torch.cuda.empty_cache()
+    free = torch.cuda.mem_get_info()[0]
+    full_window = PERSONAPLEX_7B.lm.temporal.window
+    for B in batches:
+        for ctx in ("short", "full"):
+            row = {"batch": B, "context": ctx}
+            # short context reads only the prompt's KV entries, so a small ring gives the same tick
+            window = full_window if ctx == "full" else 512
+            need = B * 2 * PERSONAPLEX_7B.lm.temporal.num_layers * 32 * window * 128 * 2
+            if need > free - (6 << 30):
+                row["skipped"] = (f"{B} sessions of bf16 KV at a {window}-frame window need {need / 1e9:.0f} GB; "
+                                  f"{free / 1e9:.0f} GB are free (see --kv-cache-dtype fp8)")
+                results["ticks"].append(row)
+                print(f"batch {B:3d} {ctx:5s}: skipped ({row['skipped']})", flush=True)
+                continue
+            eng = Engine(PERSONAPLEX_7B, lm, mimi, tok, max_slots=B, kv_window=window, checkpoint_id="bench")
+            cap_s = eng.enable_graphs(buckets=(B,))
+            slots = prepare_slots(eng, B, voice, full=(ctx == "full"))
+            torch.cuda.reset_peak_memory_stats()
+            ms = time_ticks(eng, slots, args.ticks)
+            pos = int(eng.lm_state.offset[slots[0]]) - 1
+            positions = full_window if ctx == "full" else pos
+            nbytes = sum(wb.values()) + B * kv_read_bytes(eng, positions)
+            med = float(np.median(ms))
+            row.update(median_ms=med, p99_ms=float(np.percentile(ms, 99)), mean_ms=float(np.mean(ms)),
+                       kv_positions_read=min(positions, full_window), bytes=nbytes,
+                       achieved_GBps=nbytes / (med / 1e3) / 1e9, floor_ms=nbytes / bw * 1e3,
+                       floor_ratio=(nbytes / bw * 1e3) / med, capture_s=cap_s,
+                       peak_memory_GB=torch.cuda.max_memory_allocated() / 1e9, kv_window=window)
+            if B == 1:
+                row["wall_step_ms"] = wall_tick_ms(eng, slots[0])
+            results["ticks"].append(row)
+            print(f"batch {B:3d} {ctx:5s}: {med:6.2f} ms median, {row['p99_ms']:6.2f} p99; "
+                  f"floor {row['floor_ms']:5.2f} ms ({row['floor_ratio'] * 100:4.0f}%), "
+                  f"{row['achieved_GBps']:5.0f} GB/s", flush=True)
+            if B == batches[0] and ctx == "short":
+                results["prompt_phase"] = prompt_timings(eng)
+                print(f"prompt phase ({results['prompt_phase']['positions']} positions): "
+                      f"{results['prompt_phase']['uncached_ms']:.1f} ms uncached, "
+                      f"{results['prompt_phase']['cached_ms']:.2f} ms cached", flush=True)
+            del eng
+            gc.collect()
+            torch.cuda.empty_cache()
+    results["memory_per_session_GB"] = kv_slot / 1e9
+    results["sessions_that_fit_full_context"] = int((total_mem - weights_gb * 1e9 - (4 << 30)) // kv_slot)
+    del lm, mimi
+    gc.collect()
+    torch.cuda.empty_cache()
+    if not args.no_reference:
+        print("reference: Kyutai moshi 0.2.13 ...", flush=True)
+        results["reference"] = run_reference([b for b in batches if b <= 32])
+        print(json.dumps(results["reference"]), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    slug = card_slug()
+    (out / f"{slug}.json").write_text(json.dumps(results, indent=1))
+    plot(results, out / f"{slug}.png")
+    print_table(results)
+    return 0
+
+
+def print_table(results: dict) -> None:
+    print(f"\n{results['card']}, copy bandwidth {results['copy_bandwidth_GBps'] / 1e3:.2f} TB/s, "
+          f"torch {results['torch']}")
+    print("| batch | context | median ms | p99 ms | floor ms | floor/median | GB/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in results["ticks"]:
+        if "skipped" in r:
+            print(f"| {r['batch']} | {r['context']} | skipped: {r['skipped']} | | | | |")
+        else:
+            print(f"| {r['batch']} | {r['context']} | {r['median_ms']:.2f} | {r['p99_ms']:.2f} | "
+                  f"{r['floor_ms']:.2f} | {r['floor_ratio'] * 100:.0f}% | {r['achieved_GBps']:.0f} |")
+    p = results.get("prompt_phase")
+    if p:
+        print(f"prompt phase ({p['positions']} positions): uncached {p['uncached_ms']:.1f} ms, "
+              f"cached {p['cached_ms']:.2f} ms")
+    ref = results.get("reference") or {}
+    if "lm_step_ms" in ref:
+        print("reference (moshi 0.2.13, same GPU): LM step " +
+              ", ".join(f"batch {b}: {v:.1f} ms" for b, v in ref["lm_step_ms"].items()) +
+              f"; Mimi encode {ref.get('mimi_encode_ms', float('nan')):.1f} ms, "
+              f"decode {ref.get('mimi_decode_ms', float('nan')):.1f} ms")
+    elif ref:
+        print(f"reference: {ref}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

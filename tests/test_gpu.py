@@ -1,0 +1,205 @@
+"""The fast path on a GPU: graphs and Triton kernels against the golden traces and against the
+eager torch path. Skipped without a CUDA GPU."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from engine.config import PERSONAPLEX_7B
+from engine.engine import SamplingParams, load_voice_pt
+from engine.kernels import use_triton
+from engine.random_weights import random_engine, random_voice
+from engine.tick import lm_tick, user_mask
+
+from conftest import GOLDEN, GREEDY, TINY, gpu, make_tiny_engine
+
+pytestmark = gpu
+TOKENIZER = TINY / "tokenizer.model"
+
+
+@pytest.fixture()
+def no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_golden_run_through_the_graphs_in_float32(no_tf32, trace, golden_voice, golden_prompt):
+    """The whole tick (Mimi on the GPU too) replayed from CUDA graphs gives the golden tokens."""
+    from engine.audio import first_channel, frames, read_audio
+
+    eng = make_tiny_engine(max_slots=2, device="cuda", dtype=torch.float32)
+    eng.enable_graphs()
+    assert eng.graphs is not None
+    slot = eng.open(golden_voice, golden_prompt, GREEDY)
+    pcm = frames(first_channel(read_audio(TINY / "input.wav", 24000)), 1920)
+    toks, audio = [], []
+    for f in pcm:
+        out = eng.step({slot: f})[slot]
+        toks.append(out.tokens)
+        audio.append(out.pcm)
+    toks = np.stack(toks)
+    np.testing.assert_array_equal(toks[:, :9], trace["tokens"][:, :9])
+    np.testing.assert_array_equal(toks[1:, 9:], trace["tokens"][1:, 9:])
+    np.testing.assert_allclose(np.stack(audio), trace["pcm"], atol=1e-4)
+
+
+def _ref7b_run(dtype, n_frames):
+    from engine.random_weights import random_lm_state_dict
+    from engine.lm import LM
+    from engine.weights import LM_NAME_TABLE, _lm_ranges, expand_table, materialize
+    from engine.state import LMState
+    from engine.prompts import plan_prompt
+
+    d = GOLDEN / "ref7b-4242"
+    keys = json.loads((d / "keys.json").read_text())
+    cfg = PERSONAPLEX_7B.lm
+    lm = materialize(lambda dtype: LM(cfg, dtype=dtype), "cuda", dtype)
+    params = dict(lm.named_parameters())
+    plan_keys = expand_table(LM_NAME_TABLE, _lm_ranges(cfg))
+    names = [k[0] for k in keys]
+    sd = random_lm_state_dict(cfg, 4242, names=names, threads=16)
+    for name, shape, s, ss in keys:
+        t = sd.pop(name)
+        t64 = t.double()
+        assert math.isclose(float(t64.sum()), s, rel_tol=1e-9, abs_tol=1e-6), name
+        assert math.isclose(float((t64 * t64).sum()), ss, rel_tol=1e-9), name
+        tgt = plan_keys[name]
+        dst = params[tgt.param]
+        t = t.to("cuda")
+        if tgt.kind == "alpha":
+            t = t.view(-1)
+        elif tgt.kind == "step":
+            dst = dst[tgt.index]
+        elif tgt.kind == "steps":
+            t = t.view(dst.shape)
+        dst.copy_(t)
+    inputs = np.load(d / "inputs.npz")
+    voice = load_voice_pt(d / "voice.pt")
+    plan = plan_prompt(cfg, voice, inputs["prompt_tokens"].tolist())
+    state = LMState(cfg, 1, "cuda", dtype)
+    with torch.no_grad():
+        x = torch.cat([voice.embeddings.cuda().to(dtype), lm.embed(plan.columns.cuda())])[None]
+        lm.temporal_prefill(x, state.kv, torch.tensor([0], device="cuda"), torch.tensor([x.shape[1]], device="cuda"))
+        state.load_ring(0, plan.tokens, plan.provided, plan.offset)
+        state.set_sampling(0, seed=0, temp_text=0.7, temp_audio=0.8, topk_text=25, topk_audio=250, greedy=True)
+        toks, tls, als = [], [], []
+        slots = torch.tensor([0], device="cuda")
+        for t in range(n_frames):
+            given = torch.zeros(1, 17, dtype=torch.long, device="cuda")
+            given[0, 9:] = torch.from_numpy(inputs["user_tokens"][t]).cuda()
+            o = lm_tick(lm, state, slots, given, user_mask(cfg, 1, "cuda"), 8, return_logits=True)
+            toks.append(o.tokens[0].cpu().numpy())
+            tls.append(o.text_logits[0].cpu())
+            als.append(o.audio_logits[0].cpu())
+    del lm, state
+    torch.cuda.empty_cache()
+    return np.stack(toks), torch.stack(tls), torch.stack(als)
+
+
+def test_ref7b_float32_matches_the_reference_exactly(no_tf32):
+    """The 7B shapes, regenerated from keys.json, in float32 on the GPU: the reference's tokens."""
+    tr = np.load(GOLDEN / "ref7b-4242" / "trace_fp32.npz")
+    toks, tl, al = _ref7b_run(torch.float32, 100)
+    np.testing.assert_array_equal(toks[:, :9], tr["tokens"][:, :9])
+    for i in range(8):
+        assert _rel(tl[i], torch.from_numpy(tr["text_logits"][i])) < 1e-4
+        assert _rel(al[i], torch.from_numpy(tr["audio_logits"][i])) < 1e-4
+
+
+def test_ref7b_bfloat16_lands_near_the_reference(no_tf32):
+    """bf16 is expected at about the reference's own bf16 distance from its float32 logits."""
+    tr32 = np.load(GOLDEN / "ref7b-4242" / "trace_fp32.npz")
+    rob = json.loads((GOLDEN / "ref7b-4242" / "robustness.json").read_text())
+    _, tl, _ = _ref7b_run(torch.bfloat16, 4)
+    err = _rel(tl[0], torch.from_numpy(tr32["text_logits"][0]))
+    assert err < 3 * rob["bf16_vs_fp32_text_logit_rel_err_frame0"], err
+
+
+def _seven_b(max_slots, **kw):
+    return random_engine(PERSONAPLEX_7B, TOKENIZER, device="cuda", dtype=torch.bfloat16, seed=1,
+                         max_slots=max_slots, **kw)
+
+
+@pytest.fixture(scope="module")
+def seven_b_pair():
+    """Two engines over the same random 7B weights: one eager on the torch references, one
+    on the graphs with the Triton kernels."""
+    a = _seven_b(4)
+    b = type(a)(a.cfg, a.lm, a.mimi, a.tokenizer, max_slots=4, checkpoint_id=a.checkpoint_id)
+    b.enable_graphs(buckets=(1, 4))
+    return a, b
+
+
+def _lockstep(eager, graphed, slots_e, slots_g, frames, n):
+    """Runs both engines n frames; after each, the eager engine's token rings are set to the
+    graphed engine's (teacher forcing), so both see the same tokens while each keeps its own
+    numerics in the KV rings. Returns per-frame (text, audio) relative logit errors."""
+    errs = []
+    se = torch.tensor(slots_e, device="cuda")
+    sg = torch.tensor(slots_g, device="cuda")
+    for t in range(n):
+        pcm = frames[t].cuda()
+        use_triton(False)
+        try:
+            _, _, tl_e, al_e = eager.tick(se, pcm)
+        finally:
+            use_triton(True)
+        _, _, tl_g, al_g = graphed.step_tensors(sg, pcm)
+        for i in range(len(slots_e)):
+            errs.append((_rel(tl_g[i], tl_e[i]), _rel(al_g[i], al_e[i])))
+        eager.lm_state.tokens[se] = graphed.lm_state.tokens[sg]
+        eager.lm_state.provided[se] = graphed.lm_state.provided[sg]
+    return errs
+
+
+def test_7b_graph_path_stays_within_2e2_of_the_eager_path(seven_b_pair):
+    a, b = seven_b_pair
+    voice = random_voice(a.cfg.lm, seed=3)
+    prompt = "You are a helpful assistant for a bicycle shop. Answer briefly and kindly."
+    sa = a.open(voice, prompt, SamplingParams(seed=5))
+    sb = b.open(voice, prompt, SamplingParams(seed=5))
+    g = torch.Generator().manual_seed(0)
+    frames = [0.1 * torch.randn(1, 1920, generator=g) for _ in range(100)]
+    errs = _lockstep(a, b, [sa], [sb], frames, 100)
+    worst = max(max(e) for e in errs)
+    assert worst < 2e-2, worst
+    a.close(sa)
+    b.close(sb)
+
+
+def test_7b_batch_rows_equal_single_slot_runs(seven_b_pair):
+    """Three sessions batched vs each run alone (bucket 1), in lockstep with teacher forcing:
+    the logits agree within the bf16 tolerance and the sampled tokens almost always."""
+    _, b = seven_b_pair
+    solo = type(b)(b.cfg, b.lm, b.mimi, b.tokenizer, max_slots=3, checkpoint_id=b.checkpoint_id)
+    solo.enable_graphs(buckets=(1,))
+    prompts = ["You are a pirate.", "You answer questions about trains.", "You are a calm yoga teacher."]
+    voices = [random_voice(b.cfg.lm, seed=s) for s in range(3)]
+    reqs = [(v, p, SamplingParams(seed=i)) for i, (v, p) in enumerate(zip(voices, prompts))]
+    slots = b.open_many(reqs)
+    solo_slots = solo.open_many(reqs)
+    g = torch.Generator().manual_seed(1)
+    agree, n = 0, 0
+    for t in range(30):
+        pcm = (0.1 * torch.randn(3, 1920, generator=g)).cuda()
+        _, tok_b, tl_b, _ = b.step_tensors(torch.tensor(slots, device="cuda"), pcm)
+        for i, s in enumerate(solo_slots):
+            _, tok_s, tl_s, _ = solo.step_tensors(torch.tensor([s], device="cuda"), pcm[i:i + 1])
+            assert _rel(tl_s[0], tl_b[i]) < 2e-2, (t, i)
+            agree += int(torch.equal(tok_s[0], tok_b[i]))
+            n += 1
+            solo.lm_state.tokens[s] = b.lm_state.tokens[slots[i]]
+    assert agree >= 0.9 * n, (agree, n)
+    for s in slots:
+        b.close(s)
+
+
