@@ -249,6 +249,8 @@ def main(argv=None) -> int:
                   f"floor {row['floor_ms']:5.2f} ms ({row['floor_ratio'] * 100:4.0f}%), "
                   f"{row['achieved_GBps']:5.0f} GB/s", flush=True)
             if B == batches[0] and ctx == "short":
+                for s in slots:
+                    eng.close(s)
                 results["prompt_phase"] = prompt_timings(eng)
                 print(f"prompt phase ({results['prompt_phase']['positions']} positions): "
                       f"{results['prompt_phase']['uncached_ms']:.1f} ms uncached, "

@@ -11,7 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import DepformerConfig, LMConfig, TemporalConfig
-from .kernels import add_rms_norm, decode_attention, prefill_attention_ref, qkv_rope_write, rms_norm, rope, silu_mul
+from .kernels import (add_rms_norm, linear, decode_attention, prefill_attention_ref, qkv_rope_write, rms_norm, rope, silu_mul,
+                      step_attention)
 
 
 class Linear(nn.Module):
@@ -28,7 +29,7 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor, step: int | None = None) -> torch.Tensor:
         w = self.weight if step is None else self.weight[step]
-        return F.linear(x, w)
+        return linear(x, w)
 
 
 def _param(*shape, device=None, dtype=None) -> nn.Parameter:
@@ -88,15 +89,14 @@ class LM(nn.Module):
     # embeddings
 
     def embed(self, columns: torch.Tensor) -> torch.Tensor:
-        """columns: [..., 17] token ids (-1 embeds to zero) -> [..., dim].
-        Sum of the 16 audio embeddings, then the text embedding, as the reference adds them."""
+        """columns: [..., 17] token ids (-1 embeds to zero) -> [..., dim]: the 16 audio
+        embeddings and the text embedding, summed (one gather for all audio streams)."""
         cfg = self.cfg
         audio = columns[..., 1:]
-        x = None
-        for k in range(cfg.n_q):
-            e = _embedding(audio[..., k], self.emb[k])
-            x = e if x is None else x + e
-        return x + _embedding(columns[..., 0], self.text_emb)
+        offsets = torch.arange(cfg.n_q, device=columns.device) * (cfg.card + 1)
+        e = F.embedding(audio.clamp(min=0) + offsets, self.emb.view(-1, self.emb.shape[-1]))
+        e = e.masked_fill((audio == -1).unsqueeze(-1), 0)
+        return e.sum(dim=-2) + _embedding(columns[..., 0], self.text_emb)
 
     # ------------------------------------------------------------------------------
     # temporal transformer
@@ -148,10 +148,18 @@ class LM(nn.Module):
     # ------------------------------------------------------------------------------
     # depformer
 
+    def depformer_cache(self, batch: int, steps: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, keys and values of one frame's depformer steps: [B, steps, heads, head_dim]."""
+        c = self.cfg.depformer
+        shape = (batch, steps, c.num_heads, c.head_dim)
+        dt = self.depformer.text_emb.dtype
+        return [(torch.empty(shape, device=device, dtype=dt), torch.empty(shape, device=device, dtype=dt))
+                for _ in self.depformer.layers]
+
     def depformer_step(self, k: int, h: torch.Tensor, prev: torch.Tensor, dep_kv: list) -> torch.Tensor:
         """Step k of the depformer for every slot. h: [B, dim] temporal output; prev: [B]
-        the token chosen at step k - 1 (the frame's text token for k = 0); dep_kv: per layer
-        a list of (k, v) of the earlier steps of this frame, appended to. Returns logits [B, card]."""
+        the token chosen at step k - 1 (the frame's text token for k = 0); dep_kv: from
+        `depformer_cache`, steps 0..k-1 filled (step k is written here). Returns logits [B, card]."""
         c = self.cfg.depformer
         dep = self.depformer
         B = h.shape[0]
@@ -163,11 +171,7 @@ class LM(nn.Module):
             x, hn = add_rms_norm(x, delta, layer.norm1, c.norm_eps) if delta is not None else \
                 (x, rms_norm(x, layer.norm1, c.norm_eps))
             qkv = layer.attn_in(hn, k).view(B, 3, H, D)
-            cache = dep_kv[i]
-            cache.append((qkv[:, 1], qkv[:, 2]))
-            keys = torch.stack([kk for kk, _ in cache], dim=2)    # [B, H, k + 1, D]
-            vals = torch.stack([vv for _, vv in cache], dim=2)
-            a = F.scaled_dot_product_attention(qkv[:, 0].unsqueeze(2), keys, vals).view(B, H * D)
+            a = step_attention(qkv, dep_kv[i][0], dep_kv[i][1], k).view(B, H * D)
             x, hn = add_rms_norm(x, layer.attn_out(a, k), layer.norm2, c.norm_eps)
             delta = layer.ffn_out(silu_mul(layer.ffn_in(hn, k)), k)
         x = x + delta

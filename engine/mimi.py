@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import MimiConfig, MimiTransformerConfig
-from .kernels import elu, rope
+from .kernels import elu, ring_chunk_attention, rope
 
 
 def _p(*shape, device=None, dtype=None) -> nn.Parameter:
@@ -183,42 +183,37 @@ class MimiLayer(nn.Module):
 
 
 class MimiTransformer(nn.Module):
-    """Causal transformer over T new positions per call, with a KV ring of `window` entries.
-
-    After writing positions E - T .. E - 1, the ring holds E - window .. E - 1, and query q
-    sees every held key up to q: the reference's ring cache of `context` entries hides its
-    oldest one, which leaves exactly these keys."""
+    """Causal transformer over T new positions per call, with a KV ring of `window` entries per
+    slot. After writing positions E - T .. E - 1, the ring holds E - window .. E - 1, and query
+    q sees every held key up to q: the reference's ring cache of `context` entries hides its
+    oldest one, which leaves exactly these keys (`kernels.ring_chunk_attention`)."""
 
     def __init__(self, c: MimiTransformerConfig, device=None, dtype=None):
         super().__init__()
         self.cfg = c
         self.layers = nn.ModuleList([MimiLayer(c, device=device, dtype=dtype) for _ in range(c.num_layers)])
 
-    def forward(self, x: torch.Tensor, k_ring: torch.Tensor, v_ring: torch.Tensor, pos: torch.Tensor):
-        """x: [B, C, T] (conv layout); k_ring, v_ring: [layers, B, H, W, D] (this batch's rows,
-        updated in place); pos: [B] positions already written. Returns [B, C, T]."""
+    def forward(self, x: torch.Tensor, k_ring: torch.Tensor, v_ring: torch.Tensor, slots: torch.Tensor,
+                pos: torch.Tensor):
+        """x: [B, C, T] (conv layout); k_ring, v_ring: [layers, slots, H, W, D], the rows of
+        `slots` read and written in place; pos: [B] positions already written. Returns [B, C, T]."""
         c = self.cfg
         B, C, T = x.shape
-        H, D, W = c.num_heads, c.head_dim, c.window
+        H, D, W = c.num_heads, c.head_dim, k_ring.shape[3]
         x = x.transpose(1, 2)
         qpos = pos.view(B, 1) + torch.arange(T, device=x.device).view(1, T)         # [B, T]
         end = pos + T
-        idx = torch.arange(W, device=x.device).view(1, W)
-        # Position held at ring index i once positions < end are written.
-        kpos = (end - 1).view(B, 1) - ((end - 1).view(B, 1) - idx) % W               # [B, W]
-        mask = (kpos >= 0).view(B, 1, 1, W) & (kpos.view(B, 1, 1, W) <= qpos.view(B, 1, T, 1))
-        widx = (qpos % W)
-        b_idx = torch.arange(B, device=x.device).view(B, 1).expand(B, T)
+        widx = qpos % W
+        s_idx = slots.view(B, 1).expand(B, T)
         for i, layer in enumerate(self.layers):
             h = layer.norm1(x)
             qkv = F.linear(h, layer.attn_in).view(B, T, 3, H, D)
             q, k = rope(qkv[:, :, 0].reshape(B * T, H, D), qkv[:, :, 1].reshape(B * T, H, D),
                         qpos.reshape(-1), c.max_period)
-            q, k = q.view(B, T, H, D), k.view(B, T, H, D)
-            k_ring[i][b_idx, :, widx] = k
-            v_ring[i][b_idx, :, widx] = qkv[:, :, 2]
-            a = F.scaled_dot_product_attention(q.transpose(1, 2), k_ring[i], v_ring[i], attn_mask=mask)
-            x = x + layer.scale1 * F.linear(a.transpose(1, 2).reshape(B, T, C), layer.attn_out)
+            k_ring[i][s_idx, :, widx] = k.view(B, T, H, D)
+            v_ring[i][s_idx, :, widx] = qkv[:, :, 2]
+            a = ring_chunk_attention(q.view(B, T, H, D).contiguous(), k_ring[i], v_ring[i], slots, end)
+            x = x + layer.scale1 * F.linear(a.reshape(B, T, C), layer.attn_out)
             h = layer.norm2(x)
             x = x + layer.scale2 * F.linear(F.gelu(F.linear(h, layer.linear1)), layer.linear2)
         return x.transpose(1, 2)
@@ -259,7 +254,9 @@ class Quantizer(nn.Module):
         return torch.stack(first + rest, dim=1)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes: [B, num_codebooks] -> [B, dim]."""
+        """codes: [B, num_codebooks] -> [B, dim]. Codes outside the codebooks (the LM's
+        initial token, in the scratch row's garbage) are clamped rather than read past the end."""
+        codes = codes.clamp(0, self.first_codebooks.shape[1] - 1)
         nf = self.first_codebooks.shape[0]
         first = sum(self.first_codebooks[i][codes[:, i]] for i in range(nf))
         rest = sum(self.rest_codebooks[i][codes[:, nf + i]] for i in range(self.rest_codebooks.shape[0]))
@@ -293,9 +290,7 @@ class Mimi(nn.Module):
         x, tails = self.encoder(x, tails)
         for dst, t in zip(state.enc_tails, tails):
             dst[slots] = t
-        k, v = state.enc_k[:, slots], state.enc_v[:, slots]
-        x = self.encoder_transformer(x, k, v, state.enc_pos[slots])
-        state.enc_k[:, slots], state.enc_v[:, slots] = k, v
+        x = self.encoder_transformer(x, state.enc_k, state.enc_v, slots, state.enc_pos[slots])
         state.enc_pos[slots] += x.shape[-1]
         # Downsampling: the reference pads its first call by replicating the first sample.
         st = self.cfg.downsample_stride
@@ -304,7 +299,7 @@ class Mimi(nn.Module):
         xx = torch.cat([tail, x], dim=-1)
         y = F.conv1d(xx, self.downsample, stride=st)
         state.down_tail[slots] = xx[..., xx.shape[-1] - st:]
-        state.enc_fresh[slots] = False
+        state.enc_fresh[slots] = torch.zeros_like(fresh.view(B))  # no host scalar inside a graph
         return self.quantizer.encode(y[..., 0])
 
     def decode(self, codes: torch.Tensor, state: "MimiState", slots: torch.Tensor) -> torch.Tensor:
@@ -316,9 +311,7 @@ class Mimi(nn.Module):
         y = F.conv_transpose1d(x, self.upsample, stride=st, groups=d)       # [B, d, 2 * st]
         x = y[..., :st] + state.up_partial[slots]   # kernel 2 * stride: half overlaps the next frame
         state.up_partial[slots] = y[..., st:]
-        k, v = state.dec_k[:, slots], state.dec_v[:, slots]
-        x = self.decoder_transformer(x, k, v, state.dec_pos[slots])
-        state.dec_k[:, slots], state.dec_v[:, slots] = k, v
+        x = self.decoder_transformer(x, state.dec_k, state.dec_v, slots, state.dec_pos[slots])
         state.dec_pos[slots] += x.shape[-1]
         tails = [t[slots] for t in state.dec_tails]
         partials = [p[slots] for p in state.dec_partials]

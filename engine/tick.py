@@ -85,7 +85,7 @@ def lm_tick(model: LM, state: LMState, slots: torch.Tensor, given: torch.Tensor,
 
     temp_a, topk_a = state.temp_audio[slots], state.topk_audio[slots]
     greedy, seed = state.greedy[slots], state.seed[slots]
-    dep_kv = [[] for _ in model.depformer.layers]
+    dep_kv = model.depformer_cache(B, depformer_steps, given.device)
     audio, audio_logits = [], []
     for step in range(depformer_steps):
         logits = model.depformer_step(step, h, prev, dep_kv).float()
@@ -96,7 +96,8 @@ def lm_tick(model: LM, state: LMState, slots: torch.Tensor, given: torch.Tensor,
         prev = torch.where(prov[:, 1 + step], target[:, 1 + step], tok)
 
     # Clear the consumed column, then keep provided tokens and write the sampled ones.
-    state.provided[s, k, ((off - 1) % R).view(B, 1).expand(B, K)] = False
+    # (a tensor, not a Python False: a scalar here would be a host copy inside a CUDA graph)
+    state.provided[s, k, ((off - 1) % R).view(B, 1).expand(B, K)] = torch.zeros_like(prov)
     sampled = torch.cat([text.view(B, 1), torch.stack(audio, dim=1)], dim=1)
     n = sampled.shape[1]
     new_col = torch.cat([torch.where(prov[:, :n], target[:, :n], sampled), target[:, n:]], dim=1)

@@ -139,46 +139,65 @@ def seven_b_pair():
     return a, b
 
 
-def _lockstep(eager, graphed, slots_e, slots_g, frames, n):
-    """Runs both engines n frames; after each, the eager engine's token rings are set to the
-    graphed engine's (teacher forcing), so both see the same tokens while each keeps its own
-    numerics in the KV rings. Returns per-frame (text, audio) relative logit errors."""
-    errs = []
-    se = torch.tensor(slots_e, device="cuda")
-    sg = torch.tensor(slots_g, device="cuda")
-    for t in range(n):
-        pcm = frames[t].cuda()
-        use_triton(False)
-        try:
-            _, _, tl_e, al_e = eager.tick(se, pcm)
-        finally:
-            use_triton(True)
-        _, _, tl_g, al_g = graphed.step_tensors(sg, pcm)
-        for i in range(len(slots_e)):
-            errs.append((_rel(tl_g[i], tl_e[i]), _rel(al_g[i], al_e[i])))
-        eager.lm_state.tokens[se] = graphed.lm_state.tokens[sg]
-        eager.lm_state.provided[se] = graphed.lm_state.provided[sg]
+def _force_target(dst, dslot, src, sslot, offset):
+    """Teacher forcing: dst's token ring becomes src's after src's step, with column `offset`
+    (the one just predicted) marked provided, so dst's step re-predicts it from the same
+    inputs, its depformer fed src's tokens at every step."""
+    R = dst.lm_state.tokens.shape[2]
+    dst.lm_state.tokens[dslot] = src.lm_state.tokens[sslot]
+    dst.lm_state.provided[dslot] = src.lm_state.provided[sslot]
+    dst.lm_state.provided[dslot, :, offset % R] = True
+    dst.lm_state.offset[dslot] = offset
+
+
+def _lockstep(engines, graphed, slots, sb, n, triton_flags):
+    """Per frame: the graphed engine's whole tick, then each eager engine's LM (Triton kernels
+    or the torch references), teacher-forced to the same tokens (user codes included). Each
+    engine keeps its own KV rings, so numerical drift accumulates over the frames. Returns,
+    per eager engine, the per-frame max of the (text, audio) logit relative errors."""
+    cfg = graphed.cfg.lm
+    g = torch.Generator().manual_seed(0)
+    no_given = torch.zeros(1, cfg.num_streams, dtype=torch.long, device="cuda")
+    no_mask = torch.zeros(1, cfg.num_streams, dtype=torch.bool, device="cuda")
+    errs = [[] for _ in engines]
+    for _ in range(n):
+        pcm = (0.1 * torch.randn(1, 1920, generator=g)).cuda()
+        o = int(graphed.lm_state.offset[sb])
+        _, _, tl_g, al_g = graphed.step_tensors(torch.tensor([sb], device="cuda"), pcm)
+        for j, (eng, s, tri) in enumerate(zip(engines, slots, triton_flags)):
+            _force_target(eng, s, graphed, sb, o)
+            use_triton(tri)
+            try:
+                out = lm_tick(eng.lm, eng.lm_state, torch.tensor([s], device="cuda"), no_given, no_mask,
+                              eng.depformer_steps, return_logits=True)
+            finally:
+                use_triton(True)
+            errs[j].append(max(_rel(tl_g[0], out.text_logits[0]), _rel(al_g[0], out.audio_logits[0])))
     return errs
 
 
 def test_7b_graph_path_stays_within_2e2_of_the_eager_path(seven_b_pair):
+    """Teacher-forced for 100 frames at the 7B shapes (random bf16 weights): the CUDA-graph
+    path against the same code run eagerly (graphs off), and against the torch references."""
     a, b = seven_b_pair
+    c = type(a)(a.cfg, a.lm, a.mimi, a.tokenizer, max_slots=1, checkpoint_id=a.checkpoint_id)
     voice = random_voice(a.cfg.lm, seed=3)
     prompt = "You are a helpful assistant for a bicycle shop. Answer briefly and kindly."
-    sa = a.open(voice, prompt, SamplingParams(seed=5))
     sb = b.open(voice, prompt, SamplingParams(seed=5))
-    g = torch.Generator().manual_seed(0)
-    frames = [0.1 * torch.randn(1, 1920, generator=g) for _ in range(100)]
-    errs = _lockstep(a, b, [sa], [sb], frames, 100)
-    worst = max(max(e) for e in errs)
-    assert worst < 2e-2, worst
-    a.close(sa)
+    slots = [c.open(voice, prompt, SamplingParams(seed=5)), a.open(voice, prompt, SamplingParams(seed=5))]
+    same_code, torch_ref = _lockstep([c, a], b, slots, sb, 100, [True, False])
+    q = lambda e: (float(np.median(e)), float(np.percentile(e, 99)), max(e))  # noqa: E731
+    print("graph vs eager (same kernels): median %.1e p99 %.1e max %.1e" % q(same_code))
+    print("graph vs torch references:     median %.1e p99 %.1e max %.1e" % q(torch_ref))
+    assert max(same_code) < 2e-2
+    assert max(torch_ref) < 1e-1
     b.close(sb)
+    a.close(slots[1])
 
 
 def test_7b_batch_rows_equal_single_slot_runs(seven_b_pair):
-    """Three sessions batched vs each run alone (bucket 1), in lockstep with teacher forcing:
-    the logits agree within the bf16 tolerance and the sampled tokens almost always."""
+    """Three sessions batched vs each run alone (bucket 1), teacher-forced to the same tokens
+    every frame (each keeping its own KV rings): the logits agree within the bf16 tolerance."""
     _, b = seven_b_pair
     solo = type(b)(b.cfg, b.lm, b.mimi, b.tokenizer, max_slots=3, checkpoint_id=b.checkpoint_id)
     solo.enable_graphs(buckets=(1,))
@@ -188,17 +207,17 @@ def test_7b_batch_rows_equal_single_slot_runs(seven_b_pair):
     slots = b.open_many(reqs)
     solo_slots = solo.open_many(reqs)
     g = torch.Generator().manual_seed(1)
-    agree, n = 0, 0
+    worst = 0.0
     for t in range(30):
         pcm = (0.1 * torch.randn(3, 1920, generator=g)).cuda()
-        _, tok_b, tl_b, _ = b.step_tensors(torch.tensor(slots, device="cuda"), pcm)
+        offs = [int(b.lm_state.offset[s]) for s in slots]
+        _, _, tl_b, al_b = b.step_tensors(torch.tensor(slots, device="cuda"), pcm)
         for i, s in enumerate(solo_slots):
-            _, tok_s, tl_s, _ = solo.step_tensors(torch.tensor([s], device="cuda"), pcm[i:i + 1])
-            assert _rel(tl_s[0], tl_b[i]) < 2e-2, (t, i)
-            agree += int(torch.equal(tok_s[0], tok_b[i]))
-            n += 1
-            solo.lm_state.tokens[s] = b.lm_state.tokens[slots[i]]
-    assert agree >= 0.9 * n, (agree, n)
+            _force_target(solo, s, b, slots[i], offs[i])
+            _, _, tl_s, al_s = solo.step_tensors(torch.tensor([s], device="cuda"), pcm[i:i + 1])
+            worst = max(worst, _rel(tl_s[0], tl_b[i]), _rel(al_s[0], al_b[i]))
+    print(f"batched vs single-slot over 30 frames: worst logit error {worst:.2e}")
+    assert worst < 2e-2, worst
     for s in slots:
         b.close(s)
 

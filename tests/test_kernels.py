@@ -130,3 +130,50 @@ def test_sampling_matches_the_reference(B, V, k):
     assert agree >= 0.99 * n
     greedy[:] = True
     assert torch.equal(K.sample_tokens(logits, temp, top_k, greedy, seed, c, 3), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,H,D", [(1, 16, 64), (8, 16, 64)] if CUDA else [(1, 2, 16), (3, 2, 32)])
+def test_step_attention(B, H, D, dtype):
+    from engine.kernels import step_attention_ref
+
+    g = torch.Generator().manual_seed(B + H)
+    kb = [torch.zeros(B, 8, H, D, device=DEV, dtype=dtype) for _ in range(4)]
+    for step in range(8):
+        qkv = _randn(B, 3, H, D, dtype=dtype, g=g)
+        out = K.step_attention(qkv, kb[0], kb[1], step)
+        ref = step_attention_ref(qkv, kb[2], kb[3], step)
+        ref64 = step_attention_ref(qkv.double(), kb[2].double().clone(), kb[3].double().clone(), step)
+        _check(out, ref, ref64, dtype)
+        assert torch.equal(kb[0][:, :step + 1], kb[2][:, :step + 1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,T,H,D,W,end", ([(2, 2, 8, 64, 249, [2, 1000]), (1, 2, 8, 64, 249, [250])] if CUDA else [])
+                         + [(2, 2, 2, 16, 15, [2, 40]), (3, 2, 2, 16, 15, [14, 15, 16]), (1, 1, 2, 16, 7, [3])])
+def test_ring_chunk_attention(B, T, H, D, W, end, dtype):
+    from engine.kernels import ring_chunk_attention_ref
+
+    g = torch.Generator().manual_seed(W + B)
+    S = B + 1
+    q = _randn(B, T, H, D, dtype=dtype, g=g)
+    k = _randn(S, H, W, D, dtype=dtype, g=g)
+    v = _randn(S, H, W, D, dtype=dtype, g=g)
+    slots = torch.randperm(S, generator=g)[:B].to(DEV)
+    end = torch.tensor(end, device=DEV)
+    out = K.ring_chunk_attention(q, k, v, slots, end)
+    ref = ring_chunk_attention_ref(q, k, v, slots, end)
+    _check(out, ref, ring_chunk_attention_ref(q.double(), k.double(), v.double(), slots, end), dtype)
+
+
+@pytest.mark.parametrize("M,N,KD", ([(1, 3072, 1024), (8, 5632, 1024), (16, 1024, 2816), (1, 1024, 4096)] if CUDA else [])
+                         + [(1, 40, 64), (3, 33, 130), (16, 16, 16)])
+def test_small_linear(M, N, KD):
+    # bf16 on the GPU; float16 under the interpreter, whose tl.dot mishandles bf16
+    dtype = torch.bfloat16 if CUDA else torch.float16
+    g = torch.Generator().manual_seed(M * N)
+    x = _randn(M, KD, dtype=dtype, g=g)
+    w = (torch.randn(N, KD, generator=g) / KD ** 0.5).to(DEV, dtype)
+    out = K.small_linear(x, w)
+    ref = torch.nn.functional.linear(x.float(), w.float()).to(dtype)
+    _check(out, ref, torch.nn.functional.linear(x.double(), w.double()), dtype)

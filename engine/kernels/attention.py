@@ -52,3 +52,45 @@ def prefill_attention_ref(q, k, v, context: int | None, lengths=None):
         mask = mask & (i.view(1, 1, 1, T) < lengths.view(B, 1, 1, 1))
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.transpose(1, 2)
+
+
+def step_attention_ref(qkv, k_buf, v_buf, step: int):
+    """The depformer's attention within a frame: qkv [B, 3, H, D] of step `step` is stored at
+    k_buf/v_buf[:, step] ([B, steps, H, D]); the query attends over steps 0..step."""
+    B, _, H, D = qkv.shape
+    k_buf[:, step] = qkv[:, 1]
+    v_buf[:, step] = qkv[:, 2]
+    q = qkv[:, 0].float()
+    s = torch.einsum("bhd,bshd->bhs", q, k_buf[:, :step + 1].float()) / math.sqrt(D)
+    return torch.einsum("bhs,bshd->bhd", torch.softmax(s, -1), v_buf[:, :step + 1].float()).to(qkv.dtype)
+
+
+def step_attention(qkv, k_buf, v_buf, step: int):
+    if triton_enabled(qkv):
+        from . import triton_ops
+        return triton_ops.step_attention(qkv, k_buf, v_buf, step)
+    return step_attention_ref(qkv, k_buf, v_buf, step)
+
+
+def ring_chunk_attention_ref(q, k_ring, v_ring, slots, end):
+    """Attention of T new queries per slot (positions end - T .. end - 1, already written to
+    the ring at p mod W) over a KV ring [S, H, W, D]: query p sees every held key at a
+    position <= p, the ring holding end - W .. end - 1. q: [B, T, H, D] -> [B, T, H, D]."""
+    B, T, H, D = q.shape
+    W = k_ring.shape[2]
+    idx = torch.arange(W, device=q.device).view(1, W)
+    kpos = (end - 1).view(B, 1) - ((end - 1).view(B, 1) - idx) % W                    # [B, W]
+    qpos = (end - T).view(B, 1) + torch.arange(T, device=q.device).view(1, T)          # [B, T]
+    mask = (kpos >= 0).view(B, 1, 1, W) & (kpos.view(B, 1, 1, W) <= qpos.view(B, 1, T, 1))
+    k = k_ring.index_select(0, slots).float()
+    v = v_ring.index_select(0, slots).float()
+    s = torch.einsum("bthd,bhwd->bhtw", q.float(), k) / math.sqrt(D)
+    p = torch.softmax(s.masked_fill(~mask, float("-inf")), -1)
+    return torch.einsum("bhtw,bhwd->bthd", p, v).to(q.dtype)
+
+
+def ring_chunk_attention(q, k_ring, v_ring, slots, end):
+    if triton_enabled(q):
+        from . import triton_ops
+        return triton_ops.ring_chunk_attention(q, k_ring, v_ring, slots, end)
+    return ring_chunk_attention_ref(q, k_ring, v_ring, slots, end)

@@ -213,6 +213,123 @@ def decode_attention(q, k_ring, v_ring, slots, lengths, nsplit: int | None = Non
     return out
 
 
+@triton.jit
+def _step_attn_kernel(qkv_ptr, k_ptr, v_ptr, o_ptr, step, s_b, sk_b, sk_s, so_b, HD, scale,
+                      D: tl.constexpr, STEPS: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    d = tl.arange(0, D)
+    base = qkv_ptr + b * s_b + h * D
+    q = tl.load(base + d).to(tl.float32) * scale
+    kn = tl.load(base + HD + d)
+    vn = tl.load(base + 2 * HD + d)
+    kb = k_ptr + b * sk_b + h * D
+    vb = v_ptr + b * sk_b + h * D
+    tl.store(kb + step * sk_s + d, kn)
+    tl.store(vb + step * sk_s + d, vn)
+    st = tl.arange(0, STEPS)
+    valid = st <= step
+    # this program's own store is visible to its own loads; the current step is also taken
+    # from registers, so nothing depends on the ordering
+    k = tl.load(kb + st[:, None] * sk_s + d[None, :], mask=valid[:, None] & (st[:, None] != step), other=0.0)
+    k = tl.where((st == step)[:, None], kn[None, :], k).to(tl.float32)
+    v = tl.load(vb + st[:, None] * sk_s + d[None, :], mask=valid[:, None] & (st[:, None] != step), other=0.0)
+    v = tl.where((st == step)[:, None], vn[None, :], v).to(tl.float32)
+    sc = tl.where(valid, tl.sum(k * q[None, :], axis=1), float("-inf"))
+    p = tl.exp(sc - tl.max(sc, axis=0))
+    out = tl.sum(p[:, None] * v, axis=0) / tl.sum(p, axis=0)
+    tl.store(o_ptr + b * so_b + h * D + d, out.to(o_ptr.dtype.element_ty))
+
+
+def step_attention(qkv, k_buf, v_buf, step: int):
+    """qkv: [B, 3, H, D]; k_buf, v_buf: [B, steps, H, D]. Returns [B, H, D]."""
+    B, three, H, D = qkv.shape
+    assert qkv.stride(-1) == 1 and qkv.stride(2) == D and qkv.stride(1) == H * D
+    assert k_buf.is_contiguous() and v_buf.is_contiguous()
+    out = torch.empty(B, H, D, device=qkv.device, dtype=qkv.dtype)
+    _step_attn_kernel[(B, H)](qkv, k_buf, v_buf, out, step, qkv.stride(0), k_buf.stride(0), k_buf.stride(1),
+                              out.stride(0), H * D, 1.0 / math.sqrt(D), D=D, STEPS=_pow2(k_buf.shape[1]),
+                              num_warps=1)
+    return out
+
+
+@triton.jit
+def _ring_chunk_attn_kernel(q_ptr, k_ring, v_ring, slot_ptr, end_ptr, o_ptr, sq_b, sq_t, sq_h,
+                            sr_slot, sr_h, sr_w, W, H, T, scale, D: tl.constexpr, BLOCK_W: tl.constexpr):
+    pid = tl.program_id(0)
+    t = pid % T
+    bh = pid // T
+    b = bh // H
+    h = bh % H
+    slot = tl.load(slot_ptr + b)
+    end = tl.load(end_ptr + b)
+    qpos = end - T + t
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + b * sq_b + t * sq_t + h * sq_h + d).to(tl.float32) * scale
+    kb = k_ring + slot * sr_slot + h * sr_h
+    vb = v_ring + slot * sr_slot + h * sr_h
+    w = tl.arange(0, BLOCK_W)
+    inr = w < W
+    # the position held at ring index w: the latest p <= end - 1 with p = w (mod W)
+    kpos = (end - 1) - (((end - 1) - w) % W + W) % W
+    ok = inr & (kpos >= 0) & (kpos <= qpos)
+    k = tl.load(kb + w[:, None] * sr_w + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    v = tl.load(vb + w[:, None] * sr_w + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    sc = tl.where(ok, tl.sum(k * q[None, :], axis=1), float("-inf"))
+    p = tl.exp(sc - tl.max(sc, axis=0))
+    out = tl.sum(p[:, None] * v, axis=0) / tl.sum(p, axis=0)
+    tl.store(o_ptr + b * sq_b + t * sq_t + h * sq_h + d, out.to(o_ptr.dtype.element_ty))
+
+
+def ring_chunk_attention(q, k_ring, v_ring, slots, end):
+    """q: [B, T, H, D] (contiguous); k_ring, v_ring: [S, H, W, D]; end: [B]. Returns [B, T, H, D]."""
+    B, T, H, D = q.shape
+    W = k_ring.shape[2]
+    assert q.is_contiguous() and k_ring.is_contiguous() and v_ring.is_contiguous()
+    out = torch.empty_like(q)
+    _ring_chunk_attn_kernel[(B * H * T,)](q, k_ring, v_ring, slots, end, out, q.stride(0), q.stride(1),
+                                          q.stride(2), k_ring.stride(0), k_ring.stride(1), k_ring.stride(2), W, H,
+                                          T, 1.0 / math.sqrt(D), D=D, BLOCK_W=_pow2(W), num_warps=4)
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Small-batch matrix product for the depformer's per-step weights
+
+
+@triton.jit
+def _small_linear_kernel(x_ptr, w_ptr, y_ptr, M, N, K, sxm, swn, sym,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mm = tl.arange(0, BLOCK_M)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        w = tl.load(w_ptr + n[:, None] * swn + kk[None, :], mask=(n[:, None] < N) & (kk[None, :] < K), other=0.0)
+        x = tl.load(x_ptr + mm[:, None] * sxm + kk[None, :], mask=(mm[:, None] < M) & (kk[None, :] < K), other=0.0)
+        acc += tl.dot(x, tl.trans(w))
+    tl.store(y_ptr + mm[:, None] * sym + n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=(mm[:, None] < M) & (n[None, :] < N))
+
+
+SMALL_LINEAR_MAX_M = 16
+
+
+def small_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """y = x W^T for a few rows (M <= 16) and a half-precision W: one launch streaming W once,
+    where cuBLAS splits K and adds a reduction kernel."""
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    M, N = x2.shape[0], w.shape[0]
+    assert M <= SMALL_LINEAR_MAX_M and w.stride(1) == 1 and x2.stride(1) == 1
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    BLOCK_N = 16
+    _small_linear_kernel[(triton.cdiv(N, BLOCK_N),)](x2, w, y, M, N, K, x2.stride(0), w.stride(0), y.stride(0),
+                                                      BLOCK_M=16, BLOCK_N=BLOCK_N, BLOCK_K=128, num_warps=4,
+                                                      num_stages=3)
+    return y.view(*x.shape[:-1], N)
+
+
 # ----------------------------------------------------------------------------------------
 # Gated SiLU
 
@@ -282,20 +399,29 @@ def _sample_kernel(logits_ptr, temp_ptr, topk_ptr, greedy_ptr, seed_ptr, counter
     offs = tl.arange(0, BLOCK)
     m = offs < V
     x = tl.load(logits_ptr + row * stride + offs, mask=m, other=float("-inf")).to(tl.float32)
-    k = tl.minimum(tl.maximum(tl.load(topk_ptr + row), 1), V).to(tl.int64)
-    # The k-th largest logit, exactly: bisection on an order-preserving integer key.
+    k = tl.minimum(tl.maximum(tl.load(topk_ptr + row), 1), V)
+    # The k-th largest logit, exactly: a 4-bit radix select on order-preserving keys
+    # (8 histogram passes instead of a sort).
     xi = x.to(tl.int32, bitcast=True)
-    key = tl.where(xi >= 0, xi, xi ^ 0x7FFFFFFF).to(tl.int64)
-    key = tl.where(m, key, -(1 << 40))
-    lo = tl.min(tl.where(m, key, 1 << 40), axis=0)
-    hi = tl.max(key, axis=0)
-    for _ in range(33):
-        mid = lo + (hi - lo + 1) // 2
-        cnt = tl.sum((key >= mid).to(tl.int64), axis=0)
-        ok = cnt >= k
-        lo = tl.where(ok, mid, lo)
-        hi = tl.where(ok, hi, mid - 1)
-    keep = (key >= lo) & m
+    key = (xi ^ ((xi >> 31) & 0x7FFFFFFF)).to(tl.uint32, bitcast=True) ^ tl.full([], 0x80000000, tl.uint32)
+    key = tl.where(m, key, tl.zeros_like(key))
+    prefix = tl.zeros([], dtype=tl.uint32)
+    pmask = tl.zeros([], dtype=tl.uint32)
+    j = tl.arange(0, 32)
+    for it in tl.static_range(8):
+        shift = 28 - 4 * it
+        digit = ((key >> shift) & 15).to(tl.int32)
+        bucket = tl.where(((key & pmask) == prefix) & m, digit, 16 + digit)
+        counts = tl.histogram(bucket, 32)
+        counts = tl.where(j < 16, counts, 0)
+        above_or_at = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts   # keys with digit >= j
+        dd = tl.max(tl.where((above_or_at >= k) & (j < 16), j, -1), axis=0)
+        at = tl.sum(tl.where(j == dd, counts, 0), axis=0)
+        ge = tl.sum(tl.where(j == dd, above_or_at, 0), axis=0)
+        k = k - (ge - at)
+        prefix = prefix | (dd.to(tl.uint32) << shift)
+        pmask = pmask | (tl.full([], 15, tl.uint32) << shift)
+    keep = (key >= prefix) & m
     seed = (tl.load(seed_ptr + row) & 0xFFFFFFFF).to(tl.uint32)
     counter = (tl.load(counter_ptr + row) & 0xFFFFFFFF).to(tl.uint32)
     h = _mix32(seed ^ tl.full([], 0x9E3779B9, tl.uint32))
