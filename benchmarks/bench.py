@@ -258,6 +258,8 @@ def main(argv=None) -> int:
             del eng
             gc.collect()
             torch.cuda.empty_cache()
+    from engine.kernels import linear_choices
+    results["linear_choices"] = linear_choices()
     results["memory_per_session_GB"] = kv_slot / 1e9
     results["sessions_that_fit_full_context"] = int((total_mem - weights_gb * 1e9 - (4 << 30)) // kv_slot)
     del lm, mimi

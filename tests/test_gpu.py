@@ -190,7 +190,9 @@ def test_7b_graph_path_stays_within_2e2_of_the_eager_path(seven_b_pair):
     print("graph vs eager (same kernels): median %.1e p99 %.1e max %.1e" % q(same_code))
     print("graph vs torch references:     median %.1e p99 %.1e max %.1e" % q(torch_ref))
     assert max(same_code) < 2e-2
-    assert max(torch_ref) < 1e-1
+    # two bf16 implementations, each ~1.4e-2 from float32 (the reference's own bf16 distance):
+    # about sqrt(2) x 1.4e-2 apart, constant from the first frame
+    assert max(torch_ref) < 3e-2
     b.close(sb)
     a.close(slots[1])
 

@@ -315,18 +315,18 @@ def _small_linear_kernel(x_ptr, w_ptr, y_ptr, M, N, K, sxm, swn, sym,
 SMALL_LINEAR_MAX_M = 16
 
 
-def small_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def small_linear(x: torch.Tensor, w: torch.Tensor, config=(16, 256, 4, 3)) -> torch.Tensor:
     """y = x W^T for a few rows (M <= 16) and a half-precision W: one launch streaming W once,
-    where cuBLAS splits K and adds a reduction kernel."""
+    where cuBLAS splits K and adds a reduction kernel. config: BLOCK_N, BLOCK_K, warps, stages."""
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
     M, N = x2.shape[0], w.shape[0]
     assert M <= SMALL_LINEAR_MAX_M and w.stride(1) == 1 and x2.stride(1) == 1
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    BLOCK_N = 16
+    BLOCK_N, BLOCK_K, warps, stages = config
     _small_linear_kernel[(triton.cdiv(N, BLOCK_N),)](x2, w, y, M, N, K, x2.stride(0), w.stride(0), y.stride(0),
-                                                      BLOCK_M=16, BLOCK_N=BLOCK_N, BLOCK_K=128, num_warps=4,
-                                                      num_stages=3)
+                                                      BLOCK_M=16, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                                                      num_warps=warps, num_stages=stages)
     return y.view(*x.shape[:-1], N)
 
 
