@@ -21,10 +21,12 @@ setup(
         "soxr",           # libsoxr: high-quality resampling
         "pyloudnorm",     # ITU-R BS.1770 loudness, as the reference normalises voice prompts
         "tqdm",
+        "cryptography",   # the self-signed certificate of `ppx-serve --ssl` when none is given
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest", "sphn"]},
     entry_points={
         "console_scripts": [
+            "ppx-serve=frontends.serve:main",
             "ppx-offline=frontends.offline:main",
             "ppx-voice=voices.cli:main",
         ],

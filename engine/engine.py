@@ -43,6 +43,7 @@ class SamplingParams:
     topk_audio: int = 250
     greedy: bool = False
     seed: int | None = None   # None or -1: a random seed
+    audio_seed: int | None = None  # the audio streams' own seed (default: `seed`)
 
     def validate(self) -> None:
         for name in ("temp_text", "temp_audio"):
@@ -58,6 +59,11 @@ class SamplingParams:
         if self.seed is None or self.seed == -1:
             return int.from_bytes(os.urandom(4), "little")
         return int(self.seed) & 0xFFFFFFFF
+
+    def resolved_audio_seed(self, text_seed: int) -> int:
+        if self.audio_seed is None or self.audio_seed == -1:
+            return text_seed
+        return int(self.audio_seed) & 0xFFFFFFFF
 
 
 @dataclass
@@ -114,10 +120,11 @@ class Engine:
     @classmethod
     def load(cls, *, config: ModelConfig | str | None = None, moshi_weight=None, mimi_weight=None,
              tokenizer=None, hf_repo: str = W.DEFAULT_HF_REPO, device: str | torch.device = "cuda",
-             dtype: torch.dtype | None = None, max_slots: int = 1, depformer_steps: int | None = None,
+             dtype: torch.dtype | None = None, max_slots: int | None = 1, depformer_steps: int | None = None,
              kv_window: int | None = None, cuda_graphs: bool | None = None) -> "Engine":
         """Loads the model (local files where given, the rest from the hub repo), then on a GPU
-        warms up and captures the tick as CUDA graphs."""
+        warms up and captures the tick as CUDA graphs. max_slots None: as many sessions as the
+        free GPU memory holds once the weights are in (one on the CPU)."""
         from .device import check_device
         from .graphs import graphs_enabled
 
@@ -142,6 +149,9 @@ class Engine:
         mimi = W.materialize(lambda dtype: Mimi(cfg.mimi, dtype=dtype), device, torch.float32)
         W.load_mimi_weights(mimi, mimi_path, cfg.mimi)
         tok = Tokenizer(tok_path, vocab_size=cfg.lm.text_card)
+        if max_slots is None:
+            max_slots = sessions_that_fit(cfg, device, dtype, kv_window)
+            log.info("room for %d sessions", max_slots)
         ckpt_id = f"{lm_path.resolve()}:{lm_path.stat().st_size}:{lm_path.stat().st_mtime_ns}"
         eng = cls(cfg, lm, mimi, tok, max_slots=max_slots, depformer_steps=depformer_steps, checkpoint_id=ckpt_id,
                   kv_window=kv_window)
@@ -238,7 +248,8 @@ class Engine:
                 seed = sampling.resolved_seed()
                 self.lm_state.set_sampling(slot, seed=seed, temp_text=sampling.temp_text,
                                            temp_audio=sampling.temp_audio, topk_text=sampling.topk_text,
-                                           topk_audio=sampling.topk_audio, greedy=sampling.greedy)
+                                           topk_audio=sampling.topk_audio, greedy=sampling.greedy,
+                                           audio_seed=sampling.resolved_audio_seed(seed))
                 self.mimi_state.reset(slot)
                 self.slots[slot] = _Slot(voice=voice.name if voice else "", prompt_tokens=len(ids), seed=seed)
         except BaseException:
@@ -336,6 +347,18 @@ class Engine:
             self.slots[s].frames += 1
             out[s] = FrameOut(pcm=audio[i], text_id=int(tokens[i, 0]), tokens=tokens[i])
         return out
+
+
+def sessions_that_fit(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, kv_window: int | None = None,
+                      headroom: int = 6 << 30, cap: int = 64) -> int:
+    """Sessions whose full-context KV rings fit the free GPU memory, keeping headroom for the
+    tick's activations, the graphs and the prompt cache."""
+    if device.type != "cuda":
+        return 1
+    free, _ = torch.cuda.mem_get_info(device)
+    t = cfg.lm.temporal
+    per = 2 * t.num_layers * t.num_heads * (kv_window or t.window) * t.head_dim * torch.finfo(dtype).bits // 8
+    return max(1, min(cap, int((free - headroom) // per)))
 
 
 def load_voice_pt(path: str | Path, name: str | None = None) -> VoicePrompt:

@@ -155,7 +155,7 @@ def random_engine(cfg: ModelConfig, tokenizer: str | Path, *, device="cuda", dty
     `random_mimi_state_dict` through the real loader)."""
     import tempfile
 
-    from .engine import Engine
+    from .engine import Engine, sessions_that_fit
     from .lm import LM
     from .mimi import Mimi
     from .tokenizer import Tokenizer
@@ -166,6 +166,8 @@ def random_engine(cfg: ModelConfig, tokenizer: str | Path, *, device="cuda", dty
     with tempfile.TemporaryDirectory() as d:
         save_file(random_mimi_state_dict(cfg.mimi, seed), f"{d}/mimi.safetensors")
         load_mimi_weights(mimi, Path(f"{d}/mimi.safetensors"), cfg.mimi)
+    if engine_kw.get("max_slots", 1) is None:
+        engine_kw["max_slots"] = sessions_that_fit(cfg, torch.device(device), dtype, engine_kw.get("kv_window"))
     return Engine(cfg, lm, mimi, Tokenizer(tokenizer, cfg.lm.text_card), checkpoint_id=f"random-{seed}",
                   **engine_kw)
 

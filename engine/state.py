@@ -48,7 +48,8 @@ class LMState:
         self.initial = torch.tensor(
             [cfg.text_initial_id] + [cfg.audio_initial_id] * cfg.n_q, dtype=torch.long, device=device)
         # sampling, per slot
-        self.seed = torch.zeros(S, dtype=torch.long, device=device)
+        self.seed_text = torch.zeros(S, dtype=torch.long, device=device)
+        self.seed_audio = torch.zeros(S, dtype=torch.long, device=device)
         self.temp_text = torch.full((S,), 0.7, dtype=torch.float32, device=device)
         self.temp_audio = torch.full((S,), 0.8, dtype=torch.float32, device=device)
         self.topk_text = torch.full((S,), 25, dtype=torch.long, device=device)
@@ -61,8 +62,9 @@ class LMState:
         self.greedy[self.scratch] = True
 
     def set_sampling(self, slot: int, *, seed: int, temp_text: float, temp_audio: float,
-                     topk_text: int, topk_audio: int, greedy: bool) -> None:
-        self.seed[slot] = int(seed) & 0xFFFFFFFF
+                     topk_text: int, topk_audio: int, greedy: bool, audio_seed: int | None = None) -> None:
+        self.seed_text[slot] = int(seed) & 0xFFFFFFFF
+        self.seed_audio[slot] = int(seed if audio_seed is None else audio_seed) & 0xFFFFFFFF
         self.temp_text[slot] = float(temp_text)
         self.temp_audio[slot] = float(temp_audio)
         self.topk_text[slot] = int(topk_text)

@@ -80,11 +80,11 @@ def lm_tick(model: LM, state: LMState, slots: torch.Tensor, given: torch.Tensor,
     h = model.temporal_decode(x, state.kv, slots, off - 1)
     text_logits = model.text_logits(h).float()
     text = sample_tokens(text_logits, state.temp_text[slots], state.topk_text[slots], state.greedy[slots],
-                         state.seed[slots], off, stream=0)
+                         state.seed_text[slots], off, stream=0)
     prev = torch.where(prov[:, 0], target[:, 0], text)
 
     temp_a, topk_a = state.temp_audio[slots], state.topk_audio[slots]
-    greedy, seed = state.greedy[slots], state.seed[slots]
+    greedy, seed = state.greedy[slots], state.seed_audio[slots]
     dep_kv = model.depformer_cache(B, depformer_steps, given.device)
     audio, audio_logits = [], []
     for step in range(depformer_steps):

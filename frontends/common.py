@@ -29,6 +29,8 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--device", type=str, default="auto", help="cuda, cpu, or auto (cuda when there is one)")
     g.add_argument("--dtype", type=str, default="auto", choices=["auto", *DTYPES],
                    help="LM weights and activations (auto: bfloat16 on a GPU, float32 on the CPU)")
+    g.add_argument("--no-cuda-graphs", action="store_true",
+                   help="run the tick eagerly instead of replaying CUDA graphs (also PPX_CUDA_GRAPHS=0)")
     g.add_argument("--cpu-offload", action="store_true",
                    help="accepted for compatibility with the reference; the engine keeps the model on one device")
 
@@ -55,7 +57,7 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def load_engine(args, max_slots: int = 1):
+def load_engine(args, max_slots: int | None = 1):
     from engine.engine import Engine
 
     if getattr(args, "cpu_offload", False):
@@ -64,7 +66,8 @@ def load_engine(args, max_slots: int = 1):
     dtype = None if args.dtype == "auto" else DTYPES[args.dtype]
     return Engine.load(config=args.config, moshi_weight=args.moshi_weight, mimi_weight=args.mimi_weight,
                        tokenizer=args.tokenizer, hf_repo=args.hf_repo, device=device, dtype=dtype,
-                       max_slots=max_slots)
+                       max_slots=max_slots, kv_window=getattr(args, "kv_window", None),
+                       cuda_graphs=False if getattr(args, "no_cuda_graphs", False) else None)
 
 
 def run_main(fn: Callable[[], int]) -> int:

@@ -58,7 +58,7 @@ def test_prefill_leaves_the_state_stepping_leaves(trace, golden_voice, golden_pr
     b = make_tiny_engine()
     cfg = b.cfg.lm
     st = b.lm_state
-    st.set_sampling(0, seed=1234, temp_text=0.7, temp_audio=0.8, topk_text=25, topk_audio=250, greedy=False)
+    st.set_sampling(0, seed=1234, audio_seed=1234, temp_text=0.7, temp_audio=0.8, topk_text=25, topk_audio=250, greedy=False)
     slots = torch.tensor([0])
     full = torch.ones(1, cfg.num_streams, dtype=torch.bool)
     dummy = torch.tensor([[PROMPT_TEXT_TOKEN] + [cfg.audio_initial_id] * cfg.n_q])

@@ -1,0 +1,611 @@
+"""`ppx-serve`: the websocket daemon. Many live sessions share one GPU: a tick thread gathers
+one 80 ms frame from every session that has one and runs them as one batched `Engine.step`.
+
+A session opens (prompt phase) at a tick boundary and joins the batch when its prompt is
+done; a session whose audio is late is simply not in that tick, so it never delays anyone,
+and nobody gets a frame of audio before the frame of their own input that produced it.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import http
+import json
+import logging
+import os
+import queue
+import secrets
+import signal
+import ssl
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+
+from engine.config import DEFAULT_TEXT_PROMPT
+from engine.errors import UserError
+from .common import add_model_args, load_engine, run_main, setup_logging
+from .ogg_opus import OggError, OggOpusReader, OggOpusWriter
+from .protocol import (AUDIO, CLOSE_BAD_DATA, CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_TRY_LATER, CONTROL, ERROR,
+                       HANDSHAKE, METADATA, PING, TEXT, ProtocolError, parse_chat_query)
+
+log = logging.getLogger("ppx.serve")
+
+STATIC = Path(__file__).parent / "static"
+MAX_MESSAGE = 1 << 20          # bytes in one websocket message
+MAX_QUEUED_FRAMES = 25         # 2 s of input ahead of the model: more is faster than real time
+MAX_OUTBOX = 250               # messages waiting for a client that does not read (~10 s of audio)
+CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript", ".css": "text/css",
+                 ".json": "application/json", ".svg": "image/svg+xml", ".png": "image/png", ".ico": "image/x-icon",
+                 ".wasm": "application/wasm", ".map": "application/json", ".txt": "text/plain"}
+
+
+@dataclass
+class Metrics:
+    sessions_total: int = 0
+    refusals: int = 0
+    errors: int = 0
+    late_frames: int = 0
+    ticks: int = 0
+    tick_seconds: float = 0.0
+    frames: int = 0
+    tick_window: collections.deque = field(default_factory=lambda: collections.deque(maxlen=2000))
+
+
+class Session:
+    """One client: its slot, codec state, and the frames between the socket and the ticks."""
+
+    def __init__(self, ws, request, loop):
+        self.id = secrets.token_hex(4)
+        self.ws = ws
+        self.request = request
+        self.loop = loop
+        self.slot: int | None = None
+        self.reader = OggOpusReader(24000)
+        self.writer = OggOpusWriter(24000)
+        self.pending = np.zeros(0, dtype=np.float32)
+        self.frames: collections.deque = collections.deque()   # (pcm, time the frame was complete)
+        self.outbox: asyncio.Queue = asyncio.Queue(maxsize=MAX_OUTBOX)
+        self.frames_in = 0
+        self.frames_out = 0
+        self.late = 0
+        self.prompt_tokens = 0
+        self.closed = False
+        self.error: str | None = None
+
+
+class TickLoop(threading.Thread):
+    """The only thread that touches the engine: opens and closes slots between ticks, and
+    runs each tick over the sessions that have a frame."""
+
+    def __init__(self, server):
+        super().__init__(name="ppx-tick", daemon=True)
+        self.server = server
+        self.engine = server.engine
+        self.wake = threading.Event()
+        self.opens: queue.Queue = queue.Queue()
+        self.closes: queue.Queue = queue.Queue()
+        self.live: dict[int, Session] = {}
+        self.stopping = False
+
+    def run(self) -> None:
+        try:
+            while not self.stopping:
+                self._service()
+                ready = [s for s in self.live.values() if s.frames]
+                if not ready:
+                    self.wake.wait(0.05)
+                    self.wake.clear()
+                    continue
+                self._coalesce(ready)
+                ready = [s for s in self.live.values() if s.frames]
+                self._tick(ready)
+        except Exception:  # the engine failed: nothing can be served any more
+            log.exception("the tick loop failed")
+            self.server.loop.call_soon_threadsafe(self.server.fatal)
+
+    def _coalesce(self, ready) -> None:
+        """Gives sessions whose frame is due a moment to arrive, so they share the tick."""
+        wait = self.server.batch_wait
+        if wait <= 0 or len(ready) == len(self.live):
+            return
+        oldest = min(s.frames[0][1] for s in ready)
+        deadline = oldest + wait
+        while time.monotonic() < deadline and any(not s.frames for s in self.live.values()):
+            self.wake.wait(max(0.0, deadline - time.monotonic()))
+            self.wake.clear()
+
+    def _tick(self, ready: list[Session]) -> None:
+        m = self.server.metrics
+        frames, born = {}, {}
+        for s in ready:
+            pcm, t = s.frames.popleft()
+            frames[s.slot], born[s.slot] = pcm, t
+        t0 = time.monotonic()
+        outs = self.engine.step(frames)
+        t1 = time.monotonic()
+        m.ticks += 1
+        m.frames += len(frames)
+        m.tick_seconds += t1 - t0
+        m.tick_window.append(t1 - t0)
+        for s in ready:
+            late = t1 - born[s.slot] > self.server.frame_seconds
+            s.loop.call_soon_threadsafe(self.server.deliver, s, outs[s.slot], late)
+
+    def _service(self) -> None:
+        while True:
+            try:
+                s = self.closes.get_nowait()
+            except queue.Empty:
+                break
+            if s.slot is not None and self.live.get(s.slot) is s:
+                del self.live[s.slot]
+                self.engine.close(s.slot)
+        batch = []
+        while True:
+            try:
+                batch.append(self.opens.get_nowait())
+            except queue.Empty:
+                break
+        if batch:
+            self._open(batch)
+
+    def _open(self, batch) -> None:
+        ok, reqs = [], []
+        for s, fut in batch:
+            try:
+                voice = self.server.voice(s.request.voice)
+                reqs.append((voice, s.request.text_prompt, s.request.sampling))
+                ok.append((s, fut))
+            except Exception as e:  # noqa: BLE001 - reported to that client only
+                s.loop.call_soon_threadsafe(_settle, fut, None, e)
+        if not ok:
+            return
+        try:
+            slots = self.engine.open_many(reqs)
+        except Exception:
+            # one bad request fails the batch: open the rest one by one
+            slots = []
+            for (s, fut), req in zip(ok, reqs):
+                try:
+                    slots.append(self.engine.open_many([req])[0])
+                except Exception as e:  # noqa: BLE001
+                    slots.append(None)
+                    s.loop.call_soon_threadsafe(_settle, fut, None, e)
+        for (s, fut), slot in zip(ok, slots):
+            if slot is None:
+                continue
+            if s.closed:  # the client left during its prompt phase
+                self.engine.close(slot)
+                continue
+            s.slot = slot
+            s.prompt_tokens = self.engine.slots[slot].prompt_tokens
+            self.live[slot] = s
+            s.loop.call_soon_threadsafe(_settle, fut, slot, None)
+
+
+def _settle(fut: asyncio.Future, result, exc) -> None:
+    if fut.done():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result)
+
+
+class Server:
+    def __init__(self, engine, args):
+        self.engine = engine
+        self.args = args
+        self.metrics = Metrics()
+        self.frame_seconds = engine.frame_size / engine.sample_rate
+        self.frame_size = engine.frame_size
+        self.batch_wait = args.batch_wait_ms / 1000
+        self.max_sessions = args.max_sessions
+        self.api_key = args.api_key or os.environ.get("PPX_API_KEY") or None
+        self.static = Path(args.static) if args.static else STATIC
+        self.sessions: set[Session] = set()
+        self.stopping = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Future | None = None
+        self.ticker = TickLoop(self)
+        self._voices: dict[str, object] = {}
+        from voices import VoiceLibrary, hub_voice_dir
+        vdir = args.voice_prompt_dir or hub_voice_dir(args.hf_repo)
+        self.library = VoiceLibrary(vdir)
+
+    # -------------------------------------------------------------------------------
+    # voices (called on the tick thread)
+
+    def voice(self, name: str | None):
+        from voices import load_voice
+        if name is None:
+            return None
+        path = self.library.find(name)
+        key = str(path)
+        if key not in self._voices:
+            if len(self._voices) > 256:
+                self._voices.clear()
+            self._voices[key] = load_voice(path, self.engine)
+        return self._voices[key]
+
+    # -------------------------------------------------------------------------------
+    # HTTP side
+
+    def _authorized(self, request, query: str) -> bool:
+        if not self.api_key:
+            return True
+        got = request.headers.get("X-API-Key") or ""
+        auth = request.headers.get("Authorization") or ""
+        if auth.lower().startswith("bearer "):
+            got = got or auth[7:].strip()
+        got = got or (parse_qs(query).get("api_key") or [""])[-1]
+        return secrets.compare_digest(got.encode(), self.api_key.encode())
+
+    def process_request(self, connection, request):
+        url = urlsplit(request.path)
+        path = url.path
+        if path == "/api/chat":
+            if not self._authorized(request, url.query):
+                self.metrics.refusals += 1
+                return connection.respond(http.HTTPStatus.UNAUTHORIZED, "a valid API key is required\n")
+            if self.stopping:
+                return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "the server is shutting down\n")
+            return None
+        if path == "/health":
+            ok = not self.stopping and self.ticker.is_alive()
+            return connection.respond(http.HTTPStatus.OK if ok else http.HTTPStatus.SERVICE_UNAVAILABLE,
+                                      "ready\n" if ok else "not ready\n")
+        if path == "/metrics":
+            return self._text(connection, self.prometheus(), "text/plain; version=0.0.4")
+        if path == "/api/voices":
+            return self._text(connection, json.dumps({"voices": self.library.names()}), "application/json")
+        return self._static(connection, path)
+
+    @staticmethod
+    def _text(connection, body: str | bytes, ctype: str):
+        from websockets.datastructures import Headers
+        from websockets.http11 import Response
+
+        data = body.encode("utf-8") if isinstance(body, str) else body
+        headers = Headers([("Content-Type", ctype), ("Content-Length", str(len(data))),
+                           ("Cache-Control", "no-store")])
+        return Response(200, "OK", headers, data)
+
+    def _static(self, connection, path: str):
+        rel = "index.html" if path in ("", "/") else path.lstrip("/")
+        root = self.static.resolve()
+        target = (root / rel).resolve()
+        if "\x00" in rel or (root not in target.parents) or not target.is_file():
+            return connection.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
+        return self._text(connection, target.read_bytes(), CONTENT_TYPES.get(target.suffix, "application/octet-stream"))
+
+    def prometheus(self) -> str:
+        m = self.metrics
+        w = sorted(m.tick_window)
+        q = lambda p: w[min(len(w) - 1, int(p * len(w)))] if w else 0.0  # noqa: E731
+        lines = [
+            "# HELP ppx_live_sessions Sessions past their prompt phase.", "# TYPE ppx_live_sessions gauge",
+            f"ppx_live_sessions {sum(1 for s in self.sessions if s.slot is not None and not s.closed)}",
+            "# HELP ppx_connections Open websocket connections.", "# TYPE ppx_connections gauge",
+            f"ppx_connections {len(self.sessions)}",
+            "# HELP ppx_free_slots Free session slots of the engine.", "# TYPE ppx_free_slots gauge",
+            f"ppx_free_slots {self.engine.max_slots - len(self.engine.slots)}",
+            "# TYPE ppx_sessions_total counter", f"ppx_sessions_total {m.sessions_total}",
+            "# TYPE ppx_refusals_total counter", f"ppx_refusals_total {m.refusals}",
+            "# TYPE ppx_errors_total counter", f"ppx_errors_total {m.errors}",
+            "# HELP ppx_late_frames_total Frames answered more than one frame period after their input.",
+            "# TYPE ppx_late_frames_total counter", f"ppx_late_frames_total {m.late_frames}",
+            "# TYPE ppx_frames_total counter", f"ppx_frames_total {m.frames}",
+            "# HELP ppx_tick_seconds Engine step time per tick.", "# TYPE ppx_tick_seconds summary",
+            f'ppx_tick_seconds{{quantile="0.5"}} {q(0.5):.6f}', f'ppx_tick_seconds{{quantile="0.99"}} {q(0.99):.6f}',
+            f"ppx_tick_seconds_sum {m.tick_seconds:.6f}", f"ppx_tick_seconds_count {m.ticks}",
+            "# TYPE ppx_tasks gauge", f"ppx_tasks {len(asyncio.all_tasks(self.loop)) if self.loop else 0}",
+        ]
+        return "\n".join(lines) + "\n"
+
+    # -------------------------------------------------------------------------------
+    # websocket side
+
+    async def handler(self, ws) -> None:
+        url = urlsplit(ws.request.path)
+        if url.path != "/api/chat":
+            await ws.close(CLOSE_POLICY, "unknown path")
+            return
+        s: Session | None = None
+        try:
+            if len(self.sessions) >= self.max_sessions:
+                self.metrics.refusals += 1
+                raise ProtocolError(f"the server is full ({self.max_sessions} sessions); try again later",
+                                    CLOSE_TRY_LATER)
+            req = parse_chat_query(url.query, self.defaults, self.args.voice_prompt, self.args.text_prompt)
+            if req.voice is not None and ("\x00" in req.voice or "/" in req.voice or "\\" in req.voice):
+                raise ProtocolError("voice_prompt must be a voice name from /api/voices")
+            s = Session(ws, req, self.loop)
+            self.sessions.add(s)
+            fut = self.loop.create_future()
+            self.ticker.opens.put((s, fut))
+            self.ticker.wake.set()
+            try:
+                await fut
+            except UserError as e:
+                raise ProtocolError(str(e)) from None
+            if self.stopping:
+                raise ProtocolError("the server is shutting down", CLOSE_GOING_AWAY)
+            self.metrics.sessions_total += 1
+            log.info("session %s started: voice %s, %d prompt tokens, slot %d", s.id, req.voice or "none",
+                     s.prompt_tokens, s.slot)
+            await ws.send(bytes([HANDSHAKE]))
+            sender = asyncio.create_task(self._sender(s))
+            try:
+                await self._receive(s)
+            finally:
+                sender.cancel()
+        except ProtocolError as e:
+            await self._fail(ws, s, str(e), e.close_code)
+        except OggError as e:
+            await self._fail(ws, s, f"bad audio stream: {e}", CLOSE_BAD_DATA)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a connection error ends this session only
+            if s is not None and s.error:
+                await self._fail(ws, s, s.error, CLOSE_POLICY)
+            elif not _is_disconnect(e):
+                log.exception("session %s failed", s.id if s else "-")
+                await self._fail(ws, s, "internal error", 1011)
+        finally:
+            self._end(s)
+
+    async def _receive(self, s: Session) -> None:
+        async for msg in s.ws:
+            if s.error:
+                raise ProtocolError(s.error)
+            if isinstance(msg, str) or not msg:
+                raise ProtocolError("messages must be binary with a kind byte")
+            kind = msg[0]
+            if kind == AUDIO:
+                s.reader.append_bytes(bytes(msg[1:]))
+                pcm = s.reader.read_pcm()
+                if pcm.size:
+                    self._push_audio(s, pcm)
+            elif kind in (PING, CONTROL, METADATA):
+                continue  # nothing the server needs to act on
+            else:
+                raise ProtocolError(f"unknown message kind 0x{kind:02x}")
+
+    def _push_audio(self, s: Session, pcm: np.ndarray) -> None:
+        buf = np.concatenate([s.pending, pcm]) if s.pending.size else pcm
+        n = buf.shape[0] // self.frame_size
+        now = time.monotonic()
+        for i in range(n):
+            s.frames.append((buf[i * self.frame_size:(i + 1) * self.frame_size].copy(), now))
+        s.pending = buf[n * self.frame_size:].copy()
+        s.frames_in += n
+        if len(s.frames) > MAX_QUEUED_FRAMES:
+            raise ProtocolError("audio is arriving faster than real time")
+        if n:
+            self.ticker.wake.set()
+
+    def deliver(self, s: Session, out, late: bool) -> None:
+        """Called on the event loop with one output frame of a session."""
+        if s.closed:
+            return
+        s.frames_out += 1
+        if late:
+            s.late += 1
+            self.metrics.late_frames += 1
+        s.writer.append_pcm(out.pcm)
+        msgs = []
+        data = s.writer.read_bytes()
+        if data:
+            msgs.append(bytes([AUDIO]) + data)
+        piece = self.engine.tokenizer.piece(out.text_id)
+        if piece is not None:
+            msgs.append(bytes([TEXT]) + piece.encode("utf-8"))
+        for m in msgs:
+            try:
+                s.outbox.put_nowait(m)
+            except asyncio.QueueFull:
+                s.error = "the client is not reading its audio"
+                self._abort(s)
+                return
+
+    async def _sender(self, s: Session) -> None:
+        while True:
+            m = await s.outbox.get()
+            await s.ws.send(m)
+
+    def _abort(self, s: Session) -> None:
+        """Drops a connection whose client does not read (a close handshake could not be sent)."""
+        self.metrics.errors += 1
+        log.info("session %s: %s", s.id, s.error)
+        transport = getattr(s.ws, "transport", None)
+        if transport is not None:
+            transport.abort()
+
+    async def _fail(self, ws, s: Session | None, message: str, code: int) -> None:
+        self.metrics.errors += 1
+        log.info("session %s refused or ended: %s", s.id if s else "-", message)
+        try:
+            await asyncio.wait_for(ws.send(bytes([ERROR]) + message.encode("utf-8")), 1.0)
+            await asyncio.wait_for(ws.close(code, message[:120]), 2.0)
+        except Exception:  # noqa: BLE001 - the client is gone or not reading
+            transport = getattr(ws, "transport", None)
+            if transport is not None:
+                transport.abort()
+
+    def _end(self, s: Session | None) -> None:
+        if s is None or s.closed:
+            return
+        s.closed = True
+        self.sessions.discard(s)
+        if s.slot is not None:
+            self.ticker.closes.put(s)
+            self.ticker.wake.set()
+            log.info("session %s ended: voice %s, %d prompt tokens, %d frames, %d late", s.id,
+                     s.request.voice or "none", s.prompt_tokens, s.frames_out, s.late)
+        else:
+            # its open may still be queued: the tick thread closes it once it lands
+            self.ticker.closes.put(s)
+
+    def fatal(self) -> None:
+        self.stopping = True
+        if self._stop is not None and not self._stop.done():
+            self._stop.set_result(None)
+
+    # -------------------------------------------------------------------------------
+
+    @property
+    def defaults(self):
+        from engine.engine import SamplingParams
+        a = self.args
+        return SamplingParams(temp_text=a.temp_text, temp_audio=a.temp_audio, topk_text=a.topk_text,
+                              topk_audio=a.topk_audio, greedy=a.greedy, seed=a.seed)
+
+    async def serve(self) -> None:
+        import websockets
+        import websockets.http11
+        from websockets.asyncio.server import serve
+
+        websockets.http11.MAX_LINE_LENGTH = max(websockets.http11.MAX_LINE_LENGTH, 256 * 1024)  # long role prompts
+        self.loop = asyncio.get_running_loop()
+        self._stop = self.loop.create_future()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self.loop.add_signal_handler(sig, self.fatal)
+            except (NotImplementedError, RuntimeError):
+                pass
+        self.ticker.start()
+        ssl_ctx = make_ssl_context(self.args.ssl) if self.args.ssl else None
+        async with serve(self.handler, self.args.host, self.args.port, process_request=self.process_request,
+                         max_size=MAX_MESSAGE, ssl=ssl_ctx, ping_interval=20, close_timeout=2,
+                         server_header="ppx") as server:
+            port = next(iter(server.sockets)).getsockname()[1]
+            scheme = "https" if ssl_ctx else "http"
+            log.info("serving on %s://%s:%d (up to %d sessions)", scheme, self.args.host, port, self.max_sessions)
+            print(f"PPX_READY port={port}", flush=True)
+            await self._stop
+            log.info("shutting down: %d sessions", len(self.sessions))
+            self.stopping = True
+            await asyncio.gather(*(self._fail(s.ws, s, "the server is shutting down", CLOSE_GOING_AWAY)
+                                   for s in list(self.sessions)), return_exceptions=True)
+            server.close()
+        self.ticker.stopping = True
+        self.ticker.wake.set()
+        self.ticker.join(timeout=5)
+        log.info("stopped")
+
+
+def _is_disconnect(e: Exception) -> bool:
+    from websockets.exceptions import ConnectionClosed
+    return isinstance(e, (ConnectionClosed, ConnectionError, OSError))
+
+
+def make_ssl_context(directory: str) -> ssl.SSLContext:
+    """TLS from DIR/cert.pem and DIR/key.pem, made as a self-signed pair when missing."""
+    d = Path(directory)
+    cert, key = d / "cert.pem", d / "key.pem"
+    if not (cert.exists() and key.exists()):
+        d.mkdir(parents=True, exist_ok=True)
+        _self_signed(cert, key)
+        log.info("made a self-signed certificate in %s", d)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(cert), str(key))
+    return ctx
+
+
+def _self_signed(cert: Path, key: Path) -> None:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    k = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ppx-serve")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    c = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(k.public_key())
+         .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+         .not_valid_after(now + datetime.timedelta(days=825))
+         .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+         .sign(k, hashes.SHA256()))
+    key.write_bytes(k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption()))
+    os.chmod(key, 0o600)
+    cert.write_bytes(c.public_bytes(serialization.Encoding.PEM))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ppx-serve", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--host", default="localhost", help="address to listen on (default localhost)")
+    ap.add_argument("--port", type=int, default=8998)
+    ap.add_argument("--ssl", type=str, help="directory with cert.pem and key.pem (a self-signed pair is made there "
+                                            "when missing)")
+    ap.add_argument("--static", type=str, help="serve another client's built files instead of the built-in page")
+    ap.add_argument("--max-sessions", type=int, default=None,
+                    help="concurrent sessions (default: as many as the GPU memory holds, 1 on the CPU)")
+    ap.add_argument("--api-key", type=str, help="require this key (header X-API-Key, 'Authorization: Bearer', or "
+                                                "?api_key=) before the websocket upgrade; or set PPX_API_KEY")
+    ap.add_argument("--voice-prompt", type=str, default=None, help="voice for sessions that name none")
+    ap.add_argument("--voice-prompt-dir", type=str, help="directory of voice prompts (default: the hub's voices)")
+    ap.add_argument("--text-prompt", type=str, default=DEFAULT_TEXT_PROMPT, help="role prompt for sessions that send none")
+    ap.add_argument("--seed", type=int, default=-1)
+    ap.add_argument("--temp-audio", type=float, default=0.8)
+    ap.add_argument("--temp-text", type=float, default=0.7)
+    ap.add_argument("--topk-audio", type=int, default=250)
+    ap.add_argument("--topk-text", type=int, default=25)
+    ap.add_argument("--greedy", action="store_true")
+    ap.add_argument("--batch-wait-ms", type=float, default=5.0,
+                    help="how long a tick waits for other sessions' frames that are due (default 5 ms)")
+    ap.add_argument("--kv-window", type=int, default=None, help="frames of history per session (default: the "
+                                                                "model's full context)")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="serve random weights of the --config shapes (benchmarks only: the output is noise)")
+    add_model_args(ap)
+    return ap
+
+
+def run(args) -> int:
+    import torch
+
+    from .common import resolve_device
+
+    device = resolve_device(args.device)
+    if args.no_cuda_graphs:
+        os.environ["PPX_CUDA_GRAPHS"] = "0"
+    if args.random_weights:
+        from engine.config import get_preset, load_config
+        from engine.random_weights import random_engine
+        cfg = load_config(args.config) if args.config else get_preset("personaplex-7b-v1")
+        if not args.tokenizer:
+            raise UserError("--random-weights needs --tokenizer (any SentencePiece model)")
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        engine = random_engine(cfg, args.tokenizer, device=device, dtype=dtype, max_slots=args.max_sessions,
+                               kv_window=args.kv_window)
+        if device.type == "cuda" and os.environ.get("PPX_CUDA_GRAPHS", "1") != "0":
+            engine.enable_graphs()
+        log.warning("serving RANDOM weights (%s): the agent's audio is noise", cfg.name)
+    else:
+        engine = load_engine(args, max_slots=args.max_sessions)
+    args.max_sessions = engine.max_slots
+    server = Server(engine, args)
+    asyncio.run(server.serve())
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    logging.getLogger("websockets").setLevel(logging.WARNING)  # one line per session is ours
+    return run_main(lambda: run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
