@@ -17,6 +17,7 @@ import os
 import queue
 import secrets
 import signal
+import socket
 import ssl
 import sys
 import threading
@@ -39,7 +40,7 @@ log = logging.getLogger("ppx.serve")
 STATIC = Path(__file__).parent / "static"
 MAX_MESSAGE = 1 << 20          # bytes in one websocket message
 MAX_QUEUED_FRAMES = 25         # 2 s of input ahead of the model: more is faster than real time
-MAX_OUTBOX = 250               # messages waiting for a client that does not read (~10 s of audio)
+SEND_BUFFER = 64 << 10         # socket send buffer: a few seconds of Opus, so a stalled client shows
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript", ".css": "text/css",
                  ".json": "application/json", ".svg": "image/svg+xml", ".png": "image/png", ".ico": "image/x-icon",
                  ".wasm": "application/wasm", ".map": "application/json", ".txt": "text/plain"}
@@ -60,7 +61,7 @@ class Metrics:
 class Session:
     """One client: its slot, codec state, and the frames between the socket and the ticks."""
 
-    def __init__(self, ws, request, loop):
+    def __init__(self, ws, request, loop, max_outbox: int):
         self.id = secrets.token_hex(4)
         self.ws = ws
         self.request = request
@@ -70,7 +71,7 @@ class Session:
         self.writer = OggOpusWriter(24000)
         self.pending = np.zeros(0, dtype=np.float32)
         self.frames: collections.deque = collections.deque()   # (pcm, time the frame was complete)
-        self.outbox: asyncio.Queue = asyncio.Queue(maxsize=MAX_OUTBOX)
+        self.outbox: asyncio.Queue = asyncio.Queue(maxsize=max_outbox)
         self.frames_in = 0
         self.frames_out = 0
         self.late = 0
@@ -206,6 +207,8 @@ class Server:
         self.frame_seconds = engine.frame_size / engine.sample_rate
         self.frame_size = engine.frame_size
         self.batch_wait = args.batch_wait_ms / 1000
+        # messages (an audio page and a text piece per frame) a client may leave unread
+        self.max_outbox = max(4, int(2 * args.client_buffer_seconds / self.frame_seconds))
         self.max_sessions = args.max_sessions
         self.api_key = args.api_key or os.environ.get("PPX_API_KEY") or None
         self.static = Path(args.static) if args.static else STATIC
@@ -326,7 +329,7 @@ class Server:
             req = parse_chat_query(url.query, self.defaults, self.args.voice_prompt, self.args.text_prompt)
             if req.voice is not None and ("\x00" in req.voice or "/" in req.voice or "\\" in req.voice):
                 raise ProtocolError("voice_prompt must be a voice name from /api/voices")
-            s = Session(ws, req, self.loop)
+            s = Session(ws, req, self.loop, self.max_outbox)
             self.sessions.add(s)
             fut = self.loop.create_future()
             self.ticker.opens.put((s, fut))
@@ -340,6 +343,9 @@ class Server:
             self.metrics.sessions_total += 1
             log.info("session %s started: voice %s, %d prompt tokens, slot %d", s.id, req.voice or "none",
                      s.prompt_tokens, s.slot)
+            sock = ws.transport.get_extra_info("socket") if getattr(ws, "transport", None) else None
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
             await ws.send(bytes([HANDSHAKE]))
             sender = asyncio.create_task(self._sender(s))
             try:
@@ -564,6 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--greedy", action="store_true")
     ap.add_argument("--batch-wait-ms", type=float, default=5.0,
                     help="how long a tick waits for other sessions' frames that are due (default 5 ms)")
+    ap.add_argument("--client-buffer-seconds", type=float, default=5.0,
+                    help="audio a client may leave unread before it is dropped (default 5 s)")
     ap.add_argument("--kv-window", type=int, default=None, help="frames of history per session (default: the "
                                                                 "model's full context)")
     ap.add_argument("--random-weights", action="store_true",
