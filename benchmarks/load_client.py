@@ -1,0 +1,340 @@
+"""Load client for `ppx-serve`: N concurrent sessions on /api/chat, each streaming a WAV like a browser.
+
+    python -m benchmarks.load_client --url ws://host:8998 --sessions 8 --duration 30 --wav user.wav
+    python -m benchmarks.load_client --url ws://host:8998 --sweep 1,2,4,8 --duration 20 --wav user.wav
+
+Each session connects, waits for the 0x00 handshake, then sends its WAV (looped, 24 kHz mono)
+as Ogg-Opus in 80 ms chunks paced at real time, and reads the server's audio, text and errors.
+Output frame k (1920 samples of decoded audio) is the answer to input frame k, so its lag is the
+time from sending input chunk k to having decoded output frame k. Because the server's Opus
+decoder needs the encoder's lookahead (6.5 ms of the *next* chunk) before input frame k is whole,
+lag includes one chunk period (80 ms) on top of queueing, the tick and the network.
+A session stayed real time when it got the handshake, saw no error, received every frame it sent
+and the p99 interval between consecutive output frames stayed under 100 ms.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import numpy as np
+
+from frontends.ogg_opus import OggOpusReader, OggOpusWriter
+
+RATE, FRAME = 24000, 1920
+FRAME_S = FRAME / RATE
+GAP_LIMIT_S = 0.100            # a session is real time while its p99 gap stays under this
+SEND_TIMEOUT_S = 5.0           # one send that blocks longer means the server stopped reading
+DRAIN_S = 3.0                  # after the last chunk, how long to wait for the answers still due
+HANDSHAKE, AUDIO, TEXT, ERROR = 0x00, 0x01, 0x02, 0x05
+
+
+@dataclass
+class SessionStats:
+    index: int
+    handshake_s: float | None = None
+    refusal: str | None = None            # why the session never got its handshake
+    errors: list[str] = field(default_factory=list)   # after the handshake
+    sent: list[float] = field(default_factory=list)   # monotonic time input chunk k went out
+    recv: list[float] = field(default_factory=list)   # monotonic time output frame k was complete
+    text_pieces: int = 0
+
+    def lags(self) -> np.ndarray:
+        n = min(len(self.sent), len(self.recv))
+        return np.array(self.recv[:n]) - np.array(self.sent[:n])
+
+    def gaps(self) -> np.ndarray:
+        return np.diff(np.array(self.recv))
+
+    def summary(self) -> dict:
+        lags, gaps = self.lags(), self.gaps()
+        real_time = (self.handshake_s is not None and not self.errors and len(gaps) > 0
+                     and len(self.recv) >= len(self.sent) and np.percentile(gaps, 99) < GAP_LIMIT_S)
+        return dict(session=self.index, handshake_ms=_ms(self.handshake_s), refusal=self.refusal,
+                    errors=self.errors, frames_sent=len(self.sent), frames_received=len(self.recv),
+                    text_pieces=self.text_pieces, lag_median_ms=_q(lags, 50), lag_p99_ms=_q(lags, 99),
+                    lag_max_ms=_q(lags, 100), gap_p99_ms=_q(gaps, 99), gap_max_ms=_q(gaps, 100),
+                    gaps_over_100ms=int((gaps > GAP_LIMIT_S).sum()), real_time=bool(real_time))
+
+
+def _ms(s: float | None) -> float | None:
+    return None if s is None else round(s * 1000, 2)
+
+
+def _q(x: np.ndarray, p: float):
+    return None if len(x) == 0 else round(float(np.percentile(x, p)) * 1000, 2)
+
+
+def load_wav(path: str) -> np.ndarray:
+    import soundfile as sf
+    import soxr
+
+    pcm, rate = sf.read(path, dtype="float32", always_2d=True)
+    pcm = pcm.mean(axis=1)
+    if rate != RATE:
+        pcm = soxr.resample(pcm, rate, RATE).astype(np.float32)
+    if len(pcm) < FRAME:
+        raise ValueError(f"{path} holds less than one 80 ms frame of audio")
+    return np.clip(pcm, -1.0, 1.0)
+
+
+def chat_url(base: str, voice: str | None, text_prompt: str | None, seed: int | None) -> str:
+    """`base` with /api/chat as its path (when it has none) and the session's query parameters."""
+    u = urlsplit(base)
+    if u.scheme not in ("ws", "wss"):
+        raise ValueError(f"--url must be ws:// or wss://, got {base!r}")
+    query = parse_qsl(u.query, keep_blank_values=True)
+    query += [(k, str(v)) for k, v in (("voice_prompt", voice), ("text_prompt", text_prompt), ("seed", seed))
+              if v is not None]
+    return urlunsplit((u.scheme, u.netloc, u.path if u.path not in ("", "/") else "/api/chat", urlencode(query), ""))
+
+
+def _connector():
+    from websockets.asyncio.client import connect
+
+    class NoRedirect(connect):  # only ever talk to the URL given
+        def process_redirect(self, exc):
+            return exc
+    return NoRedirect
+
+
+def _opus_pre_skip(data: bytes) -> int:
+    """Samples at 24 kHz the decoder drops at the start (the OpusHead pre-skip): the decoded stream
+    lags the server's frames by this much, so it counts towards frame completion."""
+    i = data.find(b"OpusHead")
+    return 0 if i < 0 or len(data) < i + 12 else struct.unpack_from("<H", data, i + 10)[0] * RATE // 48000
+
+
+async def _receive(ws, st: SessionStats, caught_up: asyncio.Event, done_sending: asyncio.Event) -> None:
+    """Reads the server's messages until it closes; records when each output frame is complete."""
+    from websockets.exceptions import ConnectionClosed
+
+    reader, decoded, skip = OggOpusReader(RATE), 0, None
+    try:
+        async for msg in ws:
+            if isinstance(msg, str) or not msg:
+                continue
+            kind = msg[0]
+            if kind == AUDIO:
+                if skip is None:
+                    skip = _opus_pre_skip(msg[1:])
+                reader.append_bytes(msg[1:])
+                decoded += len(reader.read_pcm())
+                now = time.monotonic()
+                while decoded + skip >= (len(st.recv) + 1) * FRAME:
+                    st.recv.append(now)
+            elif kind == TEXT:
+                st.text_pieces += 1
+            elif kind == ERROR:
+                st.errors.append(msg[1:].decode("utf-8", "replace"))
+            if done_sending.is_set() and len(st.recv) >= len(st.sent):
+                caught_up.set()
+        if not done_sending.is_set() or len(st.recv) < len(st.sent):
+            st.errors.append(f"the server closed the connection (close {ws.close_code} {ws.close_reason!r})")
+    except ConnectionClosed:
+        st.errors.append(f"the connection broke (close {ws.close_code} {ws.close_reason!r})")
+    except Exception as e:  # noqa: BLE001 - e.g. an undecodable stream: this session's error
+        st.errors.append(f"{type(e).__name__}: {e}")
+    finally:
+        caught_up.set()  # the sender stops too: it checks whether this task is done
+
+
+async def _send(ws, st: SessionStats, pcm: np.ndarray, duration: float, receiver: asyncio.Task) -> None:
+    """Streams pcm (looped) in 80 ms chunks, each sent when its audio would have been captured."""
+    writer = OggOpusWriter(RATE)
+    start = time.monotonic()
+    for k in range(max(1, round(duration / FRAME_S))):
+        delay = start + (k + 1) * FRAME_S - time.monotonic()  # against the clock: no drift
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if receiver.done():
+            return
+        writer.append_pcm(np.take(pcm, np.arange(k * FRAME, (k + 1) * FRAME), mode="wrap"))
+        await asyncio.wait_for(ws.send(bytes([AUDIO]) + writer.read_bytes()), SEND_TIMEOUT_S)
+        st.sent.append(time.monotonic())
+    await asyncio.wait_for(ws.send(bytes([AUDIO]) + writer.flush()), SEND_TIMEOUT_S)  # completes the last frame
+
+
+async def run_session(st: SessionStats, url: str, pcm: np.ndarray, duration: float, delay: float,
+                      api_key: str | None, handshake_timeout: float) -> None:
+    from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+    await asyncio.sleep(delay)
+    headers = {"X-API-Key": api_key} if api_key else {}
+    t0 = time.monotonic()
+    try:
+        ws = await _connector()(url, additional_headers=headers, proxy=None, open_timeout=handshake_timeout,
+                                close_timeout=2, max_size=1 << 22)
+    except InvalidStatus as e:
+        st.refusal = f"HTTP {e.response.status_code} {e.response.reason_phrase}"
+        return
+    except Exception as e:  # noqa: BLE001 - refused, unreachable, timed out, not a websocket server
+        st.refusal = f"{type(e).__name__}: {e}"
+        return
+    try:
+        try:
+            first = await asyncio.wait_for(ws.recv(), max(0.1, handshake_timeout - (time.monotonic() - t0)))
+        except ConnectionClosed:
+            st.refusal = f"closed before the handshake (close {ws.close_code} {ws.close_reason!r})"
+            return
+        except TimeoutError:
+            st.refusal = f"no handshake within {handshake_timeout:g} s"
+            return
+        if isinstance(first, str) or first[:1] != bytes([HANDSHAKE]):
+            if first[:1] != bytes([ERROR]):
+                st.refusal = f"the first message is not the handshake: {first[:20]!r}"
+                return
+            try:  # the server closes right after its error: wait for the close code
+                await asyncio.wait_for(ws.wait_closed(), 2)
+            except TimeoutError:
+                pass
+            st.refusal = f"error before the handshake (close {ws.close_code}): {first[1:].decode('utf-8', 'replace')}"
+            return
+        st.handshake_s = time.monotonic() - t0
+        caught_up, done_sending = asyncio.Event(), asyncio.Event()
+        receiver = asyncio.create_task(_receive(ws, st, caught_up, done_sending))
+        try:
+            await _send(ws, st, pcm, duration, receiver)
+            done_sending.set()
+            if len(st.recv) >= len(st.sent):
+                caught_up.set()
+            await asyncio.wait_for(caught_up.wait(), DRAIN_S)
+        except (ConnectionClosed, OSError) as e:
+            await asyncio.wait({receiver}, timeout=2)  # the receiver reports how the connection ended
+            if not receiver.done():
+                st.errors.append(f"sending failed: {type(e).__name__}: {e}")
+        except TimeoutError:
+            st.errors.append("timed out sending or waiting for the last frames")
+        finally:
+            done_sending.set()
+            receiver.cancel()
+            await asyncio.gather(receiver, return_exceptions=True)
+    finally:
+        try:
+            await asyncio.wait_for(ws.close(), 3)
+        except Exception:  # noqa: BLE001 - the server is gone: nothing left to close
+            pass
+
+
+def aggregate(stats: list[SessionStats]) -> dict:
+    rows = [s.summary() for s in stats]
+    lags = np.concatenate([s.lags() for s in stats] or [np.zeros(0)])
+    gaps = np.concatenate([s.gaps() for s in stats] or [np.zeros(0)])
+    hs = np.array([s.handshake_s for s in stats if s.handshake_s is not None])
+    rt = sum(r["real_time"] for r in rows)
+    return dict(sessions=len(stats), handshakes=len(hs), refusals=sum(r["refusal"] is not None for r in rows),
+                sessions_with_errors=sum(bool(r["errors"]) for r in rows), errors=sum(len(r["errors"]) for r in rows),
+                handshake_median_ms=_q(hs, 50), handshake_max_ms=_q(hs, 100),
+                frames_sent=sum(r["frames_sent"] for r in rows),
+                frames_received=sum(r["frames_received"] for r in rows),
+                lag_median_ms=_q(lags, 50), lag_p99_ms=_q(lags, 99), gap_p99_ms=_q(gaps, 99),
+                gap_max_ms=_q(gaps, 100), gaps_over_100ms=int((gaps > GAP_LIMIT_S).sum()),
+                real_time_sessions=rt, real_time_fraction=rt / len(stats) if stats else 0.0,
+                all_real_time=bool(stats) and rt == len(stats))
+
+
+async def run_round(url: str, sessions: int, duration: float, wavs: list[np.ndarray], voice: str | None = None,
+                    text_prompt: str | None = None, seed: int | None = 0, ramp: float = 0.0,
+                    api_key: str | None = None, handshake_timeout: float = 30.0) -> dict:
+    """One round of `sessions` concurrent sessions; returns {"sessions": [...], "aggregate": {...}}."""
+    stats = [SessionStats(i) for i in range(sessions)]
+    tasks = [asyncio.create_task(run_session(
+        st, chat_url(url, voice, text_prompt, None if seed is None or seed < 0 else seed + st.index),
+        wavs[st.index % len(wavs)], duration, ramp * st.index / sessions, api_key, handshake_timeout))
+        for st in stats]
+    budget = ramp + handshake_timeout + duration + DRAIN_S + SEND_TIMEOUT_S + 10
+    _, late = await asyncio.wait(tasks, timeout=budget)
+    for t in late:  # cannot happen with the timeouts above; never hang anyway
+        t.cancel()
+        stats[tasks.index(t)].errors.append("session cancelled at the round's deadline")
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return dict(sessions=[s.summary() for s in stats], aggregate=aggregate(stats))
+
+
+def _f(v) -> str:
+    return "-" if v is None else f"{v:.0f}" if isinstance(v, float) else str(v)
+
+
+def print_round(res: dict, out=sys.stdout) -> None:
+    cols = ["session", "handshake_ms", "frames_sent", "frames_received", "lag_median_ms", "lag_p99_ms",
+            "gap_p99_ms", "gap_max_ms", "gaps_over_100ms"]
+    heads = ["#", "hs ms", "sent", "recv", "lag p50", "lag p99", "gap p99", "gap max", ">100ms", "status"]
+    print("  ".join(f"{h:>8}" for h in heads), file=out)
+    for r in res["sessions"]:
+        status = ("refused: " + r["refusal"] if r["refusal"] else "error: " + r["errors"][0][:60] if r["errors"]
+                  else "real time" if r["real_time"] else "NOT real time")
+        print("  ".join(f"{_f(r[c]):>8}" for c in cols) + f"  {status}", file=out)
+    a = res["aggregate"]
+    print(f"all: {a['handshakes']}/{a['sessions']} handshakes (median {_f(a['handshake_median_ms'])} ms), "
+          f"{a['refusals']} refused, {a['errors']} errors; frames {a['frames_sent']} sent, "
+          f"{a['frames_received']} received; lag p50 {_f(a['lag_median_ms'])} ms, p99 {_f(a['lag_p99_ms'])} ms; "
+          f"gap p99 {_f(a['gap_p99_ms'])} ms, max {_f(a['gap_max_ms'])} ms, {a['gaps_over_100ms']} over 100 ms; "
+          f"real time {a['real_time_sessions']}/{a['sessions']}", file=out)
+
+
+async def amain(args) -> dict:
+    wavs = [load_wav(p) for p in args.wav]
+    counts = [int(c) for c in args.sweep.split(",")] if args.sweep else [args.sessions]
+    kw = dict(voice=args.voice, text_prompt=args.text_prompt, seed=args.seed, ramp=args.ramp,
+              api_key=args.api_key, handshake_timeout=args.handshake_timeout)
+    rounds = []
+    for i, n in enumerate(counts):
+        if i:
+            await asyncio.sleep(1.0)  # let the server free the last round's slots
+        print(f"== {n} session(s) for {args.duration:g} s against {args.url}", flush=True)
+        res = await run_round(args.url, n, args.duration, wavs, **kw)
+        print_round(res)
+        rounds.append(dict(count=n, **res))
+    report = dict(url=args.url, duration_s=args.duration, rounds=rounds)
+    if args.sweep:
+        ok = [r["count"] for r in rounds if r["aggregate"]["all_real_time"]]
+        report["max_real_time_sessions"] = max(ok, default=0)
+        print("\nsweep: " + ", ".join(f"{r['count']}: {'real time' if r['aggregate']['all_real_time'] else 'NO'}"
+                                      for r in rounds) + f"\nlargest all-real-time count: {max(ok, default=0)}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.load_client", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", required=True, help="ws://host:port (path /api/chat is added when missing)")
+    ap.add_argument("--sessions", type=int, default=1)
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds of audio each session streams")
+    ap.add_argument("--wav", action="append", required=True, help="input audio, looped; repeat to vary by session")
+    ap.add_argument("--voice", help="voice_prompt query parameter (default: the server's)")
+    ap.add_argument("--text-prompt", help="text_prompt query parameter (default: the server's)")
+    ap.add_argument("--seed", type=int, default=0, help="session i gets seed + i (-1: leave it to the server)")
+    ap.add_argument("--ramp", type=float, default=0.0, help="spread the session starts over this many seconds")
+    ap.add_argument("--api-key", help="sent as X-API-Key")
+    ap.add_argument("--handshake-timeout", type=float, default=30.0)
+    ap.add_argument("--sweep", help="comma-separated session counts, one round each (e.g. 1,2,4,8)")
+    ap.add_argument("--json", help="write every number (per session and aggregate) to this file")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.sessions < 1 or args.duration <= 0:
+        print("--sessions must be >= 1 and --duration > 0", file=sys.stderr)
+        return 2
+    try:
+        report = asyncio.run(amain(args))
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"load_client: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0 if all(r["aggregate"]["handshakes"] for r in report["rounds"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""`benchmarks.load_client` against a real `ppx-serve` (the tiny golden model on the CPU, loopback)."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from benchmarks import load_client as lc
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "tests" / "data" / "golden" / "tiny-1234"
+WAV = TINY / "input.wav"
+
+
+@contextlib.contextmanager
+def running_server(tmp: Path):
+    """`ppx-serve` on a free loopback port (--port 0; it prints the port it got), killed on exit."""
+    (tmp / "voices").mkdir()
+    shutil.copy(TINY / "voice.pt", tmp / "voices" / "NATF2.pt")
+    out, err = open(tmp / "stdout", "w+"), open(tmp / "stderr", "w+")
+    cmd = [sys.executable, "-m", "frontends.serve", "--host", "127.0.0.1", "--port", "0", "--device", "cpu",
+           "--moshi-weight", str(TINY / "lm.safetensors"), "--mimi-weight", str(TINY / "mimi.safetensors"),
+           "--tokenizer", str(TINY / "tokenizer.model"), "--config", str(TINY / "config.json"),
+           "--voice-prompt-dir", str(tmp / "voices"), "--greedy", "--max-sessions", "3"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        deadline, port = time.monotonic() + 30, None
+        while port is None and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+            out.seek(0)
+            port = next((line.split("port=")[1].strip() for line in out if line.startswith("PPX_READY")), None)
+        if port is None:
+            err.seek(0)
+            pytest.fail(f"ppx-serve did not start:\n{err.read()[-3000:]}")
+        proc.url = f"ws://127.0.0.1:{port}"
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        out.close()
+        err.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with running_server(tmp_path_factory.mktemp("load_client")) as proc:
+        yield proc
+
+
+def wait_idle(url: str, timeout: float = 5.0) -> None:
+    """Until the server holds no connection (a previous test's sessions may still be ending)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(url.replace("ws://", "http://") + "/metrics", timeout=5) as r:
+            if "\nppx_connections 0\n" in r.read().decode():
+                return
+        time.sleep(0.05)
+    pytest.fail("the server still holds connections")
+
+
+def test_chat_url():
+    url = lc.chat_url("ws://h:1", "NATF2", "hi there", 3)
+    assert url == "ws://h:1/api/chat?voice_prompt=NATF2&text_prompt=hi+there&seed=3"
+    assert lc.chat_url("wss://h/x/api/chat?api_key=k", None, None, None) == "wss://h/x/api/chat?api_key=k"
+    with pytest.raises(ValueError):
+        lc.chat_url("http://h:1", None, None, None)
+
+
+def test_two_sessions_real_time(server, tmp_path):
+    out = tmp_path / "load.json"
+    duration = 4.0
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "benchmarks.load_client", "--url", server.url, "--sessions", "2",
+                        "--duration", str(duration), "--wav", str(WAV), "--voice", "NATF2", "--json", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert time.monotonic() - t0 < duration + 10
+    assert "lag p50" in r.stdout
+    (rnd,) = json.loads(out.read_text())["rounds"]
+    agg, sessions = rnd["aggregate"], rnd["sessions"]
+    assert agg["handshakes"] == 2 and agg["refusals"] == 0 and agg["errors"] == 0
+    expected = duration / lc.FRAME_S
+    for s in sessions:
+        assert s["refusal"] is None and s["errors"] == [], s
+        assert 0 < s["handshake_ms"] < 5000
+        assert s["frames_sent"] == expected
+        assert expected - 3 <= s["frames_received"] <= s["frames_sent"], s
+        # the answer to a frame comes after it was sent, and within a second on an idle server
+        # (the floor is about one 80 ms chunk: the server's Opus decoder waits for the lookahead)
+        assert 40 < s["lag_median_ms"] <= s["lag_p99_ms"] < 1000, s
+        assert 0 < s["gap_p99_ms"] <= s["gap_max_ms"] < 2000, s
+    assert 40 < agg["lag_median_ms"] <= agg["lag_p99_ms"] < 1000
+    assert agg["frames_received"] == sum(s["frames_received"] for s in sessions)
+
+
+def test_one_refusal_past_max_sessions(server):
+    wait_idle(server.url)
+    wav = lc.load_wav(str(WAV))
+    res = asyncio.run(lc.run_round(server.url, 4, 1.5, [wav], voice="NATF2"))
+    agg = res["aggregate"]
+    assert agg["sessions"] == 4 and agg["handshakes"] == 3 and agg["refusals"] == 1, res
+    (refused,) = [s for s in res["sessions"] if s["refusal"]]
+    assert "full" in refused["refusal"] and "1013" in refused["refusal"]
+    assert agg["errors"] == 0 and agg["frames_received"] > 0
+
+
+def test_server_dying_ends_the_round(tmp_path):
+    """Killing the server mid-round: the sessions end at once with an error, nothing hangs."""
+    wav = lc.load_wav(str(WAV))
+
+    async def run(server):
+        task = asyncio.create_task(lc.run_round(server.url, 2, 8.0, [wav], voice="NATF2"))
+        await asyncio.sleep(1.5)
+        server.kill()
+        t = time.monotonic()
+        res = await asyncio.wait_for(task, 10)
+        return res, time.monotonic() - t
+
+    with running_server(tmp_path) as server:
+        res, after = asyncio.run(run(server))
+    assert after < 3.0
+    agg = res["aggregate"]
+    assert agg["handshakes"] == 2 and agg["sessions_with_errors"] == 2 and not agg["all_real_time"]
+    assert all("close" in s["errors"][-1] for s in res["sessions"]), res
