@@ -136,7 +136,10 @@ def prompt_timings(engine, n: int = 10) -> dict:
 def run_reference(batches: list[int]) -> dict | None:
     """Kyutai's moshi at the same configuration, in its own process (its own GPU memory)."""
     cmd = [sys.executable, "-m", "benchmarks.reference_moshi", "--batches", ",".join(map(str, batches))]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=240)
+    except subprocess.TimeoutExpired:
+        return {"error": "timed out after 240 s"}
     if r.returncode != 0:
         return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -216,6 +219,13 @@ def main(argv=None) -> int:
     torch.cuda.empty_cache()
     free = torch.cuda.mem_get_info()[0]
     full_window = PERSONAPLEX_7B.lm.temporal.window
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    slug = card_slug()
+
+    def save():
+        (out / f"{slug}.json").write_text(json.dumps(results, indent=1))
+
     for B in batches:
         for ctx in ("short", "full"):
             row = {"batch": B, "context": ctx}
@@ -245,6 +255,7 @@ def main(argv=None) -> int:
             if B == 1:
                 row["wall_step_ms"] = wall_tick_ms(eng, slots[0])
             results["ticks"].append(row)
+            save()
             print(f"batch {B:3d} {ctx:5s}: {med:6.2f} ms median, {row['p99_ms']:6.2f} p99; "
                   f"floor {row['floor_ms']:5.2f} ms ({row['floor_ratio'] * 100:4.0f}%), "
                   f"{row['achieved_GBps']:5.0f} GB/s", flush=True)
@@ -269,10 +280,7 @@ def main(argv=None) -> int:
         print("reference: Kyutai moshi 0.2.13 ...", flush=True)
         results["reference"] = run_reference([b for b in batches if b <= 32])
         print(json.dumps(results["reference"]), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    slug = card_slug()
-    (out / f"{slug}.json").write_text(json.dumps(results, indent=1))
+    save()
     plot(results, out / f"{slug}.png")
     print_table(results)
     return 0

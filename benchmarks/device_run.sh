@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# On a GPU machine that has torch and triton but no network: install the carried wheels
-# (.whl/), run the GPU tests, then `make bench`. Logs and results go to $OUT (default ./artifacts).
+# On a GPU machine that has torch and triton but no network: install what was carried (.whl/
+# wheels, .carry/lib/libopus), run the GPU tests, `make bench`, then a load-test sweep of
+# ppx-serve on random 7B weights. Each part is bounded in time; logs and results go to $OUT.
 set -uo pipefail
 OUT=${OUT:-artifacts}
 mkdir -p "$OUT"
@@ -8,12 +9,29 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
+if [ -f .carry/lib/libopus.so.0 ] && ! ldconfig -p | grep -q libopus.so.0; then
+  cp .carry/lib/libopus.so.0 /usr/lib/x86_64-linux-gnu/ && ldconfig
+fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  timeout "${TEST_TIMEOUT:-420}" python3 -m pytest -q -x ${TESTS:-tests/test_kernels.py tests/test_gpu.py} 2>&1 | tee "$OUT/gpu_tests.log"
+if [ "${TESTS:-}" != "" ]; then
+  timeout "${TEST_TIMEOUT:-420}" python3 -m pytest -q -x $TESTS 2>&1 | tee "$OUT/gpu_tests.log"
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
-  make bench BENCH_ARGS="--out $OUT ${BENCH_ARGS:-}" 2>&1 | tee "$OUT/bench.log"
+  timeout "${BENCH_TIMEOUT:-420}" make bench BENCH_ARGS="--out $OUT ${BENCH_ARGS:-}" 2>&1 | tee "$OUT/bench.log"
+fi
+if [ "${LOAD:-0}" = 1 ]; then
+  vdir=$(mktemp -d)
+  python3 -m frontends.serve --host 127.0.0.1 --port 8998 --device cuda --random-weights \
+      --tokenizer tests/data/golden/tiny-1234/tokenizer.model --voice-prompt-dir "$vdir" \
+      ${SERVE_ARGS:-} > "$OUT/serve.out" 2> "$OUT/serve.log" &
+  spid=$!
+  for _ in $(seq 180); do grep -q PPX_READY "$OUT/serve.out" 2>/dev/null && break; sleep 1; done
+  timeout "${LOAD_TIMEOUT:-240}" python3 -m benchmarks.load_client --url ws://127.0.0.1:8998 \
+      --sweep "${SWEEP:-4,16,32}" --duration "${LOAD_SECONDS:-15}" --ramp 2 \
+      --wav .carry/assets/input_assistant.wav --wav .carry/assets/input_service.wav \
+      --json "$OUT/load.json" 2>&1 | tee "$OUT/load.log"
+  curl -s 127.0.0.1:8998/metrics > "$OUT/metrics.txt" || true
+  kill -TERM $spid; wait $spid
 fi
