@@ -341,6 +341,9 @@ class Engine:
         pcm = np.stack([np.asarray(frames[s], dtype=np.float32).reshape(self.frame_size) for s in slot_list])
         audio, tokens, _, _ = self.step_tensors(torch.tensor(slot_list, device=self.device),
                                                 torch.from_numpy(pcm).to(self.device))
+        if self.device.type == "cuda":
+            # wait with the GIL released, so a server's other threads run during the tick
+            torch.cuda.current_stream(self.device).synchronize()
         audio, tokens = audio.cpu().numpy(), tokens.cpu().numpy()
         out = {}
         for i, s in enumerate(slot_list):

@@ -47,12 +47,17 @@ class Tokenizer:
         return ids
 
     def piece(self, token: int) -> str | None:
-        """The text a client shows for a token, or None for padding (ids 0 and 3)."""
-        if token in (0, 3):
+        """The text a client shows for a token, or None for padding (ids 0 and 3) and for ids
+        the tokenizer does not have (a model whose text vocabulary is larger than it)."""
+        token = int(token)
+        if token in (0, 3) or not 0 <= token < self.sp.GetPieceSize():
             return None
-        return self.sp.IdToPiece(int(token)).replace("\u2581", " ")
+        return self.sp.IdToPiece(token).replace("\u2581", " ")
 
     def json_piece(self, token: int) -> str:
         """The offline tool's text entry: padding as its name, anything else as its piece."""
+        token = int(token)
+        if token in _SPECIAL_JSON and token in (0, 3):
+            return _SPECIAL_JSON[token]
         p = self.piece(token)
-        return _SPECIAL_JSON[int(token)] if p is None else p
+        return "<unk>" if p is None else p

@@ -41,7 +41,8 @@ STATIC = Path(__file__).parent / "static"
 MAX_MESSAGE = 1 << 20          # bytes in one websocket message
 MAX_QUEUED_FRAMES = 25         # 2 s of input ahead of the model: more is faster than real time
 SEND_BUFFER = 64 << 10         # socket send buffer: a few seconds of Opus, so a stalled client shows
-CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript", ".css": "text/css",
+CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                 ".css": "text/css; charset=utf-8",
                  ".json": "application/json", ".svg": "image/svg+xml", ".png": "image/png", ".ico": "image/x-icon",
                  ".wasm": "application/wasm", ".map": "application/json", ".txt": "text/plain"}
 
@@ -96,6 +97,7 @@ class TickLoop(threading.Thread):
 
     def run(self) -> None:
         try:
+            next_tick = 0.0
             while not self.stopping:
                 self._service()
                 ready = [s for s in self.live.values() if s.frames]
@@ -103,23 +105,21 @@ class TickLoop(threading.Thread):
                     self.wake.wait(0.05)
                     self.wake.clear()
                     continue
-                self._coalesce(ready)
+                # Ticks follow a fixed cadence (a tick as soon as every live session has a
+                # frame): each session's frames then wait a steady share of the period, so its
+                # answers come back evenly spaced, and sessions at any phase share the ticks.
+                while len(ready) < len(self.live) and time.monotonic() < next_tick and not self.stopping:
+                    self.wake.wait(next_tick - time.monotonic())
+                    self.wake.clear()
+                    self._service()
+                    ready = [s for s in self.live.values() if s.frames]
+                next_tick = time.monotonic() + self.server.tick_period
                 ready = [s for s in self.live.values() if s.frames]
-                self._tick(ready)
+                if ready:
+                    self._tick(ready)
         except Exception:  # the engine failed: nothing can be served any more
             log.exception("the tick loop failed")
             self.server.loop.call_soon_threadsafe(self.server.fatal)
-
-    def _coalesce(self, ready) -> None:
-        """Gives sessions whose frame is due a moment to arrive, so they share the tick."""
-        wait = self.server.batch_wait
-        if wait <= 0 or len(ready) == len(self.live):
-            return
-        oldest = min(s.frames[0][1] for s in ready)
-        deadline = oldest + wait
-        while time.monotonic() < deadline and any(not s.frames for s in self.live.values()):
-            self.wake.wait(max(0.0, deadline - time.monotonic()))
-            self.wake.clear()
 
     def _tick(self, ready: list[Session]) -> None:
         m = self.server.metrics
@@ -206,7 +206,7 @@ class Server:
         self.metrics = Metrics()
         self.frame_seconds = engine.frame_size / engine.sample_rate
         self.frame_size = engine.frame_size
-        self.batch_wait = args.batch_wait_ms / 1000
+        self.tick_period = args.tick_period_ms / 1000
         # messages (an audio page and a text piece per frame) a client may leave unread
         self.max_outbox = max(4, int(2 * args.client_buffer_seconds / self.frame_seconds))
         self.max_sessions = args.max_sessions
@@ -226,15 +226,25 @@ class Server:
     # voices (called on the tick thread)
 
     def voice(self, name: str | None):
-        from voices import load_voice
+        from voices import UnknownVoice, load_voice
         if name is None:
             return None
-        path = self.library.find(name)
+        try:
+            path = self.library.find(name)
+        except UnknownVoice:
+            # the client learns the names it may use, not where the server keeps them
+            shown = repr(name) if len(name) <= 64 else "that name"
+            names = ", ".join(self.library.names())
+            raise ProtocolError(f"voice {shown} is not available (voices: {names})") from None
         key = str(path)
         if key not in self._voices:
             if len(self._voices) > 256:
                 self._voices.clear()
-            self._voices[key] = load_voice(path, self.engine)
+            try:
+                self._voices[key] = load_voice(path, self.engine)
+            except UserError as e:
+                log.warning("voice %s cannot be used: %s", name, e)
+                raise ProtocolError(f"voice {name!r} cannot be used by this model") from None
         return self._voices[key]
 
     # -------------------------------------------------------------------------------
@@ -398,9 +408,18 @@ class Server:
             self.ticker.wake.set()
 
     def deliver(self, s: Session, out, late: bool) -> None:
-        """Called on the event loop with one output frame of a session."""
+        """Called on the event loop with one output frame of a session; a failure here ends
+        that session (with an error) and nothing else."""
         if s.closed:
             return
+        try:
+            self._deliver(s, out, late)
+        except Exception as e:  # noqa: BLE001
+            log.exception("session %s: delivering a frame failed", s.id)
+            s.error = f"internal error while sending audio ({e.__class__.__name__})"
+            self._abort(s)
+
+    def _deliver(self, s: Session, out, late: bool) -> None:
         s.frames_out += 1
         if late:
             s.late += 1
@@ -568,8 +587,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--topk-audio", type=int, default=250)
     ap.add_argument("--topk-text", type=int, default=25)
     ap.add_argument("--greedy", action="store_true")
-    ap.add_argument("--batch-wait-ms", type=float, default=5.0,
-                    help="how long a tick waits for other sessions' frames that are due (default 5 ms)")
+    ap.add_argument("--tick-period-ms", type=float, default=20.0,
+                    help="ticks start at most this often unless every session has a frame (default 20 ms: "
+                         "a frame waits at most that long for others to share its tick)")
     ap.add_argument("--client-buffer-seconds", type=float, default=5.0,
                     help="audio a client may leave unread before it is dropped (default 5 s)")
     ap.add_argument("--kv-window", type=int, default=None, help="frames of history per session (default: the "

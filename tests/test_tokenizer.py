@@ -23,6 +23,11 @@ def test_pieces_as_clients_and_the_offline_tool_show_them(tok):
     assert tok.piece(word).startswith(" ")
 
 
+def test_ids_beyond_the_tokenizer_are_not_text(tok):
+    assert tok.piece(31999) is None and tok.piece(-5) is None
+    assert tok.json_piece(31999) == "<unk>"
+
+
 def test_bad_prompts(tok):
     with pytest.raises(PromptError, match="empty"):
         tok.encode_prompt("   ")
