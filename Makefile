@@ -18,6 +18,10 @@ $(STAMP): setup.py Makefile
 	    echo "installing libopus (apt-get install libopus0)"; \
 	    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopus0 >/dev/null; \
 	  else echo "libopus is missing: install it first (Debian/Ubuntu: sudo apt-get install libopus0)"; exit 1; fi; }
+	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || { \
+	  echo "installing chromium for the web page's test (apt-get install chromium)"; \
+	  { apt-get update -qq >/dev/null; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "chromium could not be installed: the web page's test will skip"; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[test]"

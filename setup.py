@@ -23,7 +23,8 @@ setup(
         "tqdm",
         "cryptography",   # the self-signed certificate of `ppx-serve --ssl` when none is given
     ],
-    extras_require={"test": ["pytest", "sphn"]},
+    # sphn: Kyutai's Ogg-Opus, to check ours against; playwright drives the system Chromium
+    extras_require={"test": ["pytest", "sphn", "playwright"]},
     entry_points={
         "console_scripts": [
             "ppx-serve=frontends.serve:main",

@@ -25,8 +25,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER = ROOT / "tests" / "data" / "golden" / "tiny-1234" / "tokenizer.model"
+# 100 tokens with the system tags, with the test tokenizer the random-weight runs use
 PROMPT_100 = ("You work for Brightline Appliances, an appliance repair company, and your name is Dana Ortiz. "
-              "A technician visit costs sixty dollars per hour and pumps ship in three days.")
+              "Visits cost sixty an hour.")
 
 
 def card_slug() -> str:
@@ -181,6 +182,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="1,8,32,64")
     ap.add_argument("--ticks", type=int, default=200)
     ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--reference-only", action="store_true", help="only Kyutai's moshi, added to an existing result")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("make bench needs a CUDA GPU; none is visible")
@@ -191,6 +193,14 @@ def main(argv=None) -> int:
 
     torch.backends.cuda.matmul.allow_tf32 = True
     batches = [int(b) for b in args.batches.split(",")]
+    if args.reference_only:
+        path = Path(args.out) / f"{card_slug()}.json"
+        results = json.loads(path.read_text())
+        results["reference"] = run_reference([b for b in batches if b <= 32])
+        path.write_text(json.dumps(results, indent=1))
+        plot(results, path.with_suffix(".png"))
+        print_table(results)
+        return 0
     results = {"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
                "torch": torch.__version__, "python": platform.python_version(),
                "command": "make bench (python -m benchmarks.bench " + " ".join(argv or sys.argv[1:]) + ")",

@@ -46,6 +46,10 @@ def main() -> int:
             codes = torch.randint(0, 2048, (B, 8, 1), device="cuda")
             out["lm_step_ms"][str(B)] = _median_ms(lambda: gen.step(codes), args.steps)
             print(f"moshi LM step batch {B}: {out['lm_step_ms'][str(B)]:.2f} ms", file=sys.stderr, flush=True)
+            # the model streams on its own (detached) beside the generator: stop both
+            gen._stop_streaming()
+            if getattr(lm, "_streaming_state", None) is not None:
+                lm._stop_streaming()
             del gen
             torch.cuda.empty_cache()
         del lm
