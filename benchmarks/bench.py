@@ -13,7 +13,6 @@ import argparse
 import datetime
 import gc
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -116,6 +115,29 @@ def wall_tick_ms(engine, slot: int, n: int = 50) -> float:
     return (time.perf_counter() - t0) / n * 1e3
 
 
+def long_session(engine, voice, frames: int) -> dict:
+    """One session through `frames` ticks (past the 3 000-frame context, so the KV ring wraps):
+    tick time and GPU memory at the start and at the end, which must match."""
+    from engine.engine import SamplingParams
+
+    slot = engine.open(voice, PROMPT_100, SamplingParams(seed=1))
+    idx = torch.tensor([slot], device="cuda")
+    pcm = 0.1 * torch.randn(1, engine.frame_size, device="cuda")
+    marks, window = {}, 200
+    for t in range(frames):
+        if t in (0, frames - window):
+            torch.cuda.synchronize()
+            t0, mem0 = time.perf_counter(), torch.cuda.memory_allocated()
+        engine.step_tensors(idx, pcm)
+        if t in (window - 1, frames - 1):
+            torch.cuda.synchronize()
+            marks["start" if t < frames // 2 else "end"] = {
+                "ms_per_tick": (time.perf_counter() - t0) / window * 1e3,
+                "memory_GB": torch.cuda.memory_allocated() / 1e9, "memory_delta_MB": (torch.cuda.memory_allocated() - mem0) / 1e6}
+    engine.close(slot)
+    return {"frames": frames, **marks}
+
+
 def prompt_timings(engine, n: int = 10) -> dict:
     from engine.random_weights import random_voice
 
@@ -182,6 +204,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="1,8,32,64")
     ap.add_argument("--ticks", type=int, default=200)
     ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--long-session", type=int, default=10000, help="frames of the one-session run (0: none)")
     ap.add_argument("--reference-only", action="store_true", help="only Kyutai's moshi, added to an existing result")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -269,6 +292,11 @@ def main(argv=None) -> int:
             print(f"batch {B:3d} {ctx:5s}: {med:6.2f} ms median, {row['p99_ms']:6.2f} p99; "
                   f"floor {row['floor_ms']:5.2f} ms ({row['floor_ratio'] * 100:4.0f}%), "
                   f"{row['achieved_GBps']:5.0f} GB/s", flush=True)
+            if B == batches[0] and ctx == "full" and args.long_session:
+                for s in slots:
+                    eng.close(s)
+                results["long_session"] = long_session(eng, voice, args.long_session)
+                print(f"one session of {args.long_session} frames: {results['long_session']}", flush=True)
             if B == batches[0] and ctx == "short":
                 for s in slots:
                     eng.close(s)
@@ -307,6 +335,11 @@ def print_table(results: dict) -> None:
         else:
             print(f"| {r['batch']} | {r['context']} | {r['median_ms']:.2f} | {r['p99_ms']:.2f} | "
                   f"{r['floor_ms']:.2f} | {r['floor_ratio'] * 100:.0f}% | {r['achieved_GBps']:.0f} |")
+    ls = results.get("long_session")
+    if ls:
+        print(f"one session of {ls['frames']} frames: {ls['start']['ms_per_tick']:.2f} ms/tick at the start, "
+              f"{ls['end']['ms_per_tick']:.2f} at the end; GPU memory {ls['start']['memory_GB']:.2f} -> "
+              f"{ls['end']['memory_GB']:.2f} GB")
     p = results.get("prompt_phase")
     if p:
         print(f"prompt phase ({p['positions']} positions): uncached {p['uncached_ms']:.1f} ms, "

@@ -128,16 +128,19 @@ class LM(nn.Module):
         B, T, _ = x.shape
         H, D, C = t.num_heads, t.head_dim, kv.window
         pos = torch.arange(T, device=x.device).repeat(B)
-        # Stepping keeps the last min(len, C) positions of each prompt, at p mod C.
-        keep = (pos.view(B, T) < lengths.view(B, 1)) & (pos.view(B, T) >= lengths.view(B, 1) - C)
-        w_slots = slots.view(B, 1).expand(B, T)[keep]
-        w_idx = (pos.view(B, T) % C)[keep]
+        # Stepping keeps the last min(len, C) positions of each prompt, at p mod C. The rows to
+        # keep are found once, on the host (lengths are known there), not per layer.
+        lens = lengths.tolist()
+        keep = torch.tensor([b * T + p for b, n in enumerate(lens) for p in range(max(0, n - C), n)],
+                            device=x.device)
+        w_slots = slots.repeat_interleave(torch.tensor([min(n, C) for n in lens], device=x.device))
+        w_idx = pos.index_select(0, keep) % C
         for i, layer in enumerate(self.layers):
             qkv = layer.attn_in(rms_norm(x, layer.norm1, t.norm_eps)).view(B * T, 3, H, D)
             q, k = rope(qkv[:, 0], qkv[:, 1], pos, t.max_period)
             v = qkv[:, 2]
             a = prefill_attention_ref(q.view(B, T, H, D), k.view(B, T, H, D), v.view(B, T, H, D), C, lengths)
-            kv.write(i, w_slots, w_idx, k.view(B, T, H, D)[keep], v.view(B, T, H, D)[keep])
+            kv.write(i, w_slots, w_idx, k.index_select(0, keep), v.index_select(0, keep))
             x = x + layer.attn_out(a.reshape(B, T, H * D))
             x = x + layer.ffn_out(silu_mul(layer.ffn_in(rms_norm(x, layer.norm2, t.norm_eps))))
         return rms_norm(x, self.out_norm, t.norm_eps)
