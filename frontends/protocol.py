@@ -15,12 +15,9 @@ from engine.engine import SamplingParams
 from engine.errors import UserError
 
 HANDSHAKE, AUDIO, TEXT, CONTROL, METADATA, ERROR, PING = range(7)
-KIND_NAMES = {HANDSHAKE: "handshake", AUDIO: "audio", TEXT: "text", CONTROL: "control", METADATA: "metadata",
-              ERROR: "error", PING: "ping"}
 
-# close codes (RFC 6455 and the registry's 4xxx private range)
-CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_PROTOCOL, CLOSE_BAD_DATA = 1000, 1001, 1002, 1007
-CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_TRY_LATER = 1008, 1009, 1013
+# close codes (RFC 6455); a message over the size limit gets 1009 from the websocket library
+CLOSE_GOING_AWAY, CLOSE_BAD_DATA, CLOSE_POLICY, CLOSE_TRY_LATER = 1001, 1007, 1008, 1013
 
 
 class ProtocolError(UserError):

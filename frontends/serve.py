@@ -73,7 +73,6 @@ class Session:
         self.pending = np.zeros(0, dtype=np.float32)
         self.frames: collections.deque = collections.deque()   # (pcm, time the frame was complete)
         self.outbox: asyncio.Queue = asyncio.Queue(maxsize=max_outbox)
-        self.frames_in = 0
         self.frames_out = 0
         self.late = 0
         self.prompt_tokens = 0
@@ -401,7 +400,6 @@ class Server:
         for i in range(n):
             s.frames.append((buf[i * self.frame_size:(i + 1) * self.frame_size].copy(), now))
         s.pending = buf[n * self.frame_size:].copy()
-        s.frames_in += n
         if len(s.frames) > MAX_QUEUED_FRAMES:
             raise ProtocolError("audio is arriving faster than real time")
         if n:
