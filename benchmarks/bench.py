@@ -67,10 +67,8 @@ def weight_bytes(engine) -> dict[str, int]:
 
 
 def kv_read_bytes(engine, positions: int) -> int:
-    t = engine.cfg.lm.temporal
     kv = engine.lm_state.kv
-    n = min(positions, kv.window)
-    return 2 * t.num_layers * t.num_heads * n * t.head_dim * kv.k.element_size()
+    return kv.bytes_per_slot() * min(positions, kv.window) // kv.window
 
 
 def prepare_slots(engine, B: int, voice, full: bool) -> list[int]:
@@ -205,6 +203,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ticks", type=int, default=200)
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--long-session", type=int, default=10000, help="frames of the one-session run (0: none)")
+    ap.add_argument("--quantize", choices=["none", "fp8"], default="none", help="fp8: e4m3 weights")
+    ap.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto", help="fp8: e4m3 KV cache")
     ap.add_argument("--reference-only", action="store_true", help="only Kyutai's moshi, added to an existing result")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -238,8 +238,13 @@ def main(argv=None) -> int:
     print(f"{results['card']}: device-to-device copy {bw / 1e12:.2f} TB/s", flush=True)
 
     total_mem = torch.cuda.get_device_properties(0).total_memory
-    base = random_engine(PERSONAPLEX_7B, TOKENIZER, device="cuda", dtype=torch.bfloat16, seed=0, max_slots=1)
+    quantize = None if args.quantize == "none" else args.quantize
+    kv_dtype = None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype
+    results["variant"] = {"weights": quantize or "bf16", "kv_cache": kv_dtype or "bf16"}
+    base = random_engine(PERSONAPLEX_7B, TOKENIZER, device="cuda", dtype=torch.bfloat16, seed=0, max_slots=1,
+                         quantize=quantize, kv_cache_dtype=kv_dtype)
     wb = weight_bytes(base)
+    results["gpu_memory_after_load_GB"] = torch.cuda.memory_allocated() / 1e9
     results["weight_bytes"] = wb
     weights_gb = sum(p.numel() * p.element_size() for p in base.lm.parameters()) / 1e9
     results["lm_weights_GB"] = weights_gb
@@ -254,7 +259,8 @@ def main(argv=None) -> int:
     full_window = PERSONAPLEX_7B.lm.temporal.window
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    slug = card_slug()
+    slug = card_slug() + ("" if results["variant"] == {"weights": "bf16", "kv_cache": "bf16"} else
+                          f"-w{results['variant']['weights']}-kv{results['variant']['kv_cache']}")
 
     def save():
         (out / f"{slug}.json").write_text(json.dumps(results, indent=1))
@@ -264,14 +270,15 @@ def main(argv=None) -> int:
             row = {"batch": B, "context": ctx}
             # short context reads only the prompt's KV entries, so a small ring gives the same tick
             window = full_window if ctx == "full" else 512
-            need = B * 2 * PERSONAPLEX_7B.lm.temporal.num_layers * 32 * window * 128 * 2
+            need = B * kv_slot * window // full_window
             if need > free - (6 << 30):
-                row["skipped"] = (f"{B} sessions of bf16 KV at a {window}-frame window need {need / 1e9:.0f} GB; "
-                                  f"{free / 1e9:.0f} GB are free (see --kv-cache-dtype fp8)")
+                row["skipped"] = (f"{B} sessions of {kv_dtype or 'bf16'} KV at a {window}-frame window need "
+                                  f"{need / 1e9:.0f} GB; {free / 1e9:.0f} GB are free")
                 results["ticks"].append(row)
                 print(f"batch {B:3d} {ctx:5s}: skipped ({row['skipped']})", flush=True)
                 continue
-            eng = Engine(PERSONAPLEX_7B, lm, mimi, tok, max_slots=B, kv_window=window, checkpoint_id="bench")
+            eng = Engine(PERSONAPLEX_7B, lm, mimi, tok, max_slots=B, kv_window=window, checkpoint_id="bench",
+                         kv_cache_dtype=kv_dtype)
             cap_s = eng.enable_graphs(buckets=(B,))
             slots = prepare_slots(eng, B, voice, full=(ctx == "full"))
             torch.cuda.reset_peak_memory_stats()

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # On a GPU machine that has torch and triton but no network: install what was carried (.whl/
-# wheels, .carry/lib/libopus), run the GPU tests, `make bench`, then a load-test sweep of
-# ppx-serve on random 7B weights. Each part is bounded in time; logs and results go to $OUT.
+# wheels, .carry/lib/libopus), run the GPU tests (TESTS=...), `make bench`, with FP8=1 the FP8
+# fidelity and bench, with LOAD=1 a load-test sweep of ppx-serve on random 7B weights
+# (SERVE_ARGS="--quantize fp8 --kv-cache-dtype fp8" for FP8). Each part is bounded in time; logs
+# and results go to $OUT. The reference's recordings are carried in .carry/assets (not committed).
 set -uo pipefail
 OUT=${OUT:-artifacts}
 mkdir -p "$OUT"
@@ -20,6 +22,10 @@ if [ "${TESTS:-}" != "" ]; then
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   timeout "${BENCH_TIMEOUT:-420}" make bench BENCH_ARGS="--out $OUT ${BENCH_ARGS:-}" 2>&1 | tee "$OUT/bench.log"
+fi
+if [ "${FP8:-0}" = 1 ]; then
+  timeout "${FP8_TIMEOUT:-300}" python3 -m benchmarks.fidelity --frames 200 --json "$OUT/fidelity.json" 2>&1 | tee "$OUT/fidelity.log"
+  timeout "${BENCH_TIMEOUT:-420}" make bench BENCH_ARGS="--out $OUT --quantize fp8 --kv-cache-dtype fp8 --batches 1,64 --long-session 0 --no-reference" 2>&1 | tee "$OUT/bench-fp8.log"
 fi
 if [ "${LOAD:-0}" = 1 ]; then
   vdir=$(mktemp -d)

@@ -44,7 +44,7 @@ def main() -> int:
             gen = LMGen(lm, temp=0.8, temp_text=0.7, top_k=250, top_k_text=25)
             gen.streaming_forever(B)
             codes = torch.randint(0, 2048, (B, 8, 1), device="cuda")
-            out["lm_step_ms"][str(B)] = _median_ms(lambda: gen.step(codes), args.steps)
+            out["lm_step_ms"][str(B)] = _median_ms(lambda g=gen: g.step(codes), args.steps)
             print(f"moshi LM step batch {B}: {out['lm_step_ms'][str(B)]:.2f} ms", file=sys.stderr, flush=True)
             # the model streams on its own (detached) beside the generator: stop both
             gen._stop_streaming()

@@ -85,13 +85,13 @@ class _Slot:
 class Engine:
     def __init__(self, cfg: ModelConfig, lm: LM, mimi: Mimi, tokenizer: Tokenizer, *, max_slots: int = 1,
                  depformer_steps: int | None = None, checkpoint_id: str = "", kv_window: int | None = None,
-                 prompt_cache_bytes: int | None = None):
+                 prompt_cache_bytes: int | None = None, kv_cache_dtype: str | None = None):
         self.cfg = cfg
         self.lm = lm
         self.mimi = mimi
         self.tokenizer = tokenizer
         self.device = next(lm.parameters()).device
-        self.dtype = next(lm.parameters()).dtype
+        self.dtype = lm.dtype
         self.max_slots = max_slots
         self.checkpoint_id = checkpoint_id
         # Steps past the agent's codebooks predict the user's, which are always given.
@@ -104,7 +104,8 @@ class Engine:
         if kv_window is not None and kv_window < window:
             log.warning("KV rings hold %d frames: sessions longer than that see less history than the reference",
                         kv_window)
-        self.lm_state = LMState(cfg.lm, max_slots, self.device, self.dtype, window=kv_window)
+        self.lm_state = LMState(cfg.lm, max_slots, self.device, self.dtype, window=kv_window,
+                                kv_dtype=kv_cache_dtype)
         self.mimi_state = MimiState(mimi, max_slots, self.device)
         self.slots: dict[int, _Slot] = {}
         self._free = list(range(max_slots))
@@ -121,16 +122,21 @@ class Engine:
     def load(cls, *, config: ModelConfig | str | None = None, moshi_weight=None, mimi_weight=None,
              tokenizer=None, hf_repo: str = W.DEFAULT_HF_REPO, device: str | torch.device = "cuda",
              dtype: torch.dtype | None = None, max_slots: int | None = 1, depformer_steps: int | None = None,
-             kv_window: int | None = None, cuda_graphs: bool | None = None) -> "Engine":
+             kv_window: int | None = None, cuda_graphs: bool | None = None, quantize: str | None = None,
+             kv_cache_dtype: str | None = None) -> "Engine":
         """Loads the model (local files where given, the rest from the hub repo), then on a GPU
         warms up and captures the tick as CUDA graphs. max_slots None: as many sessions as the
         free GPU memory holds once the weights are in (one on the CPU)."""
         from .device import check_device
         from .graphs import graphs_enabled
 
+        from .quant import check_fp8_device
+
         t0 = time.monotonic()
         device = torch.device(device)
         check_device(device)
+        if quantize == "fp8" or kv_cache_dtype == "fp8":
+            check_fp8_device(device)
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         if config is None:
@@ -143,24 +149,26 @@ class Engine:
         mimi_path = W.resolve_file(mimi_weight, W.MIMI_FILE, hf_repo)
         tok_path = W.resolve_file(tokenizer, W.TOKENIZER_FILE, hf_repo)
         log.info("loading the language model from %s (%s, %s)", lm_path, device, str(dtype).replace("torch.", ""))
-        lm = W.materialize(lambda dtype: LM(cfg.lm, dtype=dtype), device, dtype)
+        lm = W.materialize(lambda dtype: LM(cfg.lm, dtype=dtype, quant=quantize), device, dtype)
         W.load_lm_weights(lm, lm_path, cfg.lm)
         log.info("loading Mimi from %s", mimi_path)
         mimi = W.materialize(lambda dtype: Mimi(cfg.mimi, dtype=dtype), device, torch.float32)
         W.load_mimi_weights(mimi, mimi_path, cfg.mimi)
         tok = Tokenizer(tok_path, vocab_size=cfg.lm.text_card)
         if max_slots is None:
-            max_slots = sessions_that_fit(cfg, device, dtype, kv_window)
+            max_slots = sessions_that_fit(cfg, device, dtype, kv_window, kv_cache_dtype=kv_cache_dtype)
             log.info("room for %d sessions", max_slots)
         ckpt_id = f"{lm_path.resolve()}:{lm_path.stat().st_size}:{lm_path.stat().st_mtime_ns}"
         eng = cls(cfg, lm, mimi, tok, max_slots=max_slots, depformer_steps=depformer_steps, checkpoint_id=ckpt_id,
-                  kv_window=kv_window)
+                  kv_window=kv_window, kv_cache_dtype=kv_cache_dtype)
         t_load = time.monotonic() - t0
         t_graphs = 0.0
         if device.type == "cuda" and graphs_enabled(cuda_graphs):
             t_graphs = eng.enable_graphs()
-        log.info("ready in %.1f s (loading %.1f s, warm-up and graph capture %.1f s); KV %.2f GB per session",
-                 time.monotonic() - t0, t_load, t_graphs, eng.lm_state.kv_bytes_per_slot() / 1e9)
+        log.info("ready in %.1f s (loading %.1f s, warm-up and graph capture %.1f s); weights %.2f GB, KV %.2f GB "
+                 "per session", time.monotonic() - t0, t_load, t_graphs,
+                 sum(p.numel() * p.element_size() for p in lm.parameters()) / 1e9,
+                 eng.lm_state.kv_bytes_per_slot() / 1e9)
         return eng
 
     @property
@@ -285,14 +293,18 @@ class Engine:
     def _snapshot(self, slot: int, plan: PromptPlan) -> PromptState:
         kv = self.lm_state.kv
         n = min(plan.positions, kv.window)
+        scales = (kv.k_scale[:, slot, :, :n].clone(), kv.v_scale[:, slot, :, :n].clone()) if kv.quantized else None
         return PromptState(kv.k[:, slot, :, :n].clone(), kv.v[:, slot, :, :n].clone(), plan.tokens.clone(),
-                           plan.provided.clone(), plan.offset, len(plan.text_ids))
+                           plan.provided.clone(), plan.offset, len(plan.text_ids), scales)
 
     def _restore(self, slot: int, st: PromptState) -> None:
         kv = self.lm_state.kv
         n = st.k.shape[2]
         kv.k[:, slot, :, :n].copy_(st.k)
         kv.v[:, slot, :, :n].copy_(st.v)
+        if st.scales is not None:
+            kv.k_scale[:, slot, :, :n].copy_(st.scales[0])
+            kv.v_scale[:, slot, :, :n].copy_(st.scales[1])
         self.lm_state.load_ring(slot, st.tokens, st.provided, st.offset)
 
     # ------------------------------------------------------------------------------
@@ -353,14 +365,15 @@ class Engine:
 
 
 def sessions_that_fit(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, kv_window: int | None = None,
-                      headroom: int = 6 << 30, cap: int = 64) -> int:
+                      headroom: int = 6 << 30, cap: int = 64, kv_cache_dtype: str | None = None) -> int:
     """Sessions whose full-context KV rings fit the free GPU memory, keeping headroom for the
     tick's activations, the graphs and the prompt cache."""
     if device.type != "cuda":
         return 1
     free, _ = torch.cuda.mem_get_info(device)
     t = cfg.lm.temporal
-    per = 2 * t.num_layers * t.num_heads * (kv_window or t.window) * t.head_dim * torch.finfo(dtype).bits // 8
+    vectors = 2 * t.num_layers * t.num_heads * (kv_window or t.window)
+    per = vectors * (t.head_dim + 4 if kv_cache_dtype == "fp8" else t.head_dim * torch.finfo(dtype).bits // 8)
     return max(1, min(cap, int((free - headroom) // per)))
 
 

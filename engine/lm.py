@@ -11,17 +11,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import DepformerConfig, LMConfig, TemporalConfig
-from .kernels import (add_rms_norm, linear, decode_attention, prefill_attention_ref, qkv_rope_write, rms_norm, rope, silu_mul,
+from .quant import FP8
+from .kernels import (add_rms_norm, linear, linear_fp8, decode_attention, prefill_attention_ref, qkv_rope_write, rms_norm, rope, silu_mul,
                       step_attention)
 
 
 class Linear(nn.Module):
-    """y = x W^T, with W [out, in] or stacked per step [S, out, in] (then `step` picks one)."""
+    """y = x W^T, with W [out, in] or stacked per step [S, out, in] (then `step` picks one).
+    With quant="fp8", W is e4m3 with a float32 scale per output channel (`engine.quant`)."""
 
-    def __init__(self, in_features: int, out_features: int, steps: int | None = None, device=None, dtype=None):
+    def __init__(self, in_features: int, out_features: int, steps: int | None = None, device=None, dtype=None,
+                 quant: str | None = None):
         super().__init__()
         shape = (out_features, in_features) if steps is None else (steps, out_features, in_features)
-        self.weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype), requires_grad=False)
+        wdtype = FP8 if quant == "fp8" else dtype
+        self.weight = nn.Parameter(torch.empty(shape, device=device, dtype=wdtype), requires_grad=False)
+        if quant == "fp8":
+            self.scale = nn.Parameter(torch.empty(shape[:-1], device=device, dtype=torch.float32), requires_grad=False)
 
     @property
     def out_features(self) -> int:
@@ -29,6 +35,8 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor, step: int | None = None) -> torch.Tensor:
         w = self.weight if step is None else self.weight[step]
+        if w.dtype == FP8:
+            return linear_fp8(x, w, self.scale if step is None else self.scale[step])
         return linear(x, w)
 
 
@@ -37,53 +45,58 @@ def _param(*shape, device=None, dtype=None) -> nn.Parameter:
 
 
 class TemporalLayer(nn.Module):
-    def __init__(self, c: TemporalConfig, device=None, dtype=None):
+    def __init__(self, c: TemporalConfig, device=None, dtype=None, quant=None):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
         self.norm1 = _param(c.dim, **kw)
-        self.attn_in = Linear(c.dim, 3 * c.dim, **kw)
-        self.attn_out = Linear(c.dim, c.dim, **kw)
+        self.attn_in = Linear(c.dim, 3 * c.dim, quant=quant, **kw)
+        self.attn_out = Linear(c.dim, c.dim, quant=quant, **kw)
         self.norm2 = _param(c.dim, **kw)
-        self.ffn_in = Linear(c.dim, 2 * c.hidden, **kw)
-        self.ffn_out = Linear(c.hidden, c.dim, **kw)
+        self.ffn_in = Linear(c.dim, 2 * c.hidden, quant=quant, **kw)
+        self.ffn_out = Linear(c.hidden, c.dim, quant=quant, **kw)
 
 
 class DepformerLayer(nn.Module):
-    def __init__(self, c: DepformerConfig, device=None, dtype=None):
+    def __init__(self, c: DepformerConfig, device=None, dtype=None, quant=None):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
         self.norm1 = _param(c.dim, **kw)  # norms are shared by all steps
-        self.attn_in = Linear(c.dim, 3 * c.dim, steps=c.steps, **kw)
-        self.attn_out = Linear(c.dim, c.dim, steps=c.steps, **kw)
+        self.attn_in = Linear(c.dim, 3 * c.dim, steps=c.steps, quant=quant, **kw)
+        self.attn_out = Linear(c.dim, c.dim, steps=c.steps, quant=quant, **kw)
         self.norm2 = _param(c.dim, **kw)
-        self.ffn_in = Linear(c.dim, 2 * c.hidden, steps=c.steps, **kw)
-        self.ffn_out = Linear(c.hidden, c.dim, steps=c.steps, **kw)
+        self.ffn_in = Linear(c.dim, 2 * c.hidden, steps=c.steps, quant=quant, **kw)
+        self.ffn_out = Linear(c.hidden, c.dim, steps=c.steps, quant=quant, **kw)
 
 
 class Depformer(nn.Module):
-    def __init__(self, lm: LMConfig, device=None, dtype=None):
+    def __init__(self, lm: LMConfig, device=None, dtype=None, quant=None):
         super().__init__()
         c = lm.depformer
         kw = dict(device=device, dtype=dtype)
-        self.inp = Linear(lm.temporal.dim, c.dim, steps=c.steps, **kw)       # depformer_in.k
-        self.text_emb = _param(lm.text_card + 1, c.dim, **kw)                # E_0
-        self.emb = _param(c.steps - 1, lm.card + 1, c.dim, **kw)             # E_k, k >= 1
-        self.layers = nn.ModuleList([DepformerLayer(c, **kw) for _ in range(c.num_layers)])
-        self.heads = Linear(c.dim, lm.card, steps=c.steps, **kw)             # linears.k
+        self.inp = Linear(lm.temporal.dim, c.dim, steps=c.steps, quant=quant, **kw)   # depformer_in.k
+        self.text_emb = _param(lm.text_card + 1, c.dim, **kw)                          # E_0
+        self.emb = _param(c.steps - 1, lm.card + 1, c.dim, **kw)                       # E_k, k >= 1
+        self.layers = nn.ModuleList([DepformerLayer(c, quant=quant, **kw) for _ in range(c.num_layers)])
+        self.heads = Linear(c.dim, lm.card, steps=c.steps, quant=quant, **kw)          # linears.k
 
 
 class LM(nn.Module):
-    def __init__(self, cfg: LMConfig, device=None, dtype=None):
+    def __init__(self, cfg: LMConfig, device=None, dtype=None, quant: str | None = None):
         super().__init__()
         self.cfg = cfg
         t = cfg.temporal
         kw = dict(device=device, dtype=dtype)
         self.emb = _param(cfg.n_q, cfg.card + 1, t.dim, **kw)
         self.text_emb = _param(cfg.text_card + 1, t.dim, **kw)
-        self.layers = nn.ModuleList([TemporalLayer(t, **kw) for _ in range(t.num_layers)])
+        self.layers = nn.ModuleList([TemporalLayer(t, quant=quant, **kw) for _ in range(t.num_layers)])
         self.out_norm = _param(t.dim, **kw)
-        self.text_head = Linear(t.dim, cfg.text_card, **kw)
-        self.depformer = Depformer(cfg, **kw)
+        self.text_head = Linear(t.dim, cfg.text_card, quant=quant, **kw)
+        self.depformer = Depformer(cfg, quant=quant, **kw)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activation dtype (the embeddings'; quantized linears store e4m3)."""
+        return self.emb.dtype
 
     # ------------------------------------------------------------------------------
     # embeddings
@@ -114,8 +127,9 @@ class LM(nn.Module):
             x, h = add_rms_norm(x, delta, layer.norm1, t.norm_eps) if delta is not None else \
                 (x, rms_norm(x, layer.norm1, t.norm_eps))
             qkv = layer.attn_in(h).view(B, 3, H, D)
-            q = qkv_rope_write(qkv, pos, t.max_period, slots, ring_idx, kv.k[i], kv.v[i])
-            a = decode_attention(q, kv.k[i], kv.v[i], slots, lengths)
+            ks, vs = kv.scales(i)
+            q = qkv_rope_write(qkv, pos, t.max_period, slots, ring_idx, kv.k[i], kv.v[i], ks, vs)
+            a = decode_attention(q, kv.k[i], kv.v[i], slots, lengths, ks, vs)
             x, h = add_rms_norm(x, layer.attn_out(a.reshape(B, H * D)), layer.norm2, t.norm_eps)
             delta = layer.ffn_out(silu_mul(layer.ffn_in(h)))
         return add_rms_norm(x, delta, self.out_norm, t.norm_eps)[1]

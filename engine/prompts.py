@@ -149,10 +149,12 @@ class PromptState:
     provided: torch.Tensor
     offset: int
     text_tokens: int
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None  # of e4m3 rings
 
     @property
     def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        extra = 2 * self.scales[0].numel() * 4 if self.scales is not None else 0
+        return 2 * self.k.numel() * self.k.element_size() + extra
 
 
 class PromptCache:

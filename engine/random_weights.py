@@ -161,13 +161,18 @@ def random_engine(cfg: ModelConfig, tokenizer: str | Path, *, device="cuda", dty
     from .tokenizer import Tokenizer
     from .weights import load_mimi_weights, materialize
 
+    quantize = engine_kw.pop("quantize", None)
     lm = randomize_lm_(materialize(lambda dtype: LM(cfg.lm, dtype=dtype), device, dtype), seed)
+    if quantize == "fp8":
+        from .quant import quantize_lm_
+        quantize_lm_(lm)
     mimi = materialize(lambda dtype: Mimi(cfg.mimi, dtype=dtype), device, torch.float32)
     with tempfile.TemporaryDirectory() as d:
         save_file(random_mimi_state_dict(cfg.mimi, seed), f"{d}/mimi.safetensors")
         load_mimi_weights(mimi, Path(f"{d}/mimi.safetensors"), cfg.mimi)
     if engine_kw.get("max_slots", 1) is None:
-        engine_kw["max_slots"] = sessions_that_fit(cfg, torch.device(device), dtype, engine_kw.get("kv_window"))
+        engine_kw["max_slots"] = sessions_that_fit(cfg, torch.device(device), dtype, engine_kw.get("kv_window"),
+                                                   kv_cache_dtype=engine_kw.get("kv_cache_dtype"))
     return Engine(cfg, lm, mimi, Tokenizer(tokenizer, cfg.lm.text_card), checkpoint_id=f"random-{seed}",
                   **engine_kw)
 

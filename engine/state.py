@@ -8,38 +8,56 @@ from __future__ import annotations
 import torch
 
 from .config import LMConfig
+from .quant import FP8, quantize_rows
 
 
 class KVRings:
     """Keys and values of the temporal transformer: [layers, slots, heads, window, head_dim].
-    Position p of a slot lives at index p mod window."""
+    Position p of a slot lives at index p mod window. In e4m3 (kv_dtype "fp8"), each key and
+    value vector has a float32 scale beside it ([layers, slots, heads, window])."""
 
-    def __init__(self, layers: int, slots: int, heads: int, window: int, head_dim: int, device, dtype):
+    def __init__(self, layers: int, slots: int, heads: int, window: int, head_dim: int, device, dtype,
+                 kv_dtype: str | None = None):
         shape = (layers, slots, heads, window, head_dim)
         self.window = window
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.quantized = kv_dtype == "fp8"
+        store = FP8 if self.quantized else dtype
+        self.k = torch.zeros(shape, device=device, dtype=store)
+        self.v = torch.zeros(shape, device=device, dtype=store)
+        self.k_scale = torch.ones(shape[:-1], device=device) if self.quantized else None
+        self.v_scale = torch.ones(shape[:-1], device=device) if self.quantized else None
+
+    def scales(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if not self.quantized:
+            return None, None
+        return self.k_scale[layer], self.v_scale[layer]
 
     def write(self, layer: int, slots: torch.Tensor, ring_idx: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """slots, ring_idx: [N]; k, v: [N, heads, head_dim]."""
+        if self.quantized:
+            (k, ks), (v, vs) = quantize_rows(k), quantize_rows(v)
+            self.k_scale[layer][slots, :, ring_idx] = ks
+            self.v_scale[layer][slots, :, ring_idx] = vs
         self.k[layer][slots, :, ring_idx] = k.to(self.k.dtype)
         self.v[layer][slots, :, ring_idx] = v.to(self.v.dtype)
 
     def bytes_per_slot(self) -> int:
-        return 2 * self.k[:, 0].numel() * self.k.element_size()
+        n = 2 * self.k[:, 0].numel() * self.k.element_size()
+        return n + (2 * self.k_scale[:, 0].numel() * 4 if self.quantized else 0)
 
 
 class LMState:
     """Token ring, provided mask and offset are the reference generator's `cache`,
     `provided` and `offset`, per slot; sampling settings sit beside them."""
 
-    def __init__(self, cfg: LMConfig, num_slots: int, device, dtype, window: int | None = None):
+    def __init__(self, cfg: LMConfig, num_slots: int, device, dtype, window: int | None = None,
+                 kv_dtype: str | None = None):
         t = cfg.temporal
         S = num_slots + 1
         self.cfg = cfg
         self.num_slots = num_slots
         self.scratch = num_slots
-        self.kv = KVRings(t.num_layers, S, t.num_heads, window or t.window, t.head_dim, device, dtype)
+        self.kv = KVRings(t.num_layers, S, t.num_heads, window or t.window, t.head_dim, device, dtype, kv_dtype)
         K, R = cfg.num_streams, cfg.ring_size
         self.tokens = torch.full((S, K, R), -2, dtype=torch.long, device=device)
         self.provided = torch.zeros((S, K, R), dtype=torch.bool, device=device)

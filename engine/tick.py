@@ -119,3 +119,14 @@ def user_mask(cfg, batch: int, device) -> torch.Tensor:
     m = torch.zeros(batch, cfg.num_streams, dtype=torch.bool, device=device)
     m[:, 1 + cfg.agent_codebooks:] = True
     return m
+
+
+def teacher_force(dst: LMState, dslot: int, src: LMState, sslot: int, offset: int) -> None:
+    """Makes dst's token ring src's after src's step at `offset`, with that column marked
+    provided, so dst's next step re-predicts it from the same inputs, its depformer fed src's
+    tokens at every step (for comparing two runs frame by frame; each keeps its KV rings)."""
+    R = dst.tokens.shape[2]
+    dst.tokens[dslot] = src.tokens[sslot]
+    dst.provided[dslot] = src.provided[sslot]
+    dst.provided[dslot, :, offset % R] = True
+    dst.offset[dslot] = offset

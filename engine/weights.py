@@ -176,12 +176,20 @@ def _params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return dict(module.named_parameters())
 
 
-def _assign(dst: torch.Tensor, src: torch.Tensor, key: str, kind: str) -> None:
+def _assign(dst: torch.Tensor, src: torch.Tensor, key: str, kind: str, scale: torch.Tensor | None = None) -> None:
+    """Copies src into dst (converting dtype); into an e4m3 dst, quantizes per row and fills
+    `scale`, on dst's device."""
     if tuple(src.shape) != tuple(dst.shape):
         raise WeightsError(f"checkpoint key '{key}' has shape {tuple(src.shape)}, expected {tuple(dst.shape)}"
                            f" ({kind})")
     with torch.no_grad():
-        dst.copy_(src)
+        if scale is not None:
+            from .quant import quantize_rows
+            w8, s = quantize_rows(src.to(dst.device))
+            dst.copy_(w8)
+            scale.copy_(s)
+        else:
+            dst.copy_(src)
 
 
 def load_lm_weights(model: torch.nn.Module, path: Path, cfg: LMConfig) -> None:
@@ -208,12 +216,15 @@ def load_lm_weights(model: torch.nn.Module, path: Path, cfg: LMConfig) -> None:
     params = _params(model)
     for key, tgt in plan.items():
         dst = params[tgt.param]
+        # an e4m3 weight has a scale beside it (`engine.quant`)
+        scale = params.get(tgt.param[: -len("weight")] + "scale") if tgt.param.endswith(".weight") else None
         src_key = sources.get(key, key)
         t = ck.get(src_key)
         if tgt.kind == "alpha":
             t = t.reshape(-1) if t.dim() == 3 and t.shape[:2] == (1, 1) else t
         elif tgt.kind == "step":
             dst = dst[tgt.index]
+            scale = scale[tgt.index] if scale is not None else None
         elif tgt.kind == "steps":
             per = dst[0].numel() // dst.shape[-1]
             if t.dim() == 2 and t.shape[0] * 2 == steps * per and t.shape[1] == dst.shape[-1] and steps == 16:
@@ -223,7 +234,7 @@ def load_lm_weights(model: torch.nn.Module, path: Path, cfg: LMConfig) -> None:
                 raise WeightsError(f"checkpoint key '{key}' has shape {tuple(t.shape)}, expected "
                                    f"({steps * per}, {dst.shape[-1]})")
             t = t.view(dst.shape)
-        _assign(dst, t, key, tgt.kind)
+        _assign(dst, t, key, tgt.kind, scale)
     if extended:
         log.info("extended an 8-step depformer checkpoint to %d steps, as the reference does", steps)
 
@@ -337,7 +348,8 @@ def load_mimi_weights(model: torch.nn.Module, path: Path, cfg: MimiConfig) -> No
 
 
 def materialize(module_factory: Callable[..., torch.nn.Module], device, dtype) -> torch.nn.Module:
-    """Builds a module on the meta device, then allocates its parameters once on `device`."""
+    """Builds a module on the meta device, then allocates its parameters once on `device`
+    (each in its own dtype: e4m3 weights stay e4m3)."""
     with torch.device("meta"):
         m = module_factory(dtype=dtype)
     m = m.to_empty(device=device)

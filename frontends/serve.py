@@ -613,8 +613,12 @@ def run(args) -> int:
         if not args.tokenizer:
             raise UserError("--random-weights needs --tokenizer (any SentencePiece model)")
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        if args.quantize == "fp8" or args.kv_cache_dtype == "fp8":
+            from engine.quant import check_fp8_device
+            check_fp8_device(device)
         engine = random_engine(cfg, args.tokenizer, device=device, dtype=dtype, max_slots=args.max_sessions,
-                               kv_window=args.kv_window)
+                               kv_window=args.kv_window, quantize=None if args.quantize == "none" else args.quantize,
+                               kv_cache_dtype=None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype)
         if device.type == "cuda" and os.environ.get("PPX_CUDA_GRAPHS", "1") != "0":
             engine.enable_graphs()
         log.warning("serving RANDOM weights (%s): the agent's audio is noise", cfg.name)

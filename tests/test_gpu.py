@@ -11,7 +11,7 @@ from engine.config import PERSONAPLEX_7B
 from engine.engine import SamplingParams, load_voice_pt
 from engine.kernels import use_triton
 from engine.random_weights import random_engine, random_voice
-from engine.tick import lm_tick, user_mask
+from engine.tick import lm_tick, teacher_force, user_mask
 
 from conftest import GOLDEN, GREEDY, TINY, gpu, make_tiny_engine
 
@@ -140,14 +140,7 @@ def seven_b_pair():
 
 
 def _force_target(dst, dslot, src, sslot, offset):
-    """Teacher forcing: dst's token ring becomes src's after src's step, with column `offset`
-    (the one just predicted) marked provided, so dst's step re-predicts it from the same
-    inputs, its depformer fed src's tokens at every step."""
-    R = dst.lm_state.tokens.shape[2]
-    dst.lm_state.tokens[dslot] = src.lm_state.tokens[sslot]
-    dst.lm_state.provided[dslot] = src.lm_state.provided[sslot]
-    dst.lm_state.provided[dslot, :, offset % R] = True
-    dst.lm_state.offset[dslot] = offset
+    teacher_force(dst.lm_state, dslot, src.lm_state, sslot, offset)
 
 
 def _lockstep(engines, graphed, slots, sb, n, triton_flags):

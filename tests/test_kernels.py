@@ -177,3 +177,52 @@ def test_small_linear(M, N, KD):
     out = K.small_linear(x, w)
     ref = torch.nn.functional.linear(x.float(), w.float()).to(dtype)
     _check(out, ref, torch.nn.functional.linear(x.double(), w.double()), dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# FP8: e4m3 weights and KV cache (float16 activations under the interpreter, bf16 on a GPU)
+
+FP8_ACT = torch.bfloat16 if CUDA else torch.float16
+
+
+@pytest.mark.parametrize("M,N,KD", ([(1, 22528, 4096), (8, 4096, 11264), (64, 3072, 1024)] if CUDA else [])
+                         + [(1, 40, 64), (3, 33, 130), (20, 70, 96)])
+def test_fp8_linear(M, N, KD):
+    from engine.kernels import linear_fp8_ref
+    from engine.quant import quantize_rows
+
+    g = torch.Generator().manual_seed(M + N)
+    x = _randn(M, KD, dtype=FP8_ACT, g=g)
+    w8, s = quantize_rows((torch.randn(N, KD, generator=g) / KD ** 0.5).to(DEV))
+    out = K.fp8_linear(x, w8, s)
+    ref = linear_fp8_ref(x, w8, s)
+    # the same products accumulated in float32 in another order, then one rounding
+    assert _rel(out, ref) < 1e-2 if not CUDA else _rel(out, ref) < 8e-3
+
+
+@pytest.mark.parametrize("B,H,D,W", ATTN_SHAPES)
+def test_fp8_kv_write_and_attention(B, H, D, W):
+    from engine.quant import FP8
+
+    g = torch.Generator().manual_seed(11 * B + W)
+    S = B + 2
+    qkv = _randn(B, 3, H, D, dtype=FP8_ACT, g=g)
+    pos = torch.randint(0, 10000, (B,), generator=g).to(DEV)
+    slots = torch.randperm(S, generator=g)[:B].to(DEV)
+    ridx = pos % W
+    rings = [(_randn(S, H, W, D, dtype=torch.float32, g=g)).to(FP8) for _ in range(4)]
+    scales = [torch.rand(S, H, W, generator=g).to(DEV) + 0.01 for _ in range(4)]
+    for r in (rings[2], rings[3]):
+        r.copy_(rings[0] if r is rings[2] else rings[1])
+    scales[2].copy_(scales[0])
+    scales[3].copy_(scales[1])
+    q = K.qkv_rope_write(qkv, pos, 10000.0, slots, ridx, rings[0], rings[1], scales[0], scales[1])
+    qr = qkv_rope_write_ref(qkv, pos, 10000.0, slots, ridx, rings[2], rings[3], scales[2], scales[3])
+    torch.testing.assert_close(q, qr, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(scales[0], scales[2], rtol=1e-3, atol=1e-6)
+    agree = (rings[0].float() == rings[2].float()).float().mean().item()
+    assert agree > 0.99  # the same e4m3 codes but for rounding ties of the scaled value
+    lengths = torch.randint(1, W + 1, (B,), generator=g).to(DEV)
+    out = K.decode_attention(q, rings[0], rings[1], slots, lengths, k_scale=scales[0], v_scale=scales[1])
+    ref = decode_attention_ref(q, rings[0], rings[1], slots, lengths, scales[0], scales[1])
+    assert _rel(out, ref) < 1e-2

@@ -18,12 +18,16 @@ import torch.nn.functional as F
 from .dispatch import triton_enabled
 
 
-def decode_attention_ref(q, k_ring, v_ring, slots, lengths):
-    """q: [B, H, D]; k_ring, v_ring: [S, H, C, D]; slots, lengths: [B] -> [B, H, D]."""
+def decode_attention_ref(q, k_ring, v_ring, slots, lengths, k_scale=None, v_scale=None):
+    """q: [B, H, D]; k_ring, v_ring: [S, H, C, D]; slots, lengths: [B] -> [B, H, D]. With
+    scales ([S, H, C]) the rings are e4m3 and each vector is k8 * scale."""
     B, H, D = q.shape
     C = k_ring.shape[2]
     k = k_ring.index_select(0, slots).float()
     v = v_ring.index_select(0, slots).float()
+    if k_scale is not None:
+        k = k * k_scale.index_select(0, slots).unsqueeze(-1)
+        v = v * v_scale.index_select(0, slots).unsqueeze(-1)
     scores = torch.einsum("bhd,bhcd->bhc", q.float(), k) / math.sqrt(D)
     valid = torch.arange(C, device=q.device).view(1, 1, C) < lengths.view(B, 1, 1)
     scores = scores.masked_fill(~valid, float("-inf"))
@@ -31,11 +35,11 @@ def decode_attention_ref(q, k_ring, v_ring, slots, lengths):
     return torch.einsum("bhc,bhcd->bhd", p, v).to(q.dtype)
 
 
-def decode_attention(q, k_ring, v_ring, slots, lengths):
+def decode_attention(q, k_ring, v_ring, slots, lengths, k_scale=None, v_scale=None):
     if triton_enabled(q):
         from . import triton_ops
-        return triton_ops.decode_attention(q, k_ring, v_ring, slots, lengths)
-    return decode_attention_ref(q, k_ring, v_ring, slots, lengths)
+        return triton_ops.decode_attention(q, k_ring, v_ring, slots, lengths, k_scale=k_scale, v_scale=v_scale)
+    return decode_attention_ref(q, k_ring, v_ring, slots, lengths, k_scale, v_scale)
 
 
 def prefill_attention_ref(q, k, v, context: int | None, lengths=None):

@@ -68,3 +68,19 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def linear_choices() -> dict:
     """What the calibration chose, per (rows, out, in, dtype): 'cublas' or the kernel config."""
     return {str(k): ("cublas" if v < 0 else _CONFIGS[v]) for k, v in _choice.items()}
+
+
+def linear_fp8_ref(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """y = (x . W8^T) * scale, float32 accumulation, in x's dtype (scale per output channel)."""
+    return (F.linear(x.float(), w8.float()) * scale.float()).to(x.dtype)
+
+
+def linear_fp8(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    rows = x.numel() // x.shape[-1]
+    if triton_enabled(x) and rows <= 64:
+        from . import triton_ops
+        return triton_ops.fp8_linear(x, w8, scale)
+    if x.is_cuda:
+        # many rows (a prefill): dequantize once to the activation dtype and use cuBLAS
+        return F.linear(x, (w8.to(x.dtype) * scale.to(x.dtype).unsqueeze(-1)))
+    return linear_fp8_ref(x, w8, scale)

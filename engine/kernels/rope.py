@@ -39,16 +39,23 @@ def rope(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, max_period: float)
     return rope_ref(q, k, pos, max_period)
 
 
-def qkv_rope_write_ref(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring):
-    """qkv: [B, 3, H, D]; k_ring, v_ring: [S, H, W, D] of one layer. Returns rotated q [B, H, D]."""
+def qkv_rope_write_ref(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring, k_scale=None, v_scale=None):
+    """qkv: [B, 3, H, D]; k_ring, v_ring: [S, H, W, D] of one layer. Returns rotated q [B, H, D].
+    With scales ([S, H, W]), the rings are e4m3: each stored vector is quantized with its own."""
     q, k = rope_ref(qkv[:, 0], qkv[:, 1], pos, max_period)
+    v = qkv[:, 2]
+    if k_scale is not None:
+        from ..quant import quantize_rows
+        (k, ks), (v, vs) = quantize_rows(k), quantize_rows(v)
+        k_scale[slots, :, ring_idx] = ks
+        v_scale[slots, :, ring_idx] = vs
     k_ring[slots, :, ring_idx] = k.to(k_ring.dtype)
-    v_ring[slots, :, ring_idx] = qkv[:, 2].to(v_ring.dtype)
+    v_ring[slots, :, ring_idx] = v.to(v_ring.dtype)
     return q
 
 
-def qkv_rope_write(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring):
+def qkv_rope_write(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring, k_scale=None, v_scale=None):
     if triton_enabled(qkv):
         from . import triton_ops
-        return triton_ops.qkv_rope_write(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring)
-    return qkv_rope_write_ref(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring)
+        return triton_ops.qkv_rope_write(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring, k_scale, v_scale)
+    return qkv_rope_write_ref(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring, k_scale, v_scale)

@@ -64,9 +64,9 @@ def rms_norm(x: torch.Tensor, alpha: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @triton.jit
-def _qkv_rope_write_kernel(qkv_ptr, pos_ptr, slot_ptr, ridx_ptr, q_ptr, k_ring, v_ring, freq_ptr,
-                           s_b, s_h, sq_b, sq_h, sr_slot, sr_h, sr_w, HD,
-                           HALF: tl.constexpr):
+def _qkv_rope_write_kernel(qkv_ptr, pos_ptr, slot_ptr, ridx_ptr, q_ptr, k_ring, v_ring, freq_ptr, ks_ptr, vs_ptr,
+                           s_b, s_h, sq_b, sq_h, sr_slot, sr_h, sr_w, ss_slot, ss_h, HD,
+                           HALF: tl.constexpr, QUANT: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     i = tl.arange(0, HALF)
@@ -89,8 +89,23 @@ def _qkv_rope_write_kernel(qkv_ptr, pos_ptr, slot_ptr, ridx_ptr, q_ptr, k_ring, 
     slot = tl.load(slot_ptr + b)
     r = tl.load(ridx_ptr + b)
     off = slot * sr_slot + h * sr_h + r * sr_w
-    tl.store(k_ring + off + 2 * i, (ka * c - kb * s).to(k_ring.dtype.element_ty))
-    tl.store(k_ring + off + 2 * i + 1, (ka * s + kb * c).to(k_ring.dtype.element_ty))
+    # k is rounded to the activation dtype first, as the reference's rope returns it
+    kra = (ka * c - kb * s).to(q_ptr.dtype.element_ty).to(tl.float32)
+    krb = (ka * s + kb * c).to(q_ptr.dtype.element_ty).to(tl.float32)
+    if QUANT:
+        va = va.to(tl.float32)
+        vb = vb.to(tl.float32)
+        kscale = tl.maximum(tl.maximum(tl.max(tl.abs(kra), 0), tl.max(tl.abs(krb), 0)), 1e-12) / 448.0
+        vscale = tl.maximum(tl.maximum(tl.max(tl.abs(va), 0), tl.max(tl.abs(vb), 0)), 1e-12) / 448.0
+        kra = kra / kscale
+        krb = krb / kscale
+        va = va / vscale
+        vb = vb / vscale
+        soff = slot * ss_slot + h * ss_h + r
+        tl.store(ks_ptr + soff, kscale)
+        tl.store(vs_ptr + soff, vscale)
+    tl.store(k_ring + off + 2 * i, kra.to(k_ring.dtype.element_ty))
+    tl.store(k_ring + off + 2 * i + 1, krb.to(k_ring.dtype.element_ty))
     tl.store(v_ring + off + 2 * i, va.to(v_ring.dtype.element_ty))
     tl.store(v_ring + off + 2 * i + 1, vb.to(v_ring.dtype.element_ty))
 
@@ -106,16 +121,21 @@ def rope_freqs(D: int, max_period: float, device) -> torch.Tensor:
     return _FREQS[key]
 
 
-def qkv_rope_write(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring):
-    """qkv: [B, 3, H, D]; k_ring, v_ring: [S, H, W, D] (one layer). Returns rotated q [B, H, D]."""
+def qkv_rope_write(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring, k_scale=None, v_scale=None):
+    """qkv: [B, 3, H, D]; k_ring, v_ring: [S, H, W, D] (one layer; e4m3 with scales [S, H, W]
+    when given). Returns rotated q [B, H, D]."""
     B, three, H, D = qkv.shape
     assert three == 3 and qkv.stride(-1) == 1 and qkv.stride(2) == D and qkv.stride(1) == H * D
     assert k_ring.is_contiguous() and v_ring.is_contiguous() and k_ring.shape == v_ring.shape
+    quant = k_scale is not None
+    if quant:
+        assert k_scale.is_contiguous() and v_scale.is_contiguous()
     q = torch.empty(B, H, D, device=qkv.device, dtype=qkv.dtype)
+    ks, vs = (k_scale, v_scale) if quant else (q, q)
     _qkv_rope_write_kernel[(B, H)](
-        qkv, pos, slots, ring_idx, q, k_ring, v_ring, rope_freqs(D, max_period, qkv.device),
-        qkv.stride(0), D, q.stride(0), q.stride(1), k_ring.stride(0), k_ring.stride(1), k_ring.stride(2), H * D,
-        HALF=D // 2, num_warps=1)
+        qkv, pos, slots, ring_idx, q, k_ring, v_ring, rope_freqs(D, max_period, qkv.device), ks, vs,
+        qkv.stride(0), D, q.stride(0), q.stride(1), k_ring.stride(0), k_ring.stride(1), k_ring.stride(2),
+        ks.stride(0) if quant else 0, ks.stride(1) if quant else 0, H * D, HALF=D // 2, QUANT=quant, num_warps=1)
     return q
 
 
@@ -124,9 +144,9 @@ def qkv_rope_write(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring):
 
 
 @triton.jit
-def _attn_split_kernel(q_ptr, k_ring, v_ring, slot_ptr, len_ptr, o_ptr, m_ptr, l_ptr,
-                       sq_b, sq_h, sr_slot, sr_h, sr_w, H, CHUNK, scale,
-                       D: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr):
+def _attn_split_kernel(q_ptr, k_ring, v_ring, slot_ptr, len_ptr, o_ptr, m_ptr, l_ptr, ks_ptr, vs_ptr,
+                       sq_b, sq_h, sr_slot, sr_h, sr_w, ss_slot, ss_h, H, CHUNK, scale,
+                       D: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, QUANT: tl.constexpr):
     bh = tl.program_id(0)
     sp = tl.program_id(1)
     b = bh // H
@@ -146,12 +166,16 @@ def _attn_split_kernel(q_ptr, k_ring, v_ring, slot_ptr, len_ptr, o_ptr, m_ptr, l
         n = n0 + tl.arange(0, BLOCK_N)
         valid = n < end
         k = tl.load(kbase + n[:, None] * sr_w + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+        if QUANT:
+            k = k * tl.load(ks_ptr + slot * ss_slot + h * ss_h + n, mask=valid, other=0.0)[:, None]
         s = tl.sum(k * q[None, :], axis=1)
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new)
         v = tl.load(vbase + n[:, None] * sr_w + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+        if QUANT:
+            v = v * tl.load(vs_ptr + slot * ss_slot + h * ss_h + n, mask=valid, other=0.0)[:, None]
         l_i = l_i * alpha + tl.sum(p, axis=0)
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
         m_i = m_new
@@ -194,8 +218,9 @@ def attention_splits(batch: int, heads: int, window: int, device: torch.device, 
     return min(_pow2(want), 32, _pow2(triton.cdiv(window, block_n)))
 
 
-def decode_attention(q, k_ring, v_ring, slots, lengths, nsplit: int | None = None):
-    """q: [B, H, D]; k_ring, v_ring: [S, H, W, D]; slots, lengths: [B] -> [B, H, D]."""
+def decode_attention(q, k_ring, v_ring, slots, lengths, nsplit: int | None = None, k_scale=None, v_scale=None):
+    """q: [B, H, D]; k_ring, v_ring: [S, H, W, D] (e4m3 with scales [S, H, W] when given);
+    slots, lengths: [B] -> [B, H, D]."""
     B, H, D = q.shape
     S, H2, W, D2 = k_ring.shape
     assert (H2, D2) == (H, D) and k_ring.is_contiguous() and v_ring.is_contiguous() and q.stride(-1) == 1
@@ -205,9 +230,12 @@ def decode_attention(q, k_ring, v_ring, slots, lengths, nsplit: int | None = Non
     o = torch.empty(B * H * nsplit, D, device=q.device, dtype=torch.float32)
     m = torch.empty(B * H * nsplit, device=q.device, dtype=torch.float32)
     l = torch.empty(B * H * nsplit, device=q.device, dtype=torch.float32)
+    quant = k_scale is not None
+    ks, vs = (k_scale, v_scale) if quant else (o, o)
     _attn_split_kernel[(B * H, nsplit)](
-        q, k_ring, v_ring, slots, lengths, o, m, l, q.stride(0), q.stride(1), k_ring.stride(0), k_ring.stride(1),
-        k_ring.stride(2), H, chunk, 1.0 / math.sqrt(D), D=D, BLOCK_N=BLOCK_N, NSPLIT=nsplit, num_warps=4)
+        q, k_ring, v_ring, slots, lengths, o, m, l, ks, vs, q.stride(0), q.stride(1), k_ring.stride(0),
+        k_ring.stride(1), k_ring.stride(2), ks.stride(0) if quant else 0, ks.stride(1) if quant else 0, H, chunk,
+        1.0 / math.sqrt(D), D=D, BLOCK_N=BLOCK_N, NSPLIT=nsplit, QUANT=quant, num_warps=4)
     out = torch.empty(B, H, D, device=q.device, dtype=q.dtype)
     _attn_combine_kernel[(B * H,)](o, m, l, out, out.stride(0), out.stride(1), H, D=D, NSPLIT=nsplit, num_warps=1)
     return out
@@ -327,6 +355,37 @@ def small_linear(x: torch.Tensor, w: torch.Tensor, config=(16, 256, 4, 3)) -> to
     _small_linear_kernel[(triton.cdiv(N, BLOCK_N),)](x2, w, y, M, N, K, x2.stride(0), w.stride(0), y.stride(0),
                                                       BLOCK_M=16, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
                                                       num_warps=warps, num_stages=stages)
+    return y.view(*x.shape[:-1], N)
+
+
+@triton.jit
+def _fp8_linear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, sxm, swn, sym,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mm = tl.arange(0, BLOCK_M)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        w = tl.load(w_ptr + n[:, None] * swn + kk[None, :], mask=(n[:, None] < N) & (kk[None, :] < K), other=0.0)
+        x = tl.load(x_ptr + mm[:, None] * sxm + kk[None, :], mask=(mm[:, None] < M) & (kk[None, :] < K), other=0.0)
+        acc += tl.dot(x, tl.trans(w.to(x.dtype)))  # e4m3 -> the activation dtype is exact
+    acc = acc * tl.load(s_ptr + n, mask=n < N, other=0.0)[None, :]
+    tl.store(y_ptr + mm[:, None] * sym + n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=(mm[:, None] < M) & (n[None, :] < N))
+
+
+def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, config=(32, 256, 4, 3)) -> torch.Tensor:
+    """y = (x W8^T) * scale for up to 64 rows and an e4m3 W with one scale per output channel.
+    config: BLOCK_N, BLOCK_K, warps, stages."""
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    M, N = x2.shape[0], w8.shape[0]
+    assert M <= 64 and w8.stride(1) == 1 and x2.stride(1) == 1 and scale.is_contiguous()
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    BLOCK_N, BLOCK_K, warps, stages = config
+    _fp8_linear_kernel[(triton.cdiv(N, BLOCK_N),)](x2, w8, scale, y, M, N, K, x2.stride(0), w8.stride(0),
+                                                    y.stride(0), BLOCK_M=max(16, _pow2(M)), BLOCK_N=BLOCK_N,
+                                                    BLOCK_K=BLOCK_K, num_warps=warps, num_stages=stages)
     return y.view(*x.shape[:-1], N)
 
 
