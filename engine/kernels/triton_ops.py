@@ -326,41 +326,8 @@ def ring_chunk_attention(q, k_ring, v_ring, slots, end):
 
 
 @triton.jit
-def _small_linear_kernel(x_ptr, w_ptr, y_ptr, M, N, K, sxm, swn, sym,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mm = tl.arange(0, BLOCK_M)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        w = tl.load(w_ptr + n[:, None] * swn + kk[None, :], mask=(n[:, None] < N) & (kk[None, :] < K), other=0.0)
-        x = tl.load(x_ptr + mm[:, None] * sxm + kk[None, :], mask=(mm[:, None] < M) & (kk[None, :] < K), other=0.0)
-        acc += tl.dot(x, tl.trans(w))
-    tl.store(y_ptr + mm[:, None] * sym + n[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=(mm[:, None] < M) & (n[None, :] < N))
-
-
-SMALL_LINEAR_MAX_M = 16
-
-
-def small_linear(x: torch.Tensor, w: torch.Tensor, config=(16, 256, 4, 3)) -> torch.Tensor:
-    """y = x W^T for a few rows (M <= 16) and a half-precision W: one launch streaming W once,
-    where cuBLAS splits K and adds a reduction kernel. config: BLOCK_N, BLOCK_K, warps, stages."""
-    K = x.shape[-1]
-    x2 = x.reshape(-1, K)
-    M, N = x2.shape[0], w.shape[0]
-    assert M <= SMALL_LINEAR_MAX_M and w.stride(1) == 1 and x2.stride(1) == 1
-    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    BLOCK_N, BLOCK_K, warps, stages = config
-    _small_linear_kernel[(triton.cdiv(N, BLOCK_N),)](x2, w, y, M, N, K, x2.stride(0), w.stride(0), y.stride(0),
-                                                      BLOCK_M=16, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-                                                      num_warps=warps, num_stages=stages)
-    return y.view(*x.shape[:-1], N)
-
-
-@triton.jit
-def _fp8_linear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, sxm, swn, sym,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _rows_linear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, sxm, swn, sym,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALED: tl.constexpr):
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mm = tl.arange(0, BLOCK_M)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -369,24 +336,39 @@ def _fp8_linear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, sxm, swn, sym,
         w = tl.load(w_ptr + n[:, None] * swn + kk[None, :], mask=(n[:, None] < N) & (kk[None, :] < K), other=0.0)
         x = tl.load(x_ptr + mm[:, None] * sxm + kk[None, :], mask=(mm[:, None] < M) & (kk[None, :] < K), other=0.0)
         acc += tl.dot(x, tl.trans(w.to(x.dtype)))  # e4m3 -> the activation dtype is exact
-    acc = acc * tl.load(s_ptr + n, mask=n < N, other=0.0)[None, :]
+    if SCALED:
+        acc = acc * tl.load(s_ptr + n, mask=n < N, other=0.0)[None, :]
     tl.store(y_ptr + mm[:, None] * sym + n[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=(mm[:, None] < M) & (n[None, :] < N))
 
 
-def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, config=(32, 256, 4, 3)) -> torch.Tensor:
-    """y = (x W8^T) * scale for up to 64 rows and an e4m3 W with one scale per output channel.
-    config: BLOCK_N, BLOCK_K, warps, stages."""
+SMALL_LINEAR_MAX_M = 16
+
+
+def _rows_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, config, max_rows: int):
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
-    M, N = x2.shape[0], w8.shape[0]
-    assert M <= 64 and w8.stride(1) == 1 and x2.stride(1) == 1 and scale.is_contiguous()
+    M, N = x2.shape[0], w.shape[0]
+    assert M <= max_rows and w.stride(1) == 1 and x2.stride(1) == 1
+    assert scale is None or scale.is_contiguous()
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     BLOCK_N, BLOCK_K, warps, stages = config
-    _fp8_linear_kernel[(triton.cdiv(N, BLOCK_N),)](x2, w8, scale, y, M, N, K, x2.stride(0), w8.stride(0),
-                                                    y.stride(0), BLOCK_M=max(16, _pow2(M)), BLOCK_N=BLOCK_N,
-                                                    BLOCK_K=BLOCK_K, num_warps=warps, num_stages=stages)
+    _rows_linear_kernel[(triton.cdiv(N, BLOCK_N),)](
+        x2, w, scale if scale is not None else y, y, M, N, K, x2.stride(0), w.stride(0), y.stride(0),
+        BLOCK_M=max(16, _pow2(M)), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SCALED=scale is not None,
+        num_warps=warps, num_stages=stages)
     return y.view(*x.shape[:-1], N)
+
+
+def small_linear(x: torch.Tensor, w: torch.Tensor, config=(16, 256, 4, 3)) -> torch.Tensor:
+    """y = x W^T for a few rows (M <= 16) and a half-precision W: one launch streaming W once,
+    where cuBLAS splits K and adds a reduction kernel. config: BLOCK_N, BLOCK_K, warps, stages."""
+    return _rows_linear(x, w, None, config, SMALL_LINEAR_MAX_M)
+
+
+def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, config=(32, 256, 4, 3)) -> torch.Tensor:
+    """y = (x W8^T) * scale for up to 64 rows and an e4m3 W with one scale per output channel."""
+    return _rows_linear(x, w8, scale, config, 64)
 
 
 # ----------------------------------------------------------------------------------------
