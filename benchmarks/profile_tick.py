@@ -32,6 +32,10 @@ def main() -> int:
     from engine.config import PERSONAPLEX_7B
     from engine.random_weights import random_engine, random_voice
 
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    logging.getLogger("ppx.kernels").setLevel(logging.DEBUG)  # the linear calibration's timings
     B = args.batch
     eng = random_engine(PERSONAPLEX_7B, TOKENIZER, device="cuda", dtype=torch.bfloat16, seed=0, max_slots=B,
                         kv_window=512)

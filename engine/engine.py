@@ -24,7 +24,7 @@ from .lm import LM
 from .mimi import Mimi, MimiState
 from .prompts import PromptCache, PromptPlan, PromptState, VoicePrompt, plan_prompt
 from .state import LMState
-from .tick import lm_tick, user_mask
+from .tick import lm_tick, user_mask, write_given
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("ppx.engine")
@@ -110,6 +110,11 @@ class Engine:
         self.slots: dict[int, _Slot] = {}
         self._free = list(range(max_slots))
         self._user_mask = user_mask(cfg.lm, max_slots + 1, self.device)
+        # Mimi's encoder runs beside the language model (see `tick`); cuDNN picks its
+        # convolution algorithms by timing them during the warm-up.
+        self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
         self.graphs = None
         if prompt_cache_bytes is None:
             prompt_cache_bytes = (2 << 30) if self.device.type == "cuda" else (256 << 20)
@@ -317,11 +322,27 @@ class Engine:
         audio logits [B, depformer_steps, card])."""
         cfg = self.cfg.lm
         B = slots.shape[0]
-        codes = self.mimi.encode(pcm, self.mimi_state, slots)
-        given = torch.zeros(B, cfg.num_streams, dtype=torch.long, device=self.device)
-        given[:, 1 + cfg.agent_codebooks:] = codes
-        out = lm_tick(self.lm, self.lm_state, slots, given, self._user_mask[:B], self.depformer_steps,
-                      return_logits=True)
+        off = self.lm_state.offset[slots]
+
+        def encode_user():
+            codes = self.mimi.encode(pcm, self.mimi_state, slots)
+            given = torch.zeros(B, cfg.num_streams, dtype=torch.long, device=self.device)
+            given[:, 1 + cfg.agent_codebooks:] = codes
+            write_given(self.lm_state, slots, given, self._user_mask[:B], off)
+
+        # The user's codes of this frame land at columns the LM step first reads in the next
+        # frame (`lm_tick`), so on a GPU the encoder runs on a side stream while the temporal
+        # transformer streams its weights; the decoder waits for both.
+        if self._side is not None:
+            main = torch.cuda.current_stream(self.device)
+            self._side.wait_stream(main)
+            with torch.cuda.stream(self._side):
+                encode_user()
+            out = lm_tick(self.lm, self.lm_state, slots, None, None, self.depformer_steps, return_logits=True)
+            main.wait_stream(self._side)
+        else:
+            encode_user()
+            out = lm_tick(self.lm, self.lm_state, slots, None, None, self.depformer_steps, return_logits=True)
         audio = self.mimi.decode(out.tokens[:, 1:1 + cfg.agent_codebooks], self.mimi_state, slots)
         return audio, out.tokens, out.text_logits, out.audio_logits
 

@@ -30,17 +30,30 @@ class TickOutput:
     audio_logits: torch.Tensor | None = None  # [B, steps, card] float32
 
 
-def write_given(state: LMState, slots: torch.Tensor, given: torch.Tensor, mask: torch.Tensor) -> None:
-    """Writes given tokens ([B, 17], where mask [B, 17]) at column offset + delay, then the
-    initial tokens of streams whose delay has not elapsed yet (the reference's first steps)."""
+def write_given(state: LMState, slots: torch.Tensor, given: torch.Tensor, mask: torch.Tensor,
+                off: torch.Tensor | None = None) -> None:
+    """Writes given tokens ([B, 17], where mask [B, 17]) at column offset + delay of their
+    stream (off: the slots' offsets, when already read)."""
     B, K = given.shape
     R = state.tokens.shape[2]
-    off = state.offset[slots]
+    off = state.offset[slots] if off is None else off
     s = slots.view(B, 1).expand(B, K)
     k = torch.arange(K, device=given.device).view(1, K).expand(B, K)
     cols = (off.view(B, 1) + state.delays.view(1, K)) % R
     state.tokens[s, k, cols] = torch.where(mask, given, state.tokens[s, k, cols])
     state.provided[s, k, cols] = state.provided[s, k, cols] | mask
+
+
+def write_initial(state: LMState, slots: torch.Tensor, off: torch.Tensor | None = None) -> None:
+    """Writes the initial token at column offset of every stream whose delay has not elapsed
+    yet (the reference's first steps). With delays >= 1 wherever this writes, it never
+    touches a column `write_given` writes in the same step, so the two commute."""
+    K = state.delays.shape[0]
+    B = slots.shape[0]
+    R = state.tokens.shape[2]
+    off = state.offset[slots] if off is None else off
+    s = slots.view(B, 1).expand(B, K)
+    k = torch.arange(K, device=slots.device).view(1, K).expand(B, K)
     init = off.view(B, 1) <= state.delays.view(1, K)
     col0 = (off % R).view(B, 1).expand(B, K)
     state.tokens[s, k, col0] = torch.where(init, state.initial.view(1, K), state.tokens[s, k, col0])
@@ -52,29 +65,40 @@ def start_stream(state: LMState, slots: torch.Tensor, given: torch.Tensor, mask:
     tokens and runs no model. Only a prompt stepped frame by frame starts this way; the
     engine's prefill leaves slots past it."""
     write_given(state, slots, given, mask)
+    write_initial(state, slots)
     state.tokens[slots, :, 0] = state.initial.view(1, -1)
     state.offset[slots] = 1
 
 
-def lm_tick(model: LM, state: LMState, slots: torch.Tensor, given: torch.Tensor, mask: torch.Tensor,
+def lm_tick(model: LM, state: LMState, slots: torch.Tensor, given: torch.Tensor | None, mask: torch.Tensor | None,
             depformer_steps: int, return_logits: bool = False,
             input_embeddings: torch.Tensor | None = None) -> TickOutput:
     """One step for every slot in `slots` ([B], distinct except for the scratch row; every
     offset >= 1). given/mask: [B, 17] tokens to write (in a conversation: the user's 8
-    codebooks). `input_embeddings` [B, dim] replaces the embedded input column, as the
-    reference's `step_embeddings` does for a voice prompt's saved embeddings."""
+    codebooks), or None when the caller writes them itself with `write_given` at the offsets
+    this step starts from. `input_embeddings` [B, dim] replaces the embedded input column, as
+    the reference's `step_embeddings` does for a voice prompt's saved embeddings.
+
+    The step reads column o - 1 (the input) and, for the streams it predicts (text and the
+    agent's codebooks), column o; it writes those streams at column o and clears `provided` at
+    o - 1. Given tokens of the other streams land at o + delay and are first read by the next
+    step, so a caller may write the user's codes while this step runs (`Engine.tick` does)."""
     cfg = model.cfg
-    B, K = given.shape
+    B = slots.shape[0]
+    K = state.tokens.shape[1]
+    n = 1 + depformer_steps
     R = state.tokens.shape[2]
-    write_given(state, slots, given, mask)
+    if given is not None:
+        write_given(state, slots, given, mask)
+    write_initial(state, slots)
 
     off = state.offset[slots]
     s = slots.view(B, 1).expand(B, K)
-    k = torch.arange(K, device=given.device).view(1, K).expand(B, K)
+    k = torch.arange(K, device=slots.device).view(1, K).expand(B, K)
     in_col = state.tokens[s, k, ((off - 1) % R).view(B, 1).expand(B, K)]
-    tgt_idx = (off % R).view(B, 1).expand(B, K)
-    target = state.tokens[s, k, tgt_idx]
-    prov = state.provided[s, k, tgt_idx]
+    tgt_idx = (off % R).view(B, 1).expand(B, n)
+    target = state.tokens[s[:, :n], k[:, :n], tgt_idx]
+    prov = state.provided[s[:, :n], k[:, :n], tgt_idx]
 
     x = model.embed(in_col) if input_embeddings is None else input_embeddings.to(state.kv.k.dtype)
     h = model.temporal_decode(x, state.kv, slots, off - 1)
@@ -85,7 +109,7 @@ def lm_tick(model: LM, state: LMState, slots: torch.Tensor, given: torch.Tensor,
 
     temp_a, topk_a = state.temp_audio[slots], state.topk_audio[slots]
     greedy, seed = state.greedy[slots], state.seed_audio[slots]
-    dep_kv = model.depformer_cache(B, depformer_steps, given.device)
+    dep_kv = model.depformer_cache(B, depformer_steps, slots.device)
     audio, audio_logits = [], []
     for step in range(depformer_steps):
         logits = model.depformer_step(step, h, prev, dep_kv).float()
@@ -97,11 +121,9 @@ def lm_tick(model: LM, state: LMState, slots: torch.Tensor, given: torch.Tensor,
 
     # Clear the consumed column, then keep provided tokens and write the sampled ones.
     # (a tensor, not a Python False: a scalar here would be a host copy inside a CUDA graph)
-    state.provided[s, k, ((off - 1) % R).view(B, 1).expand(B, K)] = torch.zeros_like(prov)
+    state.provided[s, k, ((off - 1) % R).view(B, 1).expand(B, K)] = torch.zeros_like(in_col, dtype=torch.bool)
     sampled = torch.cat([text.view(B, 1), torch.stack(audio, dim=1)], dim=1)
-    n = sampled.shape[1]
-    new_col = torch.cat([torch.where(prov[:, :n], target[:, :n], sampled), target[:, n:]], dim=1)
-    state.tokens[s, k, tgt_idx] = new_col
+    state.tokens[s[:, :n], k[:, :n], tgt_idx] = torch.where(prov, target, sampled)
 
     out_cols = ((off - cfg.max_delay).view(B, 1) + state.delays.view(1, K)) % R
     out = state.tokens[s, k, out_cols]

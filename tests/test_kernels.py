@@ -161,9 +161,11 @@ def test_ring_chunk_attention(B, T, H, D, W, end, dtype):
     v = _randn(S, H, W, D, dtype=dtype, g=g)
     slots = torch.randperm(S, generator=g)[:B].to(DEV)
     end = torch.tensor(end, device=DEV)
-    out = K.ring_chunk_attention(q, k, v, slots, end)
     ref = ring_chunk_attention_ref(q, k, v, slots, end)
-    _check(out, ref, ring_chunk_attention_ref(q.double(), k.double(), v.double(), slots, end), dtype)
+    ref64 = ring_chunk_attention_ref(q.double(), k.double(), v.double(), slots, end)
+    _check(K.ring_chunk_attention(q, k, v, slots, end), ref, ref64, dtype)
+    # the ring read in blocks, some holding no key a query may see (online softmax)
+    _check(K.ring_chunk_attention(q, k, v, slots, end, config=(4, 1)), ref, ref64, dtype)
 
 
 @pytest.mark.parametrize("M,N,KD", ([(1, 3072, 1024), (8, 5632, 1024), (16, 1024, 2816), (1, 1024, 4096)] if CUDA else [])
@@ -175,6 +177,21 @@ def test_small_linear(M, N, KD):
     x = _randn(M, KD, dtype=dtype, g=g)
     w = (torch.randn(N, KD, generator=g) / KD ** 0.5).to(DEV, dtype)
     out = K.small_linear(x, w)
+    ref = torch.nn.functional.linear(x.float(), w.float()).to(dtype)
+    _check(out, ref, torch.nn.functional.linear(x.double(), w.double()), dtype)
+
+
+# (the interpreter rounds to bfloat16 by truncation, so half precision is float16 there)
+@pytest.mark.parametrize("dtype", DTYPES if CUDA else [torch.float32, torch.float16])
+@pytest.mark.parametrize("N,KD,config", ([(3072, 1024, (8, 256, 4, 3)), (1024, 2816, (4, 512, 4, 3)),
+                                          (4096, 4096, (2, 1024, 4, 4))] if CUDA else [])
+                         + [(40, 64, (8, 256, 4, 3)), (33, 130, (16, 128, 4, 3)), (5, 300, (4, 512, 4, 3))])
+def test_gemv(N, KD, config, dtype):
+    # one row against W, every block shape the calibration may pick, K and N not multiples of blocks
+    g = torch.Generator().manual_seed(N + KD)
+    x = _randn(1, KD, dtype=dtype, g=g)
+    w = (torch.randn(N, KD, generator=g) / KD ** 0.5).to(DEV, dtype)
+    out = K.gemv(x, w, config=config)
     ref = torch.nn.functional.linear(x.float(), w.float()).to(dtype)
     _check(out, ref, torch.nn.functional.linear(x.double(), w.double()), dtype)
 
@@ -194,10 +211,11 @@ def test_fp8_linear(M, N, KD):
     g = torch.Generator().manual_seed(M + N)
     x = _randn(M, KD, dtype=FP8_ACT, g=g)
     w8, s = quantize_rows((torch.randn(N, KD, generator=g) / KD ** 0.5).to(DEV))
-    out = K.fp8_linear(x, w8, s)
     ref = linear_fp8_ref(x, w8, s)
-    # the same products accumulated in float32 in another order, then one rounding
-    assert _rel(out, ref) < 1e-2 if not CUDA else _rel(out, ref) < 8e-3
+    outs = [K.fp8_linear(x, w8, s)] + ([K.gemv(x, w8, s)] if M == 1 else [])
+    for out in outs:
+        # the same products accumulated in float32 in another order, then one rounding
+        assert _rel(out, ref) < 1e-2 if not CUDA else _rel(out, ref) < 8e-3
 
 
 @pytest.mark.parametrize("B,H,D,W", ATTN_SHAPES)

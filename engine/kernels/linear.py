@@ -1,7 +1,8 @@
 """Matrix products y = x W^T. cuBLAS does them unless, for a few rows against a small
-half-precision W (the depformer's per-step weights), a Triton launch that streams W once
-measurably beats it: the first product of each shape (during warm-up, never inside a graph
-capture) times cuBLAS and the kernel's configurations, and the fastest is kept."""
+half-precision W (the depformer's per-step weights, the temporal attention output), a Triton
+launch that streams W once measurably beats it: the first product of each shape (during
+warm-up, never inside a graph capture) times cuBLAS and the kernels' configurations (the
+small-batch kernel, and for one row the matrix-vector kernel), and the fastest is kept."""
 from __future__ import annotations
 
 import logging
@@ -13,8 +14,12 @@ from .dispatch import triton_enabled
 
 log = logging.getLogger("ppx.kernels")
 
-_SMALL_W = 16 << 20  # elements: the depformer's matrices are up to 5.8 M, the temporal's 92 M
-_CONFIGS = ((16, 256, 4, 3), (32, 128, 4, 4), (16, 512, 8, 2), (64, 128, 4, 3))  # BLOCK_N, BLOCK_K, warps, stages
+_SMALL_W = 17 << 20  # elements: the depformer's matrices are up to 5.8 M, the temporal's 16.8 M to 92 M
+# (kernel, (BLOCK_N, BLOCK_K, warps, stages)); "gemv" only for one row
+_CONFIGS = (("rows", (16, 256, 4, 3)), ("rows", (32, 128, 4, 4)), ("rows", (16, 512, 8, 2)),
+            ("rows", (64, 128, 4, 3)), ("gemv", (8, 256, 4, 3)), ("gemv", (4, 512, 4, 3)),
+            ("gemv", (16, 128, 4, 3)), ("gemv", (8, 512, 8, 3)), ("gemv", (2, 1024, 4, 4)))
+SMALL_ROWS = 16
 _choice: dict[tuple, int] = {}  # shape -> -1 for cuBLAS, else an index into _CONFIGS
 
 
@@ -22,46 +27,69 @@ def linear_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w)
 
 
-def _time(fn, n: int = 30) -> float:
-    fn()
+def _time(fn, n: int = 20) -> float:
+    """Milliseconds per call as a CUDA graph replays it, which is how the tick runs: timing
+    eager launches would measure the host's launch overhead instead of the kernel."""
+    fn()  # compiles outside the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(n):
+            fn()
+    g.replay()
     s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     s.record()
-    for _ in range(n):
-        fn()
+    g.replay()
     e.record()
     e.synchronize()
+    del g
     return s.elapsed_time(e) / n
 
 
-def _pick(x, w, key) -> int:
+def _run(i: int, x, w, scale=None):
     from . import triton_ops
 
+    kind, cfg = _CONFIGS[i]
+    if kind == "gemv":
+        return triton_ops.gemv(x, w, scale, cfg)
+    return triton_ops.small_linear(x, w, cfg) if scale is None else triton_ops.fp8_linear(x, w, scale, cfg)
+
+
+def _candidates(rows: int) -> list[int]:
+    return [i for i, (kind, _) in enumerate(_CONFIGS) if kind == "rows" or rows == 1]
+
+
+def _pick(x, w, key, scale=None) -> int:
     if torch.cuda.is_current_stream_capturing():
         return -1
-    times = {-1: _time(lambda: F.linear(x, w))}
-    for i, cfg in enumerate(_CONFIGS):
+    times = {}
+    if scale is None:
+        times[-1] = _time(lambda: F.linear(x, w))
+    for i in _candidates(key[0]):
         try:
-            times[i] = _time(lambda: triton_ops.small_linear(x, w, cfg))
+            times[i] = _time(lambda: _run(i, x, w, scale))
         except Exception:  # a configuration the GPU cannot run
             continue
     best = min(times, key=times.get)
-    log.debug("linear %s: cuBLAS %.1f us, best %s %.1f us", key, times[-1] * 1e3, best, times[best] * 1e3)
+    log.debug("linear %s: best %s %.1f us of %s", key, best, times[best] * 1e3,
+              {k: round(v * 1e3, 1) for k, v in times.items()})
     return best
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if (triton_enabled(x) and w.dtype in (torch.bfloat16, torch.float16) and w.numel() <= _SMALL_W
-            and x.numel() // x.shape[-1] <= 16 and x.dtype == w.dtype):
+            and x.numel() // x.shape[-1] <= SMALL_ROWS and x.dtype == w.dtype):
         from . import triton_ops
 
-        if not x.is_cuda:  # the interpreter: always the kernel, so tests exercise it
-            return triton_ops.small_linear(x, w)
-        key = (x.numel() // x.shape[-1], *w.shape, w.dtype)
+        rows = x.numel() // x.shape[-1]
+        if not x.is_cuda:  # the interpreter: always a kernel, so tests exercise them
+            return triton_ops.gemv(x, w) if rows == 1 else triton_ops.small_linear(x, w)
+        key = (rows, *w.shape, w.dtype)
         c = _choice.get(key)
         if c is None:
             c = _choice[key] = _pick(x, w, key) if not torch.cuda.is_current_stream_capturing() else -1
         if c >= 0:
-            return triton_ops.small_linear(x, w, _CONFIGS[c])
+            return _run(c, x, w)
     return F.linear(x, w)
 
 
@@ -79,7 +107,17 @@ def linear_fp8(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> torch.
     rows = x.numel() // x.shape[-1]
     if triton_enabled(x) and rows <= 64:
         from . import triton_ops
-        return triton_ops.fp8_linear(x, w8, scale)
+        if not x.is_cuda:
+            return triton_ops.gemv(x, w8, scale) if rows == 1 else triton_ops.fp8_linear(x, w8, scale)
+        if rows > SMALL_ROWS:
+            return triton_ops.fp8_linear(x, w8, scale)
+        key = (rows, *w8.shape, w8.dtype)
+        c = _choice.get(key)
+        if c is None:
+            c = _choice[key] = _pick(x, w8, key, scale) if not torch.cuda.is_current_stream_capturing() else -1
+        if c < 0:  # chosen inside a capture, with no timing: the small-batch kernel
+            return triton_ops.fp8_linear(x, w8, scale)
+        return _run(c, x, w8, scale)
     if x.is_cuda:
         # many rows (a prefill): dequantize once to the activation dtype and use cuBLAS
         return F.linear(x, (w8.to(x.dtype) * scale.to(x.dtype).unsqueeze(-1)))

@@ -212,19 +212,25 @@ def _num_sms(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
-def attention_splits(batch: int, heads: int, window: int, device: torch.device, block_n: int = 64) -> int:
-    """Enough key splits that batch x heads x splits programs fill the GPU a few times over."""
-    want = max(1, math.ceil(4 * _num_sms(device) / (batch * heads)))
+def attention_splits(batch: int, heads: int, window: int, device: torch.device, block_n: int = 128) -> int:
+    """Enough key splits that batch x heads x splits programs fill the GPU many times over
+    (on an H100 at 32 x 32 heads and 3 000 keys, 4 to 8 splits read at 2.8 TB/s)."""
+    want = max(1, math.ceil(16 * _num_sms(device) / (batch * heads)))
     return min(_pow2(want), 32, _pow2(triton.cdiv(window, block_n)))
 
 
-def decode_attention(q, k_ring, v_ring, slots, lengths, nsplit: int | None = None, k_scale=None, v_scale=None):
+# BLOCK_N, num_warps, num_stages of the split kernel (`benchmarks/tune_kernels.py`)
+ATTN_CONFIG = (128, 4, 3)
+
+
+def decode_attention(q, k_ring, v_ring, slots, lengths, nsplit: int | None = None, k_scale=None, v_scale=None,
+                     config=None):
     """q: [B, H, D]; k_ring, v_ring: [S, H, W, D] (e4m3 with scales [S, H, W] when given);
-    slots, lengths: [B] -> [B, H, D]."""
+    slots, lengths: [B] -> [B, H, D]. config: (BLOCK_N, warps, stages), default ATTN_CONFIG."""
     B, H, D = q.shape
     S, H2, W, D2 = k_ring.shape
     assert (H2, D2) == (H, D) and k_ring.is_contiguous() and v_ring.is_contiguous() and q.stride(-1) == 1
-    BLOCK_N = 64
+    BLOCK_N, warps, stages = config or ATTN_CONFIG
     nsplit = nsplit or attention_splits(B, H, W, q.device, BLOCK_N)
     chunk = triton.cdiv(triton.cdiv(W, nsplit), BLOCK_N) * BLOCK_N
     o = torch.empty(B * H * nsplit, D, device=q.device, dtype=torch.float32)
@@ -235,7 +241,7 @@ def decode_attention(q, k_ring, v_ring, slots, lengths, nsplit: int | None = Non
     _attn_split_kernel[(B * H, nsplit)](
         q, k_ring, v_ring, slots, lengths, o, m, l, ks, vs, q.stride(0), q.stride(1), k_ring.stride(0),
         k_ring.stride(1), k_ring.stride(2), ks.stride(0) if quant else 0, ks.stride(1) if quant else 0, H, chunk,
-        1.0 / math.sqrt(D), D=D, BLOCK_N=BLOCK_N, NSPLIT=nsplit, QUANT=quant, num_warps=4)
+        1.0 / math.sqrt(D), D=D, BLOCK_N=BLOCK_N, NSPLIT=nsplit, QUANT=quant, num_warps=warps, num_stages=stages)
     out = torch.empty(B, H, D, device=q.device, dtype=q.dtype)
     _attn_combine_kernel[(B * H,)](o, m, l, out, out.stride(0), out.stride(1), H, D=D, NSPLIT=nsplit, num_warps=1)
     return out
@@ -296,28 +302,45 @@ def _ring_chunk_attn_kernel(q_ptr, k_ring, v_ring, slot_ptr, end_ptr, o_ptr, sq_
     q = tl.load(q_ptr + b * sq_b + t * sq_t + h * sq_h + d).to(tl.float32) * scale
     kb = k_ring + slot * sr_slot + h * sr_h
     vb = v_ring + slot * sr_slot + h * sr_h
-    w = tl.arange(0, BLOCK_W)
-    inr = w < W
-    # the position held at ring index w: the latest p <= end - 1 with p = w (mod W)
-    kpos = (end - 1) - (((end - 1) - w) % W + W) % W
-    ok = inr & (kpos >= 0) & (kpos <= qpos)
-    k = tl.load(kb + w[:, None] * sr_w + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-    v = tl.load(vb + w[:, None] * sr_w + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-    sc = tl.where(ok, tl.sum(k * q[None, :], axis=1), float("-inf"))
-    p = tl.exp(sc - tl.max(sc, axis=0))
-    out = tl.sum(p[:, None] * v, axis=0) / tl.sum(p, axis=0)
-    tl.store(o_ptr + b * sq_b + t * sq_t + h * sq_h + d, out.to(o_ptr.dtype.element_ty))
+    m_i = tl.zeros([1], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([1], dtype=tl.float32)
+    acc = tl.zeros([D], dtype=tl.float32)
+    for w0 in range(0, W, BLOCK_W):
+        w = w0 + tl.arange(0, BLOCK_W)
+        # the position held at ring index w: the latest p <= end - 1 with p = w (mod W)
+        kpos = (end - 1) - (((end - 1) - w) % W + W) % W
+        ok = (w < W) & (kpos >= 0) & (kpos <= qpos)
+        k = tl.load(kb + w[:, None] * sr_w + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        sc = tl.where(ok, tl.sum(k * q[None, :], axis=1), float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=0))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)   # a block with no visible key
+        alpha = tl.exp(m_i - m_use)
+        p = tl.exp(sc - m_use)
+        v = tl.load(vb + w[:, None] * sr_w + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        m_i = m_new
+    tl.store(o_ptr + b * sq_b + t * sq_t + h * sq_h + d, (acc / l_i).to(o_ptr.dtype.element_ty))
 
 
-def ring_chunk_attention(q, k_ring, v_ring, slots, end):
+def ring_config(programs: int, device: torch.device) -> tuple[int, int]:
+    """BLOCK_W, num_warps of the ring kernel: with fewer programs than SMs, wide blocks and
+    more warps per program; else narrower ones (`benchmarks/tune_kernels.py` on an H100:
+    10 us at batch 1, 26 us at batch 32)."""
+    return (256, 8) if programs < _num_sms(device) else (128, 4)
+
+
+def ring_chunk_attention(q, k_ring, v_ring, slots, end, config=None):
     """q: [B, T, H, D] (contiguous); k_ring, v_ring: [S, H, W, D]; end: [B]. Returns [B, T, H, D]."""
     B, T, H, D = q.shape
     W = k_ring.shape[2]
     assert q.is_contiguous() and k_ring.is_contiguous() and v_ring.is_contiguous()
+    block, warps = config or ring_config(B * H * T, q.device)
     out = torch.empty_like(q)
     _ring_chunk_attn_kernel[(B * H * T,)](q, k_ring, v_ring, slots, end, out, q.stride(0), q.stride(1),
                                           q.stride(2), k_ring.stride(0), k_ring.stride(1), k_ring.stride(2), W, H,
-                                          T, 1.0 / math.sqrt(D), D=D, BLOCK_W=_pow2(W), num_warps=4)
+                                          T, 1.0 / math.sqrt(D), D=D, BLOCK_W=min(block, _pow2(W)),
+                                          num_warps=warps)
     return out
 
 
@@ -343,6 +366,37 @@ def _rows_linear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, sxm, swn, sym,
 
 
 SMALL_LINEAR_MAX_M = 16
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, swn,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALED: tl.constexpr):
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        w = tl.load(w_ptr + n[:, None] * swn + kk[None, :], mask=(n[:, None] < N) & (kk[None, :] < K), other=0.0)
+        x = tl.load(x_ptr + kk, mask=kk < K, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    y = tl.sum(acc, axis=1)
+    if SCALED:
+        y = y * tl.load(s_ptr + n, mask=n < N, other=0.0)
+    tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=n < N)
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, config=(8, 256, 4, 3)):
+    """y = x W^T (times a per-output scale when given) for ONE row x: streams W once over many
+    programs, with no split of K and so no second kernel. config: BLOCK_N, BLOCK_K, warps, stages."""
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    N = w.shape[0]
+    assert x2.shape[0] == 1 and w.stride(1) == 1 and x2.stride(1) == 1
+    y = torch.empty(1, N, device=x.device, dtype=x.dtype)
+    BLOCK_N, BLOCK_K, warps, stages = config
+    _gemv_kernel[(triton.cdiv(N, BLOCK_N),)](x2, w, scale if scale is not None else y, y, N, K, w.stride(0),
+                                            BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SCALED=scale is not None,
+                                            num_warps=warps, num_stages=stages)
+    return y.view(*x.shape[:-1], N)
 
 
 def _rows_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, config, max_rows: int):
@@ -479,12 +533,16 @@ def _sample_kernel(logits_ptr, temp_ptr, topk_ptr, greedy_ptr, seed_ptr, counter
     tl.store(out_ptr + row, tl.where(greedy, best, sampled).to(tl.int64))
 
 
-def sample_tokens(logits, temperature, top_k, greedy, seed, counter, stream: int):
+def sample_warps(block: int) -> int:
+    return 16 if block >= 16384 else 8 if block >= 4096 else 4
+
+
+def sample_tokens(logits, temperature, top_k, greedy, seed, counter, stream: int, num_warps: int | None = None):
     B, V = logits.shape
     assert logits.stride(-1) == 1
     out = torch.empty(B, device=logits.device, dtype=torch.long)
     BLOCK = _pow2(V)
-    nw = 16 if BLOCK >= 16384 else 8 if BLOCK >= 4096 else 4
+    nw = num_warps or sample_warps(BLOCK)
     _sample_kernel[(B,)](logits, temperature, top_k, greedy, seed, counter, out, V, logits.stride(0),
                          (stream * 0x85EBCA6B) & 0xFFFFFFFF, BLOCK=BLOCK, num_warps=nw)
     return out

@@ -1,0 +1,147 @@
+"""Times the Triton kernels' block configurations at the 7B's shapes on a GPU, beside cuBLAS
+for the matrix products: what the defaults in `engine.kernels.triton_ops` (ATTN_CONFIG,
+RING_CONFIG, sample_warps) and the linear calibration's candidates are chosen from.
+Prints a table per kernel and writes JSON; never fails on time."""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+
+import torch
+
+
+def _time_us(fn, n: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    g = torch.cuda.CUDAGraph()  # replayed as a graph, as the tick runs, so launch cost is the graph's
+    with torch.cuda.graph(g):
+        for _ in range(n):
+            fn()
+    g.replay()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    g.replay()
+    e.record()
+    e.synchronize()
+    return s.elapsed_time(e) * 1e3 / n
+
+
+def _report(name: str, rows: list[tuple[str, float]], nbytes: int | None = None, top: int = 6) -> list[dict]:
+    rows = sorted(rows, key=lambda r: r[1])
+    print(f"{name}:")
+    for label, us in rows[:top]:
+        bw = f"  {nbytes / us / 1e3:7.0f} GB/s" if nbytes else ""
+        print(f"  {us:8.2f} us{bw}  {label}")
+    return [{"config": label, "us": us} for label, us in rows]
+
+
+def attention(B: int, L: int, out: dict) -> None:
+    from engine.kernels import triton_ops as K
+
+    H, D, W = 32, 128, 3000
+    S = B + 1
+    k = torch.randn(S, H, W, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q = torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16)
+    slots = torch.arange(B, device="cuda")
+    lengths = torch.full((B,), L, device="cuda")
+    rows = []
+    for bn, warps, stages, ns in itertools.product((64, 128, 256), (4, 8), (3,), (None, 1, 4, 16)):
+        try:
+            us = _time_us(lambda: K.decode_attention(q, k, v, slots, lengths, nsplit=ns, config=(bn, warps, stages)))
+        except Exception as e:  # noqa: BLE001 - a configuration this GPU cannot run
+            print(f"  skip {(bn, warps, stages, ns)}: {type(e).__name__}")
+            continue
+        rows.append((f"BLOCK_N={bn} warps={warps} stages={stages} nsplit={ns or 'auto'}", us))
+    out[f"decode_attention B={B} L={L}"] = _report(f"decode attention B={B} L={L}", rows, 2 * B * H * L * D * 2)
+
+
+def ring(B: int, out: dict) -> None:
+    from engine.kernels import triton_ops as K
+
+    H, D, W, T = 8, 64, 250, 2
+    k = torch.randn(B + 1, H, W, D, device="cuda")
+    v = torch.randn_like(k)
+    q = torch.randn(B, T, H, D, device="cuda")
+    slots = torch.arange(B, device="cuda")
+    end = torch.full((B,), 1000, device="cuda")
+    rows = []
+    for block, warps in itertools.product((16, 32, 64, 128, 256), (1, 2, 4, 8)):
+        rows.append((f"BLOCK_W={block} warps={warps}",
+                     _time_us(lambda: K.ring_chunk_attention(q, k, v, slots, end, config=(block, warps)))))
+    out[f"ring_chunk_attention B={B}"] = _report(f"Mimi ring attention B={B}", rows, 2 * B * T * H * W * D * 4)
+
+
+def sampling(B: int, V: int, out: dict) -> None:
+    from engine.kernels import triton_ops as K
+
+    logits = torch.randn(B, V, device="cuda")
+    temp = torch.full((B,), 0.8, device="cuda")
+    topk = torch.full((B,), 250, device="cuda", dtype=torch.long)
+    greedy = torch.zeros(B, device="cuda", dtype=torch.bool)
+    seed = torch.arange(B, device="cuda")
+    rows = []
+    for warps in (4, 8, 16):
+        rows.append((f"warps={warps}", _time_us(lambda: K.sample_tokens(logits, temp, topk, greedy, seed, seed, 1,
+                                                                        num_warps=warps))))
+    out[f"sample_tokens B={B} V={V}"] = _report(f"sampling B={B} V={V}", rows)
+
+
+def linears(out: dict) -> None:
+    import torch.nn.functional as F
+
+    from engine.kernels import linear as L
+    from engine.quant import quantize_rows
+
+    # the depformer's (qkv, out, ffn in, ffn out, heads, input) and the temporal attention output
+    shapes = [(3072, 1024), (1024, 1024), (5632, 1024), (1024, 2816), (2048, 1024), (1024, 4096), (4096, 4096)]
+    for rows_n, (N, Kd) in itertools.product((1, 8), shapes):
+        x = torch.randn(rows_n, Kd, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(N, Kd, device="cuda", dtype=torch.bfloat16) / Kd ** 0.5
+        w8, s8 = quantize_rows(w)
+        nbytes = w.numel() * 2
+        rows = [("cuBLAS bf16", _time_us(lambda: F.linear(x, w)))]
+        rows8 = []
+        for i in range(len(L._CONFIGS)):
+            kind, cfg = L._CONFIGS[i]
+            if kind == "gemv" and rows_n != 1:
+                continue
+            if rows_n <= L.SMALL_ROWS:
+                rows.append((f"bf16 {kind} {cfg}", _time_us(lambda: L._run(i, x, w))))
+            rows8.append((f"fp8 {kind} {cfg}", _time_us(lambda: L._run(i, x, w8, s8))))
+        key = f"linear rows={rows_n} N={N} K={Kd}"
+        out[key] = _report(key + " bf16", rows, nbytes, top=3) + _report(key + " fp8", rows8, nbytes // 2, top=3)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--only", default="attention,ring,sampling,linear")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU")
+        return 1
+    only = set(args.only.split(","))
+    out: dict = {"card": torch.cuda.get_device_name()}
+    print(out["card"])
+    if "attention" in only:
+        for B, L in ((1, 3000), (32, 3000), (32, 200)):
+            attention(B, L, out)
+    if "ring" in only:
+        for B in (1, 32):
+            ring(B, out)
+    if "sampling" in only:
+        for B, V in ((1, 32000), (1, 2048), (32, 2048)):
+            sampling(B, V, out)
+    if "linear" in only:
+        linears(out)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
