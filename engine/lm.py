@@ -39,6 +39,15 @@ class Linear(nn.Module):
             return linear_fp8(x, w, self.scale if step is None else self.scale[step])
         return linear(x, w)
 
+    def first_steps(self, x: torch.Tensor, steps: int) -> torch.Tensor:
+        """Steps 0..steps-1 of a per-step Linear on the same x in one product: [..., steps, out]."""
+        w = self.weight[:steps].reshape(-1, self.weight.shape[-1])
+        if w.dtype == FP8:
+            y = linear_fp8(x, w, self.scale[:steps].reshape(-1))
+        else:
+            y = linear(x, w)
+        return y.view(*x.shape[:-1], steps, self.out_features)
+
 
 def _param(*shape, device=None, dtype=None) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape, device=device, dtype=dtype), requires_grad=False)
@@ -173,16 +182,22 @@ class LM(nn.Module):
         return [(torch.empty(shape, device=device, dtype=dt), torch.empty(shape, device=device, dtype=dt))
                 for _ in self.depformer.layers]
 
-    def depformer_step(self, k: int, h: torch.Tensor, prev: torch.Tensor, dep_kv: list) -> torch.Tensor:
-        """Step k of the depformer for every slot. h: [B, dim] temporal output; prev: [B]
-        the token chosen at step k - 1 (the frame's text token for k = 0); dep_kv: from
-        `depformer_cache`, steps 0..k-1 filled (step k is written here). Returns logits [B, card]."""
+    def depformer_inputs(self, h: torch.Tensor, steps: int) -> torch.Tensor:
+        """The depformer's input projections of the temporal output for steps 0..steps-1,
+        all read in one product: [B, steps, depformer dim]."""
+        return self.depformer.inp.first_steps(h, steps)
+
+    def depformer_step(self, k: int, inp: torch.Tensor, prev: torch.Tensor, dep_kv: list) -> torch.Tensor:
+        """Step k of the depformer for every slot. inp: [B, dep dim] the step's input projection
+        (`depformer_inputs`); prev: [B] the token chosen at step k - 1 (the frame's text token
+        for k = 0); dep_kv: from `depformer_cache`, steps 0..k-1 filled (step k is written
+        here). Returns logits [B, card] in the activation dtype."""
         c = self.cfg.depformer
         dep = self.depformer
-        B = h.shape[0]
+        B = inp.shape[0]
         H, D = c.num_heads, c.head_dim
         emb = dep.text_emb if k == 0 else dep.emb[k - 1]
-        x = dep.inp(h, k) + _embedding(prev, emb)
+        x = inp + _embedding(prev, emb)
         delta = None
         for i, layer in enumerate(dep.layers):
             x, hn = add_rms_norm(x, delta, layer.norm1, c.norm_eps) if delta is not None else \

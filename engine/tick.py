@@ -102,28 +102,29 @@ def lm_tick(model: LM, state: LMState, slots: torch.Tensor, given: torch.Tensor 
 
     x = model.embed(in_col) if input_embeddings is None else input_embeddings.to(state.kv.k.dtype)
     h = model.temporal_decode(x, state.kv, slots, off - 1)
-    text_logits = model.text_logits(h).float()
-    text = sample_tokens(text_logits, state.temp_text[slots], state.topk_text[slots], state.greedy[slots],
-                         state.seed_text[slots], off, stream=0)
-    prev = torch.where(prov[:, 0], target[:, 0], text)
+    # Each sampler writes its stream's token of column o into `col`, or the provided one
+    # where column o holds it (teacher forcing); that token feeds the next depformer step.
+    col = torch.empty(B, n, dtype=torch.long, device=slots.device)
+    text_logits = model.text_logits(h)
+    sample_tokens(text_logits, state.temp_text[slots], state.topk_text[slots], state.greedy[slots],
+                  state.seed_text[slots], off, stream=0, forced=target[:, 0], forced_mask=prov[:, 0], out=col[:, 0])
 
     temp_a, topk_a = state.temp_audio[slots], state.topk_audio[slots]
     greedy, seed = state.greedy[slots], state.seed_audio[slots]
     dep_kv = model.depformer_cache(B, depformer_steps, slots.device)
-    audio, audio_logits = [], []
+    dep_in = model.depformer_inputs(h, depformer_steps)
+    audio_logits = []
     for step in range(depformer_steps):
-        logits = model.depformer_step(step, h, prev, dep_kv).float()
-        tok = sample_tokens(logits, temp_a, topk_a, greedy, seed, off, stream=1 + step)
-        audio.append(tok)
+        logits = model.depformer_step(step, dep_in[:, step], col[:, step], dep_kv)
+        sample_tokens(logits, temp_a, topk_a, greedy, seed, off, stream=1 + step, forced=target[:, 1 + step],
+                      forced_mask=prov[:, 1 + step], out=col[:, 1 + step])
         if return_logits:
             audio_logits.append(logits)
-        prev = torch.where(prov[:, 1 + step], target[:, 1 + step], tok)
 
-    # Clear the consumed column, then keep provided tokens and write the sampled ones.
+    # Clear the consumed column, then write the predicted streams of column o.
     # (a tensor, not a Python False: a scalar here would be a host copy inside a CUDA graph)
     state.provided[s, k, ((off - 1) % R).view(B, 1).expand(B, K)] = torch.zeros_like(in_col, dtype=torch.bool)
-    sampled = torch.cat([text.view(B, 1), torch.stack(audio, dim=1)], dim=1)
-    state.tokens[s[:, :n], k[:, :n], tgt_idx] = torch.where(prov, target, sampled)
+    state.tokens[s[:, :n], k[:, :n], tgt_idx] = col
 
     out_cols = ((off - cfg.max_delay).view(B, 1) + state.delays.view(1, K)) % R
     out = state.tokens[s, k, out_cols]
@@ -131,8 +132,8 @@ def lm_tick(model: LM, state: LMState, slots: torch.Tensor, given: torch.Tensor 
     return TickOutput(
         tokens=out,
         valid=off > cfg.max_delay,
-        text_logits=text_logits if return_logits else None,
-        audio_logits=torch.stack(audio_logits, dim=1) if return_logits else None,
+        text_logits=text_logits.float() if return_logits else None,
+        audio_logits=torch.stack(audio_logits, dim=1).float() if return_logits else None,
     )
 
 

@@ -130,6 +130,18 @@ def test_sampling_matches_the_reference(B, V, k):
     assert agree >= 0.99 * n
     greedy[:] = True
     assert torch.equal(K.sample_tokens(logits, temp, top_k, greedy, seed, c, 3), logits.argmax(-1))
+    # teacher-forced rows take the given token, written into a strided column of a buffer;
+    # half-precision logits are read as float32
+    forced = (torch.arange(2 * B, device=DEV) + 7).view(B, 2)[:, 1]   # strided, as a column of the ring
+    fmask = (torch.arange(3 * B, device=DEV) % 2 == 0).view(B, 3)[:, 0]
+    buf = torch.full((B, 3), -5, dtype=torch.long, device=DEV)
+    half = logits.to(torch.float16)
+    K.sample_tokens(half, temp, top_k, greedy, seed, c, 3, forced=forced, forced_mask=fmask, out=buf[:, 1])
+    expect = torch.where(fmask, forced, half.float().argmax(-1))
+    assert torch.equal(buf[:, 1], expect) and (buf[:, 0] == -5).all() and (buf[:, 2] == -5).all()
+    ref_buf = torch.full((B, 3), -5, dtype=torch.long, device=DEV)
+    sample_tokens_ref(half, temp, top_k, greedy, seed, c, 3, forced, fmask, out=ref_buf[:, 1])
+    assert torch.equal(ref_buf, buf)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -27,15 +27,18 @@ def linear_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w)
 
 
-def _time(fn, n: int = 20) -> float:
-    """Milliseconds per call as a CUDA graph replays it, which is how the tick runs: timing
-    eager launches would measure the host's launch overhead instead of the kernel."""
-    fn()  # compiles outside the capture
+_COLD_BYTES = 192 << 20  # cycled weight copies: well past an H100's 50 MB L2
+
+
+def _time(fn, n: int) -> float:
+    """Milliseconds per call of fn(i) for i in range(n), as a CUDA graph replays them, which is
+    how the tick runs: eager timing would measure the host's launch overhead instead."""
+    fn(0)  # compiles outside the capture
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        for _ in range(n):
-            fn()
+        for i in range(n):
+            fn(i)
     g.replay()
     s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     s.record()
@@ -60,16 +63,22 @@ def _candidates(rows: int) -> list[int]:
 
 
 def _pick(x, w, key, scale=None) -> int:
+    """Times cuBLAS (for half-precision W) and every candidate kernel on copies of W cycled so
+    that each call reads its weights from memory, as the tick does, not from L2."""
     if torch.cuda.is_current_stream_capturing():
         return -1
+    n = max(8, min(64, -(-_COLD_BYTES // (w.numel() * w.element_size()))))
+    ws = [w.clone() for _ in range(n)]
+    ss = [scale] * n if scale is None else [scale.clone() for _ in range(n)]
     times = {}
     if scale is None:
-        times[-1] = _time(lambda: F.linear(x, w))
+        times[-1] = _time(lambda j: F.linear(x, ws[j]), n)
     for i in _candidates(key[0]):
         try:
-            times[i] = _time(lambda: _run(i, x, w, scale))
+            times[i] = _time(lambda j: _run(i, x, ws[j], ss[j]), n)
         except Exception:  # a configuration the GPU cannot run
             continue
+    del ws, ss
     best = min(times, key=times.get)
     log.debug("linear %s: best %s %.1f us of %s", key, best, times[best] * 1e3,
               {k: round(v * 1e3, 1) for k, v in times.items()})

@@ -49,9 +49,12 @@ def hash_to_unit(h: torch.Tensor) -> torch.Tensor:
     return ((h >> 9).float() + 0.5) * (1.0 / 8388608.0)
 
 
-def sample_tokens_ref(logits, temperature, top_k, greedy, seed, counter, stream: int):
-    """logits: [B, V] float; temperature: [B] float; top_k: [B] int; greedy: [B] bool;
-    seed, counter: [B] int64 -> tokens [B] int64."""
+def sample_tokens_ref(logits, temperature, top_k, greedy, seed, counter, stream: int, forced=None,
+                      forced_mask=None, out=None):
+    """logits: [B, V] (any float dtype, read as float32); temperature: [B] float; top_k: [B]
+    int; greedy: [B] bool; seed, counter: [B] int64 -> tokens [B] int64. Rows where
+    forced_mask ([B] bool) is set take forced ([B]) instead (teacher forcing). With `out`
+    ([B] int64, maybe a strided column), the tokens are written there and it is returned."""
     B, V = logits.shape
     logits = logits.float()
     k = top_k.clamp(1, V).long()
@@ -63,11 +66,19 @@ def sample_tokens_ref(logits, temperature, top_k, greedy, seed, counter, stream:
     score = torch.where(logits >= thresh, logits / t + gumbel, torch.full_like(logits, float("-inf")))
     sampled = score.argmax(dim=-1)
     is_greedy = greedy | (temperature <= 0)
-    return torch.where(is_greedy, logits.argmax(dim=-1), sampled)
+    tok = torch.where(is_greedy, logits.argmax(dim=-1), sampled)
+    if forced is not None:
+        tok = torch.where(forced_mask, forced, tok)
+    if out is None:
+        return tok
+    out.copy_(tok)
+    return out
 
 
-def sample_tokens(logits, temperature, top_k, greedy, seed, counter, stream: int):
+def sample_tokens(logits, temperature, top_k, greedy, seed, counter, stream: int, forced=None, forced_mask=None,
+                  out=None):
     if triton_enabled(logits):
         from . import triton_ops
-        return triton_ops.sample_tokens(logits, temperature, top_k, greedy, seed, counter, stream)
-    return sample_tokens_ref(logits, temperature, top_k, greedy, seed, counter, stream)
+        return triton_ops.sample_tokens(logits, temperature, top_k, greedy, seed, counter, stream, forced=forced,
+                                        forced_mask=forced_mask, out=out)
+    return sample_tokens_ref(logits, temperature, top_k, greedy, seed, counter, stream, forced, forced_mask, out)

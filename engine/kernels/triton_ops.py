@@ -488,8 +488,9 @@ def _mix32(x):
 
 
 @triton.jit(do_not_specialize=["stream_mix"])
-def _sample_kernel(logits_ptr, temp_ptr, topk_ptr, greedy_ptr, seed_ptr, counter_ptr, out_ptr,
-                   V, stride, stream_mix, BLOCK: tl.constexpr):
+def _sample_kernel(logits_ptr, temp_ptr, topk_ptr, greedy_ptr, seed_ptr, counter_ptr, out_ptr, forced_ptr, fmask_ptr,
+                   V, stride, out_stride, f_stride, fm_stride, stream_mix, BLOCK: tl.constexpr,
+                   FORCED: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     m = offs < V
@@ -530,19 +531,30 @@ def _sample_kernel(logits_ptr, temp_ptr, topk_ptr, greedy_ptr, seed_ptr, counter
     sampled = tl.argmax(score, axis=0)
     best = tl.argmax(x, axis=0)
     greedy = (tl.load(greedy_ptr + row) != 0) | (tl.load(temp_ptr + row) <= 0)
-    tl.store(out_ptr + row, tl.where(greedy, best, sampled).to(tl.int64))
+    tok = tl.where(greedy, best, sampled).to(tl.int64)
+    if FORCED:
+        tok = tl.where(tl.load(fmask_ptr + row * fm_stride) != 0, tl.load(forced_ptr + row * f_stride), tok)
+    tl.store(out_ptr + row * out_stride, tok)
 
 
 def sample_warps(block: int) -> int:
     return 16 if block >= 16384 else 8 if block >= 4096 else 4
 
 
-def sample_tokens(logits, temperature, top_k, greedy, seed, counter, stream: int, num_warps: int | None = None):
+def sample_tokens(logits, temperature, top_k, greedy, seed, counter, stream: int, num_warps: int | None = None,
+                  forced=None, forced_mask=None, out=None):
+    """See `sampling.sample_tokens_ref`; `out` may be a strided column of a [B, n] buffer."""
     B, V = logits.shape
     assert logits.stride(-1) == 1
-    out = torch.empty(B, device=logits.device, dtype=torch.long)
+    out = torch.empty(B, device=logits.device, dtype=torch.long) if out is None else out
+    assert out.dtype == torch.long and out.shape == (B,)
+    has_forced = forced is not None
     BLOCK = _pow2(V)
     nw = num_warps or sample_warps(BLOCK)
-    _sample_kernel[(B,)](logits, temperature, top_k, greedy, seed, counter, out, V, logits.stride(0),
-                         (stream * 0x85EBCA6B) & 0xFFFFFFFF, BLOCK=BLOCK, num_warps=nw)
+    _sample_kernel[(B,)](logits, temperature, top_k, greedy, seed, counter, out,
+                         forced if has_forced else out, forced_mask if has_forced else out, V, logits.stride(0),
+                         out.stride(0), forced.stride(0) if has_forced else 0,
+                         forced_mask.stride(0) if has_forced else 0, (stream * 0x85EBCA6B) & 0xFFFFFFFF,
+                         BLOCK=BLOCK, FORCED=has_forced,
+                         num_warps=nw)
     return out
