@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from .config import DepformerConfig, LMConfig, TemporalConfig
 from .quant import FP8
-from .kernels import (add_rms_norm, linear, linear_fp8, decode_attention, prefill_attention_ref, qkv_rope_write, rms_norm, rope, silu_mul,
-                      step_attention)
+from .kernels import (add_rms_norm, linear, linear_fp8, decode_attention, norm_linear, prefill_attention_ref,
+                      qkv_rope_write, rms_norm, rope, silu_linear, silu_mul, step_attention)
 
 
 class Linear(nn.Module):
@@ -38,6 +38,21 @@ class Linear(nn.Module):
         if w.dtype == FP8:
             return linear_fp8(x, w, self.scale if step is None else self.scale[step])
         return linear(x, w)
+
+    def _w(self, step: int | None):
+        w = self.weight if step is None else self.weight[step]
+        if w.dtype != FP8:
+            return w, None
+        return w, self.scale if step is None else self.scale[step]
+
+    def after_norm(self, x: torch.Tensor, delta: torch.Tensor | None, alpha: torch.Tensor, eps: float,
+                   step: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, this(rms_norm(x + delta) * alpha)), fused for one row (`norm_linear`)."""
+        return norm_linear(x, delta, alpha, eps, *self._w(step))
+
+    def after_silu(self, x: torch.Tensor, step: int | None = None) -> torch.Tensor:
+        """this(silu(a) * g) for x = [a | g], fused for one row (`silu_linear`)."""
+        return silu_linear(x, *self._w(step))
 
     def first_steps(self, x: torch.Tensor, steps: int) -> torch.Tensor:
         """Steps 0..steps-1 of a per-step Linear on the same x in one product: [..., steps, out]."""
@@ -133,14 +148,12 @@ class LM(nn.Module):
         lengths = torch.clamp(pos + 1, max=C)
         delta = None
         for i, layer in enumerate(self.layers):
-            x, h = add_rms_norm(x, delta, layer.norm1, t.norm_eps) if delta is not None else \
-                (x, rms_norm(x, layer.norm1, t.norm_eps))
-            qkv = layer.attn_in(h).view(B, 3, H, D)
+            x, qkv = layer.attn_in.after_norm(x, delta, layer.norm1, t.norm_eps)
             ks, vs = kv.scales(i)
-            q = qkv_rope_write(qkv, pos, t.max_period, slots, ring_idx, kv.k[i], kv.v[i], ks, vs)
+            q = qkv_rope_write(qkv.view(B, 3, H, D), pos, t.max_period, slots, ring_idx, kv.k[i], kv.v[i], ks, vs)
             a = decode_attention(q, kv.k[i], kv.v[i], slots, lengths, ks, vs)
-            x, h = add_rms_norm(x, layer.attn_out(a.reshape(B, H * D)), layer.norm2, t.norm_eps)
-            delta = layer.ffn_out(silu_mul(layer.ffn_in(h)))
+            x, f = layer.ffn_in.after_norm(x, layer.attn_out(a.reshape(B, H * D)), layer.norm2, t.norm_eps)
+            delta = layer.ffn_out.after_silu(f)
         return add_rms_norm(x, delta, self.out_norm, t.norm_eps)[1]
 
     def temporal_prefill(self, x: torch.Tensor, kv, slots: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -200,12 +213,10 @@ class LM(nn.Module):
         x = inp + _embedding(prev, emb)
         delta = None
         for i, layer in enumerate(dep.layers):
-            x, hn = add_rms_norm(x, delta, layer.norm1, c.norm_eps) if delta is not None else \
-                (x, rms_norm(x, layer.norm1, c.norm_eps))
-            qkv = layer.attn_in(hn, k).view(B, 3, H, D)
-            a = step_attention(qkv, dep_kv[i][0], dep_kv[i][1], k).view(B, H * D)
-            x, hn = add_rms_norm(x, layer.attn_out(a, k), layer.norm2, c.norm_eps)
-            delta = layer.ffn_out(silu_mul(layer.ffn_in(hn, k)), k)
+            x, qkv = layer.attn_in.after_norm(x, delta, layer.norm1, c.norm_eps, k)
+            a = step_attention(qkv.view(B, 3, H, D), dep_kv[i][0], dep_kv[i][1], k).view(B, H * D)
+            x, f = layer.ffn_in.after_norm(x, layer.attn_out(a, k), layer.norm2, c.norm_eps, k)
+            delta = layer.ffn_out.after_silu(f, k)
         x = x + delta
         return dep.heads(x, k)
 

@@ -208,6 +208,29 @@ def test_gemv(N, KD, config, dtype):
     _check(out, ref, torch.nn.functional.linear(x.double(), w.double()), dtype)
 
 
+@pytest.mark.parametrize("N,KD", ([(3072, 1024), (1024, 2816)] if CUDA else []) + [(40, 64), (33, 130)])
+@pytest.mark.parametrize("delta", [True, False])
+def test_norm_and_silu_fused_into_gemv(N, KD, delta):
+    # the fused launches equal add_rms_norm / silu_mul followed by gemv, roundings included
+    from engine.kernels import silu_mul_ref
+
+    dtype = torch.float16 if not CUDA else torch.bfloat16
+    g = torch.Generator().manual_seed(N * KD + delta)
+    x = _randn(1, KD, dtype=dtype, g=g)
+    d = _randn(1, KD, dtype=dtype, g=g) if delta else None
+    alpha = (1 + 0.1 * torch.randn(KD, generator=g)).to(DEV, dtype)
+    w = (torch.randn(N, KD, generator=g) / KD ** 0.5).to(DEV, dtype)
+    xo, y = K.norm_gemv(x, d, alpha, 1e-5, w, config=(8, 64, 4, 2))
+    from engine.kernels import rms_norm_ref
+    x_ref, h_ref = add_rms_norm_ref(x, d, alpha, 1e-5) if delta else (x, rms_norm_ref(x, alpha, 1e-5))
+    assert torch.equal(xo, x_ref)
+    y_ref = K.gemv(h_ref, w, config=(8, 64, 4, 2))
+    torch.testing.assert_close(y, y_ref, rtol=2e-3, atol=2e-3)
+    gu = _randn(1, 2 * KD, dtype=dtype, g=g)
+    torch.testing.assert_close(K.silu_gemv(gu, w, config=(8, 64, 4, 2)),
+                               K.gemv(silu_mul_ref(gu), w, config=(8, 64, 4, 2)), rtol=2e-3, atol=2e-3)
+
+
 # ---------------------------------------------------------------------------------------
 # FP8: e4m3 weights and KV cache (float16 activations under the interpreter, bf16 on a GPU)
 

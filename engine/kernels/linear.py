@@ -10,6 +10,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from ..quant import FP8
 from .dispatch import triton_enabled
 
 log = logging.getLogger("ppx.kernels")
@@ -67,15 +68,16 @@ def _pick(x, w, key, scale=None) -> int:
     that each call reads its weights from memory, as the tick does, not from L2."""
     if torch.cuda.is_current_stream_capturing():
         return -1
-    n = max(8, min(64, -(-_COLD_BYTES // (w.numel() * w.element_size()))))
-    ws = [w.clone() for _ in range(n)]
-    ss = [scale] * n if scale is None else [scale.clone() for _ in range(n)]
+    n = max(2, min(64, -(-_COLD_BYTES // (w.numel() * w.element_size()))))
+    ws = [w] + [w.clone() for _ in range(n - 1)]
+    ss = [scale] * n if scale is None else [scale] + [scale.clone() for _ in range(n - 1)]
+    calls = max(n, 16)
     times = {}
     if scale is None:
-        times[-1] = _time(lambda j: F.linear(x, ws[j]), n)
+        times[-1] = _time(lambda j: F.linear(x, ws[j % n]), calls)
     for i in _candidates(key[0]):
         try:
-            times[i] = _time(lambda j: _run(i, x, ws[j], ss[j]), n)
+            times[i] = _time(lambda j: _run(i, x, ws[j % n], ss[j % n]), calls)
         except Exception:  # a configuration the GPU cannot run
             continue
     del ws, ss
@@ -100,6 +102,22 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if c >= 0:
             return _run(c, x, w)
     return F.linear(x, w)
+
+
+def gemv_choice(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None):
+    """For one row x against W of any size: the one-row kernel's configuration when the
+    calibration picks it for this shape (so a prologue may be fused into it), else None."""
+    if not (triton_enabled(x) and x.numel() == x.shape[-1] and w.dtype in (torch.bfloat16, torch.float16, FP8)):
+        return None
+    if not x.is_cuda:  # the interpreter: always, so tests exercise the fused paths
+        return (8, 256, 4, 3)
+    key = (1, *w.shape, w.dtype)
+    c = _choice.get(key)
+    if c is None:
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        c = _choice[key] = _pick(torch.randn(1, w.shape[1], device=x.device, dtype=x.dtype), w, key, scale)
+    return _CONFIGS[c][1] if c >= 0 and _CONFIGS[c][0] == "gemv" else None
 
 
 def linear_choices() -> dict:
@@ -131,3 +149,31 @@ def linear_fp8(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> torch.
         # many rows (a prefill): dequantize once to the activation dtype and use cuBLAS
         return F.linear(x, (w8.to(x.dtype) * scale.to(x.dtype).unsqueeze(-1)))
     return linear_fp8_ref(x, w8, scale)
+
+
+def _product(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    return linear(x, w) if scale is None else linear_fp8(x, w, scale)
+
+
+def norm_linear(x: torch.Tensor, delta: torch.Tensor | None, alpha: torch.Tensor, eps: float, w: torch.Tensor,
+                scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, rms_norm(x + delta) * alpha @ W^T) (delta None: x itself): for one row, one
+    launch when the one-row kernel is this shape's pick; else `add_rms_norm` and a product."""
+    cfg = gemv_choice(x, w, scale)
+    if cfg is not None:
+        from . import triton_ops
+        return triton_ops.norm_gemv(x, delta, alpha, eps, w, scale, cfg)
+    from .rms_norm import add_rms_norm, rms_norm
+    x, h = add_rms_norm(x, delta, alpha, eps) if delta is not None else (x, rms_norm(x, alpha, eps))
+    return x, _product(h, w, scale)
+
+
+def silu_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(a) * g @ W^T for x = [a | g]: one launch for one row when the one-row kernel is this
+    shape's pick; else `silu_mul` and a product."""
+    cfg = gemv_choice(x[..., :x.shape[-1] // 2], w, scale)
+    if cfg is not None:
+        from . import triton_ops
+        return triton_ops.silu_gemv(x, w, scale, cfg)
+    from .activations import silu_mul
+    return _product(silu_mul(x), w, scale)

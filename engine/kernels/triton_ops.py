@@ -369,34 +369,88 @@ SMALL_LINEAR_MAX_M = 16
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, swn,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALED: tl.constexpr):
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, swn, d_ptr, a_ptr, xo_ptr, eps,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALED: tl.constexpr, PRO: tl.constexpr,
+                 HAS_DELTA: tl.constexpr):
+    # PRO 0: the row is x. PRO 1: the row is rms_norm(x + delta) * alpha, as `_add_rms_norm_kernel`
+    # rounds it (program 0 also writes x + delta to xo). PRO 2: x holds [a | g] (2K wide) and the
+    # row is silu(a) * g, as `_silu_mul_kernel` rounds it.
+    pid = tl.program_id(0)
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    act = xo_ptr.dtype.element_ty
+    rstd = 0.0
+    if PRO == 1:
+        sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            xv = tl.load(x_ptr + kk, mask=kk < K, other=0.0)
+            if HAS_DELTA:
+                xv = (xv.to(tl.float32) + tl.load(d_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)).to(act)
+                if pid == 0:
+                    tl.store(xo_ptr + kk, xv, mask=kk < K)
+            xf = xv.to(tl.float32)
+            sq += xf * xf
+        rstd = tl.rsqrt(tl.sum(sq, axis=0) / K + eps)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
-        w = tl.load(w_ptr + n[:, None] * swn + kk[None, :], mask=(n[:, None] < N) & (kk[None, :] < K), other=0.0)
-        x = tl.load(x_ptr + kk, mask=kk < K, other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        km = kk < K
+        w = tl.load(w_ptr + n[:, None] * swn + kk[None, :], mask=(n[:, None] < N) & km[None, :], other=0.0)
+        if PRO == 1:
+            xv = tl.load(x_ptr + kk, mask=km, other=0.0)
+            if HAS_DELTA:
+                xv = (xv.to(tl.float32) + tl.load(d_ptr + kk, mask=km, other=0.0).to(tl.float32)).to(act)
+            al = tl.load(a_ptr + kk, mask=km, other=0.0).to(tl.float32)
+            x = (xv.to(tl.float32) * (al * rstd)).to(act).to(tl.float32)
+        elif PRO == 2:
+            a = tl.load(x_ptr + kk, mask=km, other=0.0).to(tl.float32)
+            g = tl.load(x_ptr + K + kk, mask=km, other=0.0).to(tl.float32)
+            sl = (a / (1.0 + tl.exp(-a))).to(act).to(tl.float32)
+            x = (sl * g).to(act).to(tl.float32)
+        else:
+            x = tl.load(x_ptr + kk, mask=km, other=0.0).to(tl.float32)
+        acc += w.to(tl.float32) * x[None, :]
     y = tl.sum(acc, axis=1)
     if SCALED:
         y = y * tl.load(s_ptr + n, mask=n < N, other=0.0)
     tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=n < N)
 
 
+def _gemv_launch(x2, w, scale, config, K, pro=0, delta=None, alpha=None, xo=None, eps=0.0):
+    N = w.shape[0]
+    assert x2.shape[0] == 1 and w.stride(1) == 1 and x2.stride(-1) == 1 and w.shape[1] == K
+    y = torch.empty(1, N, device=x2.device, dtype=x2.dtype)
+    BLOCK_N, BLOCK_K, warps, stages = config
+    _gemv_kernel[(triton.cdiv(N, BLOCK_N),)](
+        x2, w, scale if scale is not None else y, y, N, K, w.stride(0), delta if delta is not None else x2,
+        alpha if alpha is not None else x2, xo if xo is not None else y, eps, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        SCALED=scale is not None, PRO=pro, HAS_DELTA=delta is not None, num_warps=warps, num_stages=stages)
+    return y
+
+
 def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, config=(8, 256, 4, 3)):
     """y = x W^T (times a per-output scale when given) for ONE row x: streams W once over many
     programs, with no split of K and so no second kernel. config: BLOCK_N, BLOCK_K, warps, stages."""
     K = x.shape[-1]
-    x2 = x.reshape(-1, K)
-    N = w.shape[0]
-    assert x2.shape[0] == 1 and w.stride(1) == 1 and x2.stride(1) == 1
-    y = torch.empty(1, N, device=x.device, dtype=x.dtype)
-    BLOCK_N, BLOCK_K, warps, stages = config
-    _gemv_kernel[(triton.cdiv(N, BLOCK_N),)](x2, w, scale if scale is not None else y, y, N, K, w.stride(0),
-                                            BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SCALED=scale is not None,
-                                            num_warps=warps, num_stages=stages)
-    return y.view(*x.shape[:-1], N)
+    return _gemv_launch(x.reshape(1, K), w, scale, config, K).view(*x.shape[:-1], w.shape[0])
+
+
+def norm_gemv(x: torch.Tensor, delta: torch.Tensor | None, alpha: torch.Tensor, eps: float, w: torch.Tensor,
+              scale: torch.Tensor | None = None, config=(8, 256, 4, 3)):
+    """For one row: (x + delta, rms_norm(x + delta) * alpha @ W^T), i.e. `add_rms_norm` then
+    `gemv` in one launch (delta None: (x, rms_norm(x) @ W^T)). Same roundings as the two."""
+    K = x.shape[-1]
+    x2 = x.reshape(1, K)
+    xo = torch.empty_like(x2) if delta is not None else x2
+    y = _gemv_launch(x2, w, scale, config, K, pro=1, delta=delta.reshape(1, K) if delta is not None else None,
+                     alpha=alpha, xo=xo, eps=eps)
+    return xo.view(x.shape), y.view(*x.shape[:-1], w.shape[0])
+
+
+def silu_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, config=(8, 256, 4, 3)):
+    """For one row x = [a | g]: (silu(a) * g) @ W^T, i.e. `silu_mul` then `gemv` in one launch."""
+    K = x.shape[-1] // 2
+    return _gemv_launch(x.reshape(1, 2 * K), w, scale, config, K, pro=2).view(*x.shape[:-1], w.shape[0])
 
 
 def _rows_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, config, max_rows: int):
