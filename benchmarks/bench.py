@@ -214,7 +214,7 @@ def main(argv=None) -> int:
     from engine.engine import Engine
     from engine.random_weights import random_engine, random_voice
 
-    torch.backends.cuda.matmul.allow_tf32 = True
+    # no TF32 switch: Mimi's float32 products run as ppx-serve and ppx-offline run them
     batches = [int(b) for b in args.batches.split(",")]
     if args.reference_only:
         path = Path(args.out) / f"{card_slug()}.json"
