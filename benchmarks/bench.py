@@ -79,8 +79,11 @@ def prepare_slots(engine, B: int, voice, full: bool) -> list[int]:
         st = engine.lm_state
         idx = torch.tensor(slots, device=engine.device)
         for i in range(st.kv.k.shape[0]):  # a ring full of finite keys and values
-            st.kv.k[i, idx] = torch.randn_like(st.kv.k[i, idx])
-            st.kv.v[i, idx] = torch.randn_like(st.kv.v[i, idx])
+            for ring in (st.kv.k, st.kv.v):
+                ring[i, idx] = torch.randn(ring[i, idx].shape, device=ring.device).to(ring.dtype)
+            if st.kv.quantized:  # e4m3 codes of N(0, 1) with scale 1/16: small finite vectors
+                st.kv.k_scale[i, idx] = 1 / 16
+                st.kv.v_scale[i, idx] = 1 / 16
         st.offset[idx] = st.offset[idx] + 10 * st.kv.window
     return slots
 

@@ -192,7 +192,9 @@ def test_7b_graph_path_stays_within_2e2_of_the_eager_path(seven_b_pair):
 
 def test_7b_batch_rows_equal_single_slot_runs(seven_b_pair):
     """Three sessions batched vs each run alone (bucket 1), teacher-forced to the same tokens
-    every frame (each keeping its own KV rings): the logits agree within the bf16 tolerance."""
+    every frame (each keeping its own KV rings): no row leaks into another. A slot alone runs
+    the one-row kernels (norm and SiLU fused into the product), a batch the small-batch ones,
+    so the two are two bf16 implementations: ~sqrt(2) x 1.4e-2 apart, as in the test above."""
     _, b = seven_b_pair
     solo = type(b)(b.cfg, b.lm, b.mimi, b.tokenizer, max_slots=3, checkpoint_id=b.checkpoint_id)
     solo.enable_graphs(buckets=(1,))
@@ -212,7 +214,7 @@ def test_7b_batch_rows_equal_single_slot_runs(seven_b_pair):
             _, _, tl_s, al_s = solo.step_tensors(torch.tensor([s], device="cuda"), pcm[i:i + 1])
             worst = max(worst, _rel(tl_s[0], tl_b[i]), _rel(al_s[0], al_b[i]))
     print(f"batched vs single-slot over 30 frames: worst logit error {worst:.2e}")
-    assert worst < 2e-2, worst
+    assert worst < 3e-2, worst
     for s in slots:
         b.close(s)
 
