@@ -78,6 +78,7 @@ class Session:
         self.prompt_tokens = 0
         self.closed = False
         self.error: str | None = None
+        self.codec = 0                 # which codec thread encodes this session's answers
 
 
 class TickLoop(threading.Thread):
@@ -135,7 +136,7 @@ class TickLoop(threading.Thread):
         m.tick_window.append(t1 - t0)
         for s in ready:
             late = t1 - born[s.slot] > self.server.frame_seconds
-            s.loop.call_soon_threadsafe(self.server.deliver, s, outs[s.slot], late)
+            self.server.deliver(s, outs[s.slot], late)
 
     def _service(self) -> None:
         while True:
@@ -198,6 +199,49 @@ def _settle(fut: asyncio.Future, result, exc) -> None:
         fut.set_result(result)
 
 
+class CodecThreads:
+    """Threads that Opus-encode the sessions' answers. The encoder (C, called through ctypes,
+    which releases the GIL) is most of a session's host work, so it runs here in parallel
+    instead of on the event loop; a session always uses the same thread, which keeps its
+    stream in order."""
+
+    def __init__(self, n: int):
+        self.queues = [queue.SimpleQueue() for _ in range(max(1, n))]
+        self.threads = [threading.Thread(target=self._run, args=(q,), name=f"ppx-codec-{i}", daemon=True)
+                        for i, q in enumerate(self.queues)]
+        self._next = 0
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def assign(self) -> int:
+        self._next += 1
+        return self._next % len(self.queues)
+
+    def submit(self, index: int, fn, *args) -> None:
+        self.queues[index].put((fn, args))
+
+    def stop(self) -> None:
+        for q in self.queues:
+            q.put(None)
+        for t in self.threads:
+            if t.is_alive():
+                t.join(timeout=2)
+
+    @staticmethod
+    def _run(q: queue.SimpleQueue) -> None:
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            fn, args = item
+            try:
+                fn(*args)
+            except Exception:  # noqa: BLE001 - the job reports its own session's failure
+                log.exception("codec job failed")
+
+
 class Server:
     def __init__(self, engine, args):
         self.engine = engine
@@ -216,6 +260,7 @@ class Server:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Future | None = None
         self.ticker = TickLoop(self)
+        self.codec = CodecThreads(args.codec_threads)
         self._voices: dict[str, object] = {}
         from voices import VoiceLibrary, hub_voice_dir
         vdir = args.voice_prompt_dir or hub_voice_dir(args.hf_repo)
@@ -339,6 +384,7 @@ class Server:
             if req.voice is not None and ("\x00" in req.voice or "/" in req.voice or "\\" in req.voice):
                 raise ProtocolError("voice_prompt must be a voice name from /api/voices")
             s = Session(ws, req, self.loop, self.max_outbox)
+            s.codec = self.codec.assign()
             self.sessions.add(s)
             fut = self.loop.create_future()
             self.ticker.opens.put((s, fut))
@@ -406,30 +452,37 @@ class Server:
             self.ticker.wake.set()
 
     def deliver(self, s: Session, out, late: bool) -> None:
-        """Called on the event loop with one output frame of a session; a failure here ends
-        that session (with an error) and nothing else."""
+        """One output frame of a session, from the tick thread: encoded on the session's codec
+        thread, then queued for sending on the event loop."""
+        self.codec.submit(s.codec, self._encode, s, out, late)
+
+    def _encode(self, s: Session, out, late: bool) -> None:
+        """On a codec thread. A failure here ends that session (with an error) and nothing else."""
         if s.closed:
             return
         try:
-            self._deliver(s, out, late)
+            s.writer.append_pcm(out.pcm)
+            msgs = []
+            data = s.writer.read_bytes()
+            if data:
+                msgs.append(bytes([AUDIO]) + data)
+            piece = self.engine.tokenizer.piece(out.text_id)
+            if piece is not None:
+                msgs.append(bytes([TEXT]) + piece.encode("utf-8"))
         except Exception as e:  # noqa: BLE001
-            log.exception("session %s: delivering a frame failed", s.id)
+            log.exception("session %s: encoding a frame failed", s.id)
             s.error = f"internal error while sending audio ({e.__class__.__name__})"
-            self._abort(s)
+            s.loop.call_soon_threadsafe(self._abort, s)
+            return
+        s.loop.call_soon_threadsafe(self._enqueue, s, msgs, late)
 
-    def _deliver(self, s: Session, out, late: bool) -> None:
+    def _enqueue(self, s: Session, msgs: list[bytes], late: bool) -> None:
+        if s.closed:
+            return
         s.frames_out += 1
         if late:
             s.late += 1
             self.metrics.late_frames += 1
-        s.writer.append_pcm(out.pcm)
-        msgs = []
-        data = s.writer.read_bytes()
-        if data:
-            msgs.append(bytes([AUDIO]) + data)
-        piece = self.engine.tokenizer.piece(out.text_id)
-        if piece is not None:
-            msgs.append(bytes([TEXT]) + piece.encode("utf-8"))
         for m in msgs:
             try:
                 s.outbox.put_nowait(m)
@@ -445,6 +498,8 @@ class Server:
 
     def _abort(self, s: Session) -> None:
         """Drops a connection whose client does not read (a close handshake could not be sent)."""
+        if s.closed:
+            return
         self.metrics.errors += 1
         log.info("session %s: %s", s.id, s.error)
         transport = getattr(s.ws, "transport", None)
@@ -503,6 +558,7 @@ class Server:
                 self.loop.add_signal_handler(sig, self.fatal)
             except (NotImplementedError, RuntimeError):
                 pass
+        self.codec.start()
         self.ticker.start()
         ssl_ctx = make_ssl_context(self.args.ssl) if self.args.ssl else None
         async with serve(self.handler, self.args.host, self.args.port, process_request=self.process_request,
@@ -521,6 +577,7 @@ class Server:
         self.ticker.stopping = True
         self.ticker.wake.set()
         self.ticker.join(timeout=5)
+        self.codec.stop()
         log.info("stopped")
 
 
@@ -590,6 +647,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "a frame waits at most that long for others to share its tick)")
     ap.add_argument("--client-buffer-seconds", type=float, default=5.0,
                     help="audio a client may leave unread before it is dropped (default 5 s)")
+    ap.add_argument("--codec-threads", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),
+                    help="threads that Opus-encode the answers (default: half the CPU cores, at most 8)")
     ap.add_argument("--kv-window", type=int, default=None, help="frames of history per session (default: the "
                                                                 "model's full context)")
     ap.add_argument("--random-weights", action="store_true",
