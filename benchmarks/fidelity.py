@@ -92,7 +92,7 @@ def seven_b(frames: int) -> dict:
     from engine.config import PERSONAPLEX_7B
     from engine.engine import Engine, SamplingParams
     from engine.quant import quantize_lm_
-    from engine.random_weights import random_engine, random_lm_state_dict, random_voice  # noqa: F401
+    from engine.random_weights import random_engine, random_voice
 
     tok = TINY / "tokenizer.model"
     leader = random_engine(PERSONAPLEX_7B, tok, device="cuda", dtype=torch.bfloat16, seed=5, max_slots=1)

@@ -1,6 +1,6 @@
 """Times the Triton kernels' block configurations at the 7B's shapes on a GPU, beside cuBLAS
 for the matrix products: what the defaults in `engine.kernels.triton_ops` (ATTN_CONFIG,
-RING_CONFIG, sample_warps) and the linear calibration's candidates are chosen from.
+ring_config) and the linear calibration's candidates are chosen from.
 Prints a table per kernel and writes JSON; never fails on time."""
 from __future__ import annotations
 
@@ -13,19 +13,13 @@ import torch
 
 
 def _time_us(fn, n: int = 20) -> float:
-    for _ in range(3):
+    """Microseconds per call, replayed as a CUDA graph (as the tick runs and as the linear
+    calibration times its candidates)."""
+    from engine.kernels.linear import _time
+
+    for _ in range(2):
         fn()
-    g = torch.cuda.CUDAGraph()  # replayed as a graph, as the tick runs, so launch cost is the graph's
-    with torch.cuda.graph(g):
-        for _ in range(n):
-            fn()
-    g.replay()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    g.replay()
-    e.record()
-    e.synchronize()
-    return s.elapsed_time(e) * 1e3 / n
+    return _time(lambda i: fn(), n) * 1e3
 
 
 def _report(name: str, rows: list[tuple[str, float]], nbytes: int | None = None, top: int = 6) -> list[dict]:
@@ -74,21 +68,6 @@ def ring(B: int, out: dict) -> None:
     out[f"ring_chunk_attention B={B}"] = _report(f"Mimi ring attention B={B}", rows, 2 * B * T * H * W * D * 4)
 
 
-def sampling(B: int, V: int, out: dict) -> None:
-    from engine.kernels import triton_ops as K
-
-    logits = torch.randn(B, V, device="cuda")
-    temp = torch.full((B,), 0.8, device="cuda")
-    topk = torch.full((B,), 250, device="cuda", dtype=torch.long)
-    greedy = torch.zeros(B, device="cuda", dtype=torch.bool)
-    seed = torch.arange(B, device="cuda")
-    rows = []
-    for warps in (4, 8, 16):
-        rows.append((f"warps={warps}", _time_us(lambda: K.sample_tokens(logits, temp, topk, greedy, seed, seed, 1,
-                                                                        num_warps=warps))))
-    out[f"sample_tokens B={B} V={V}"] = _report(f"sampling B={B} V={V}", rows)
-
-
 def linears(out: dict) -> None:
     import torch.nn.functional as F
 
@@ -118,7 +97,7 @@ def linears(out: dict) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
-    ap.add_argument("--only", default="attention,ring,sampling,linear")
+    ap.add_argument("--only", default="attention,ring,linear")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
@@ -132,9 +111,6 @@ def main() -> int:
     if "ring" in only:
         for B in (1, 32):
             ring(B, out)
-    if "sampling" in only:
-        for B, V in ((1, 32000), (1, 2048), (32, 2048)):
-            sampling(B, V, out)
     if "linear" in only:
         linears(out)
     if args.json:

@@ -80,7 +80,6 @@ def _pick(x, w, key, scale=None) -> int:
             times[i] = _time(lambda j: _run(i, x, ws[j % n], ss[j % n]), calls)
         except Exception:  # a configuration the GPU cannot run
             continue
-    del ws, ss
     best = min(times, key=times.get)
     log.debug("linear %s: best %s %.1f us of %s", key, best, times[best] * 1e3,
               {k: round(v * 1e3, 1) for k, v in times.items()})
