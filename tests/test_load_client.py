@@ -132,3 +132,17 @@ def test_server_dying_ends_the_round(tmp_path):
     agg = res["aggregate"]
     assert agg["handshakes"] == 2 and agg["sessions_with_errors"] == 2 and not agg["all_real_time"]
     assert all("close" in s["errors"][-1] for s in res["sessions"]), res
+
+
+def test_serve_host_measures_the_server_over_a_stand_in_engine(tmp_path):
+    # the real server (websockets, Opus both ways, tick and codec threads) with a stand-in
+    # engine: every frame of two short sessions comes back, and the numbers are written
+    out = tmp_path / "host.json"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.serve_host", "--sweep", "2", "--duration", "2",
+                        "--tick-ms", "5", "--wav", str(WAV), "--json", str(out)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "== 2 sessions" in r.stdout
+    agg = json.loads(out.read_text())["rounds"]["2"][0]["rounds"][0]["aggregate"]
+    assert agg["sessions"] == 2 and agg["handshakes"] == 2 and agg["errors"] == 0
+    assert agg["frames_received"] == agg["frames_sent"] > 0
