@@ -1,8 +1,13 @@
-"""Matrix products y = x W^T. cuBLAS does them unless, for a few rows against a small
-half-precision W (the depformer's per-step weights, the temporal attention output), a Triton
-launch that streams W once measurably beats it: the first product of each shape (during
-warm-up, never inside a graph capture) times cuBLAS and the kernels' configurations (the
-small-batch kernel, and for one row the matrix-vector kernel), and the fastest is kept."""
+"""Matrix products y = x W^T, and the choice of kernel for each shape.
+
+cuBLAS does a product unless a Triton kernel measurably beats it: the first product of each
+shape (during warm-up, never inside a graph capture) times cuBLAS and the kernels'
+configurations as CUDA-graph replays over weight copies cycled past the L2 cache, and the
+fastest is kept. Candidates: the small-batch kernel (up to 16 rows, W up to 17 M elements), and
+for one row the matrix-vector kernel at any size; e4m3 weights choose among the kernels only.
+Where the matrix-vector kernel wins, `norm_linear` and `silu_linear` run the RMSNorm (with the
+residual add) or the gated SiLU in front of the product in the same launch.
+"""
 from __future__ import annotations
 
 import logging
