@@ -18,7 +18,8 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 if [ "${TESTS:-}" != "" ]; then
-  timeout "${TEST_TIMEOUT:-420}" python3 -m pytest -q -x $TESTS 2>&1 | tee "$OUT/gpu_tests.log"
+  # TESTS is pytest's arguments as one would type them: TESTS="tests/test_gpu.py -k 'golden or 7b'"
+  eval "timeout \"\${TEST_TIMEOUT:-420}\" python3 -m pytest -q -x $TESTS" 2>&1 | tee "$OUT/gpu_tests.log"
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   timeout "${BENCH_TIMEOUT:-420}" make bench BENCH_ARGS="--out $OUT ${BENCH_ARGS:-}" 2>&1 | tee "$OUT/bench.log"
