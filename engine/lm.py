@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from .config import DepformerConfig, LMConfig, TemporalConfig
 from .quant import FP8
 from .kernels import (add_rms_norm, linear, linear_fp8, decode_attention, norm_linear, prefill_attention_ref,
-                      qkv_rope_write, rms_norm, rope, silu_linear, silu_mul, step_attention)
+                      prefill_mask, qkv_rope_write, rms_norm, rope_qkv, silu_linear, silu_mul, step_attention)
 
 
 class Linear(nn.Module):
@@ -171,15 +171,19 @@ class LM(nn.Module):
                             device=x.device)
         w_slots = slots.repeat_interleave(torch.tensor([min(n, C) for n in lens], device=x.device))
         w_idx = pos.index_select(0, keep) % C
+        mask = prefill_mask(B, T, C, lengths, x.device)
+        delta = None
+        # (as few launches per layer as the decode step: a prefill is launched eagerly, so each
+        # op's host cost counts)
         for i, layer in enumerate(self.layers):
-            qkv = layer.attn_in(rms_norm(x, layer.norm1, t.norm_eps)).view(B * T, 3, H, D)
-            q, k = rope(qkv[:, 0], qkv[:, 1], pos, t.max_period)
-            v = qkv[:, 2]
-            a = prefill_attention_ref(q.view(B, T, H, D), k.view(B, T, H, D), v.view(B, T, H, D), C, lengths)
+            x, h = add_rms_norm(x, delta, layer.norm1, t.norm_eps) if delta is not None else \
+                (x, rms_norm(x, layer.norm1, t.norm_eps))
+            q, k, v = rope_qkv(layer.attn_in(h).view(B * T, 3, H, D), pos, t.max_period)
+            a = prefill_attention_ref(q.view(B, T, H, D), k.view(B, T, H, D), v.view(B, T, H, D), C, mask=mask)
             kv.write(i, w_slots, w_idx, k.index_select(0, keep), v.index_select(0, keep))
-            x = x + layer.attn_out(a.reshape(B, T, H * D))
-            x = x + layer.ffn_out(silu_mul(layer.ffn_in(rms_norm(x, layer.norm2, t.norm_eps))))
-        return rms_norm(x, self.out_norm, t.norm_eps)
+            x, h = add_rms_norm(x, layer.attn_out(a.reshape(B, T, H * D)), layer.norm2, t.norm_eps)
+            delta = layer.ffn_out(silu_mul(layer.ffn_in(h)))
+        return add_rms_norm(x, delta, self.out_norm, t.norm_eps)[1]
 
     def text_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.text_head(h)

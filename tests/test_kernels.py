@@ -279,3 +279,29 @@ def test_fp8_kv_write_and_attention(B, H, D, W):
     out = K.decode_attention(q, rings[0], rings[1], slots, lengths, k_scale=scales[0], v_scale=scales[1])
     ref = decode_attention_ref(q, rings[0], rings[1], slots, lengths, scales[0], scales[1])
     assert _rel(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize("N,H,D", ([(136, 32, 128)] if CUDA else []) + [(7, 2, 16), (20, 3, 8)])
+def test_rope_qkv_for_the_prefill(N, H, D):
+    # the prefill's rope: the decode kernel writing k and v into one-entry rings, one per row
+    from engine.kernels import rope_ref
+    from engine.kernels.dispatch import triton_enabled
+    from engine.kernels.rope import rope_qkv
+
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    g = torch.Generator().manual_seed(N * H + D)
+    qkv = _randn(N, 3, H, D, dtype=dtype, g=g)
+    pos = torch.randint(0, 3000, (N,), generator=g).to(DEV)
+    q_ref, k_ref = rope_ref(qkv[:, 0], qkv[:, 1], pos, 10000.0)
+    import engine.kernels.dispatch as dispatch
+    old = dispatch._on_cpu
+    dispatch._on_cpu = True  # the Triton path, under the interpreter on the CPU
+    try:
+        assert triton_enabled(qkv)
+        q, k, v = rope_qkv(qkv, pos, 10000.0)
+    finally:
+        dispatch._on_cpu = old
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(q, q_ref, **tol)
+    torch.testing.assert_close(k, k_ref, **tol)
+    assert torch.equal(v, qkv[:, 2])

@@ -42,11 +42,10 @@ def decode_attention(q, k_ring, v_ring, slots, lengths, k_scale=None, v_scale=No
     return decode_attention_ref(q, k_ring, v_ring, slots, lengths, k_scale, v_scale)
 
 
-def prefill_attention_ref(q, k, v, context: int | None, lengths=None):
-    """q, k, v: [B, T, H, D] of prompts starting at position 0 -> [B, T, H, D].
-    Query t sees keys t - context + 1 .. t; keys at or past `lengths[b]` are padding."""
-    B, T, H, D = q.shape
-    i = torch.arange(T, device=q.device)
+def prefill_mask(B: int, T: int, context: int | None, lengths, device) -> torch.Tensor:
+    """[B, 1, T, T] bool: query t of prompt b sees keys t - context + 1 .. t, none at or past
+    lengths[b] (padding). The same for every layer, so a prefill builds it once."""
+    i = torch.arange(T, device=device)
     delta = i.view(T, 1) - i.view(1, T)
     mask = delta >= 0
     if context is not None:
@@ -54,6 +53,16 @@ def prefill_attention_ref(q, k, v, context: int | None, lengths=None):
     mask = mask.view(1, 1, T, T)
     if lengths is not None:
         mask = mask & (i.view(1, 1, 1, T) < lengths.view(B, 1, 1, 1))
+    return mask.expand(B, 1, T, T)
+
+
+def prefill_attention_ref(q, k, v, context: int | None, lengths=None, mask=None):
+    """q, k, v: [B, T, H, D] of prompts starting at position 0 -> [B, T, H, D].
+    Query t sees keys t - context + 1 .. t; keys at or past `lengths[b]` are padding
+    (`mask`, from `prefill_mask`, when already built)."""
+    B, T, H, D = q.shape
+    if mask is None:
+        mask = prefill_mask(B, T, context, lengths, q.device)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.transpose(1, 2)
 

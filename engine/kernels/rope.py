@@ -39,6 +39,23 @@ def rope(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, max_period: float)
     return rope_ref(q, k, pos, max_period)
 
 
+def rope_qkv(qkv: torch.Tensor, pos: torch.Tensor, max_period: float):
+    """qkv: [N, 3, H, D] (a projection's output) -> rotated q, rotated k and v, each [N, H, D],
+    as `rope_ref` rounds them. On a GPU one launch: the decode step's rope-and-write kernel,
+    writing k and v into a one-entry "ring" per row."""
+    if triton_enabled(qkv):
+        from . import triton_ops
+
+        N, _, H, D = qkv.shape
+        k = torch.empty(N, H, 1, D, device=qkv.device, dtype=qkv.dtype)
+        v = torch.empty_like(k)
+        rows = torch.arange(N, device=qkv.device)
+        q = triton_ops.qkv_rope_write(qkv, pos, max_period, rows, torch.zeros_like(rows), k, v)
+        return q, k.view(N, H, D), v.view(N, H, D)
+    q, k = rope_ref(qkv[:, 0], qkv[:, 1], pos, max_period)
+    return q, k, qkv[:, 2]
+
+
 def qkv_rope_write_ref(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring, k_scale=None, v_scale=None):
     """qkv: [B, 3, H, D]; k_ring, v_ring: [S, H, W, D] of one layer. Returns rotated q [B, H, D].
     With scales ([S, H, W]), the rings are e4m3: each stored vector is quantized with its own."""
