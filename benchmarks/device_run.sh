@@ -2,7 +2,8 @@
 # On a GPU machine that has torch and triton but no network: install what was carried (.whl/
 # wheels, .carry/lib/libopus), run the GPU tests (TESTS=...), `make bench`, with FP8=1 the FP8
 # fidelity and bench, with LOAD=1 a load-test sweep of ppx-serve on random 7B weights
-# (SERVE_ARGS="--quantize fp8 --kv-cache-dtype fp8" for FP8). Each part is bounded in time; logs
+# (SERVE_ARGS="--quantize fp8 --kv-cache-dtype fp8" for FP8; SWEEP=32,64 session counts; CLIENTS=4
+# load-client processes). Each part is bounded in time; logs
 # and results go to $OUT. The reference's recordings are carried in .carry/assets (not committed).
 set -uo pipefail
 OUT=${OUT:-artifacts}
@@ -35,10 +36,24 @@ if [ "${LOAD:-0}" = 1 ]; then
       ${SERVE_ARGS:-} > "$OUT/serve.out" 2> "$OUT/serve.log" &
   spid=$!
   for _ in $(seq 180); do grep -q PPX_READY "$OUT/serve.out" 2>/dev/null && break; sleep 1; done
-  timeout "${LOAD_TIMEOUT:-240}" python3 -m benchmarks.load_client --url ws://127.0.0.1:8998 \
-      --sweep "${SWEEP:-4,16,32}" --duration "${LOAD_SECONDS:-15}" --ramp 2 \
-      --wav .carry/assets/input_assistant.wav --wav .carry/assets/input_service.wav \
-      --json "$OUT/load.json" 2>&1 | tee "$OUT/load.log"
+  # CLIENTS load-client processes share each round's sessions (one Python process cannot
+  # pace many dozens of Opus streams by itself)
+  clients=${CLIENTS:-1}
+  for n in $(echo "${SWEEP:-4,16,32}" | tr , ' '); do
+    pids=()
+    for i in $(seq "$clients"); do
+      k=$(( n / clients + (i <= n % clients ? 1 : 0) ))
+      [ "$k" -gt 0 ] || continue
+      timeout "${LOAD_TIMEOUT:-240}" python3 -m benchmarks.load_client --url ws://127.0.0.1:8998 \
+          --sessions "$k" --duration "${LOAD_SECONDS:-15}" --ramp 2 --seed $((100 * i)) \
+          --wav .carry/assets/input_assistant.wav --wav .carry/assets/input_service.wav \
+          --json "$OUT/load-$n-$i.json" > "$OUT/load-$n-$i.log" 2>&1 &
+      pids+=($!)
+    done
+    wait "${pids[@]}"
+    echo "== $n sessions ($clients client process(es))" | tee -a "$OUT/load.log"
+    grep -h "^all:" "$OUT"/load-"$n"-*.log | tee -a "$OUT/load.log"
+  done
   curl -s 127.0.0.1:8998/metrics > "$OUT/metrics.txt" || true
   kill -TERM $spid; wait $spid
 fi
