@@ -333,16 +333,16 @@ class Engine:
         # The user's codes of this frame land at columns the LM step first reads in the next
         # frame (`lm_tick`), so on a GPU the encoder runs on a side stream while the temporal
         # transformer streams its weights; the decoder waits for both.
-        if self._side is not None:
-            main = torch.cuda.current_stream(self.device)
+        main = torch.cuda.current_stream(self.device) if self._side is not None else None
+        if main is not None:
             self._side.wait_stream(main)
             with torch.cuda.stream(self._side):
                 encode_user()
-            out = lm_tick(self.lm, self.lm_state, slots, None, None, self.depformer_steps, return_logits=True)
-            main.wait_stream(self._side)
         else:
             encode_user()
-            out = lm_tick(self.lm, self.lm_state, slots, None, None, self.depformer_steps, return_logits=True)
+        out = lm_tick(self.lm, self.lm_state, slots, None, None, self.depformer_steps, return_logits=True)
+        if main is not None:
+            main.wait_stream(self._side)
         audio = self.mimi.decode(out.tokens[:, 1:1 + cfg.agent_codebooks], self.mimi_state, slots)
         return audio, out.tokens, out.text_logits, out.audio_logits
 

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from .config import DepformerConfig, LMConfig, TemporalConfig
 from .quant import FP8
-from .kernels import (add_rms_norm, linear, linear_fp8, decode_attention, norm_linear, prefill_attention_ref,
-                      prefill_mask, qkv_rope_write, rms_norm, rope_qkv, silu_linear, silu_mul, step_attention)
+from .kernels import (add_rms_norm, decode_attention, norm_linear, prefill_attention_ref, prefill_mask, product,
+                      qkv_rope_write, rms_norm, rope_qkv, silu_linear, silu_mul, step_attention)
 
 
 class Linear(nn.Module):
@@ -34,10 +34,7 @@ class Linear(nn.Module):
         return self.weight.shape[-2]
 
     def forward(self, x: torch.Tensor, step: int | None = None) -> torch.Tensor:
-        w = self.weight if step is None else self.weight[step]
-        if w.dtype == FP8:
-            return linear_fp8(x, w, self.scale if step is None else self.scale[step])
-        return linear(x, w)
+        return product(x, *self._w(step))
 
     def _w(self, step: int | None):
         w = self.weight if step is None else self.weight[step]
@@ -57,11 +54,8 @@ class Linear(nn.Module):
     def first_steps(self, x: torch.Tensor, steps: int) -> torch.Tensor:
         """Steps 0..steps-1 of a per-step Linear on the same x in one product: [..., steps, out]."""
         w = self.weight[:steps].reshape(-1, self.weight.shape[-1])
-        if w.dtype == FP8:
-            y = linear_fp8(x, w, self.scale[:steps].reshape(-1))
-        else:
-            y = linear(x, w)
-        return y.view(*x.shape[:-1], steps, self.out_features)
+        scale = self.scale[:steps].reshape(-1) if w.dtype == FP8 else None
+        return product(x, w, scale).view(*x.shape[:-1], steps, self.out_features)
 
 
 def _param(*shape, device=None, dtype=None) -> nn.Parameter:

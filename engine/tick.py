@@ -88,11 +88,11 @@ def lm_tick(model: LM, state: LMState, slots: torch.Tensor, given: torch.Tensor 
     K = state.tokens.shape[1]
     n = 1 + depformer_steps
     R = state.tokens.shape[2]
-    if given is not None:
-        write_given(state, slots, given, mask)
-    write_initial(state, slots)
-
     off = state.offset[slots]
+    if given is not None:
+        write_given(state, slots, given, mask, off)
+    write_initial(state, slots, off)
+
     s = slots.view(B, 1).expand(B, K)
     k = torch.arange(K, device=slots.device).view(1, K).expand(B, K)
     in_col = state.tokens[s, k, ((off - 1) % R).view(B, 1).expand(B, K)]

@@ -11,6 +11,6 @@ from .rope import qkv_rope_write, qkv_rope_write_ref, rope, rope_qkv, rope_ref  
 from .attention import (decode_attention, decode_attention_ref, prefill_attention_ref, prefill_mask,  # noqa: F401
                         ring_chunk_attention, ring_chunk_attention_ref, step_attention, step_attention_ref)
 from .linear import (linear, linear_choices, linear_fp8, linear_fp8_ref, linear_ref, norm_linear,  # noqa: F401
-                     silu_linear)
+                     product, silu_linear)
 from .activations import elu, elu_ref, silu_mul, silu_mul_ref  # noqa: F401
 from .sampling import sample_tokens, sample_tokens_ref, uniform_noise  # noqa: F401

@@ -155,7 +155,8 @@ def linear_fp8(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> torch.
     return linear_fp8_ref(x, w8, scale)
 
 
-def _product(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+def product(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T for a half-precision W, or (x W8^T) * scale for an e4m3 one."""
     return linear(x, w) if scale is None else linear_fp8(x, w, scale)
 
 
@@ -169,7 +170,7 @@ def norm_linear(x: torch.Tensor, delta: torch.Tensor | None, alpha: torch.Tensor
         return triton_ops.norm_gemv(x, delta, alpha, eps, w, scale, cfg)
     from .rms_norm import add_rms_norm, rms_norm
     x, h = add_rms_norm(x, delta, alpha, eps) if delta is not None else (x, rms_norm(x, alpha, eps))
-    return x, _product(h, w, scale)
+    return x, product(h, w, scale)
 
 
 def silu_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -180,4 +181,4 @@ def silu_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = N
         from . import triton_ops
         return triton_ops.silu_gemv(x, w, scale, cfg)
     from .activations import silu_mul
-    return _product(silu_mul(x), w, scale)
+    return product(silu_mul(x), w, scale)
