@@ -24,10 +24,103 @@ def _kind(name: str) -> str:
     return "other"
 
 
+def _graph_ms(fn, reps: int = 50) -> float:
+    """Median ms of one CUDA-graph replay of fn (run twice eagerly first)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    ms = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        ms.append(a.elapsed_time(b))
+    return sorted(ms)[len(ms) // 2]
+
+
+def _kernels(fn) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def profile_stages(eng, idx: torch.Tensor, pcm: torch.Tensor) -> None:
+    """Each stage of the tick captured alone as a graph: replay ms and kernels launched."""
+    from engine.tick import lm_tick
+
+    cfg = eng.cfg.lm
+    B = idx.shape[0]
+    lm, st = eng.lm, eng.lm_state
+    codes = torch.zeros(B, cfg.agent_codebooks, dtype=torch.long, device=idx.device)
+    x = torch.zeros(B, cfg.temporal.dim, dtype=lm.dtype, device=idx.device)
+    off = st.offset[idx]
+    h = lm.temporal_decode(x, st.kv, idx, off - 1)
+    stages = {
+        "mimi encode": lambda: eng.mimi.encode(pcm, eng.mimi_state, idx),
+        "mimi decode": lambda: eng.mimi.decode(codes, eng.mimi_state, idx),
+        "lm step (temporal + depformer + sampling)": lambda: lm_tick(lm, st, idx, None, None, eng.depformer_steps,
+                                                                     return_logits=True),
+        "temporal transformer": lambda: lm.temporal_decode(x, st.kv, idx, off - 1),
+        "text head": lambda: lm.text_logits(h),
+        "depformer inputs": lambda: lm.depformer_inputs(h, eng.depformer_steps),
+    }
+    dep_kv = lm.depformer_cache(B, eng.depformer_steps, idx.device)
+    dep_in = lm.depformer_inputs(h, eng.depformer_steps)
+    prev = torch.zeros(B, dtype=torch.long, device=idx.device)
+    stages["depformer steps (no sampling)"] = lambda: [lm.depformer_step(k, dep_in[:, k], prev, dep_kv)
+                                                      for k in range(eng.depformer_steps)]
+    for name, fn in stages.items():
+        print(f"stage {name:45s} {_graph_ms(fn):7.3f} ms  {_kernels(fn):5d} kernels", flush=True)
+
+
+def profile_prefill(eng) -> None:
+    """Host ops and GPU kernels of one uncached prompt phase (a new voice each run)."""
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from engine.random_weights import random_voice
+
+    for i in range(2):  # warm: allocator, Triton compilation
+        eng.close(eng.open(random_voice(eng.cfg.lm, seed=500 + i), PROMPT_100))
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    eng.close(eng.open(random_voice(eng.cfg.lm, seed=600), PROMPT_100))
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) * 1e3
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        eng.close(eng.open(random_voice(eng.cfg.lm, seed=601), PROMPT_100))
+        torch.cuda.synchronize()
+    gpu = collections.Counter()
+    n = collections.Counter()
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            gpu[e.name] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+            n[e.name] += 1
+    print(f"prefill: wall {wall:.1f} ms, GPU kernel time {sum(gpu.values()) / 1e3:.2f} ms, "
+          f"{sum(n.values())} kernels")
+    for k, v in gpu.most_common(15):
+        print(f"  {v / 1e3:7.3f}  {n[k]:5d}  {k[:110]}")
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=60))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--ticks", type=int, default=10)
+    ap.add_argument("--stages", action="store_true", help="time each stage of the tick as its own graph")
+    ap.add_argument("--prefill", action="store_true", help="also profile an uncached prompt phase (host and GPU)")
     args = ap.parse_args()
     from engine.config import PERSONAPLEX_7B
     from engine.random_weights import random_engine, random_voice
@@ -37,7 +130,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     logging.getLogger("ppx.kernels").setLevel(logging.DEBUG)  # the linear calibration's timings
     B = args.batch
-    eng = random_engine(PERSONAPLEX_7B, TOKENIZER, device="cuda", dtype=torch.bfloat16, seed=0, max_slots=B,
+    eng = random_engine(PERSONAPLEX_7B, TOKENIZER, device="cuda", dtype=torch.bfloat16, seed=0, max_slots=B + 1,
                         kv_window=512)
     slots = eng.open_many([(random_voice(eng.cfg.lm, seed=i), PROMPT_100, None) for i in range(B)])
     idx = torch.tensor(slots, device="cuda")
@@ -67,6 +160,10 @@ def main() -> int:
     print("top kernels (ms per tick, launches per tick):")
     for k, v in per_kernel.most_common(25):
         print(f"  {v / args.ticks / 1e3:7.3f}  {count[k] // args.ticks:5d}  {k[:110]}")
+    if args.stages:
+        profile_stages(eng, idx, pcm)
+    if args.prefill:
+        profile_prefill(eng)
     eng.enable_graphs(buckets=(B,))
     ms = time_ticks(eng, slots, 50)
     ms.sort()

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from .config import DepformerConfig, LMConfig, TemporalConfig
 from .quant import FP8
-from .kernels import (add_rms_norm, decode_attention, norm_linear, prefill_attention_ref, prefill_mask, product,
-                      qkv_rope_write, rms_norm, rope_qkv, silu_linear, silu_mul, step_attention)
+from .kernels import (add_rms_norm, causal_suffices, decode_attention, norm_linear, prefill_attention_ref, prefill_mask,
+                      product, qkv_rope_write, rms_norm, rope_qkv, silu_linear, silu_mul, step_attention)
 
 
 class Linear(nn.Module):
@@ -158,23 +158,37 @@ class LM(nn.Module):
         B, T, _ = x.shape
         H, D, C = t.num_heads, t.head_dim, kv.window
         pos = torch.arange(T, device=x.device).repeat(B)
-        # Stepping keeps the last min(len, C) positions of each prompt, at p mod C. The rows to
-        # keep are found once, on the host (lengths are known there), not per layer.
-        lens = lengths.tolist()
-        keep = torch.tensor([b * T + p for b, n in enumerate(lens) for p in range(max(0, n - C), n)],
-                            device=x.device)
-        w_slots = slots.repeat_interleave(torch.tensor([min(n, C) for n in lens], device=x.device))
-        w_idx = pos.index_select(0, keep) % C
-        mask = prefill_mask(B, T, C, lengths, x.device)
+        # When no prompt outgrows the window (the usual case) and the rings hold the activation
+        # dtype, each layer's rope kernel writes k and v straight into the rings (row t of
+        # prompt b at entry t; padding rows write entries that stepping writes again before
+        # any query reads them) and attention reads them back from there.
+        direct = causal_suffices(T, C) and not kv.quantized
+        if direct:
+            w_slots, w_idx = slots.repeat_interleave(T), pos
+        else:
+            # Stepping keeps the last min(len, C) positions of each prompt, at p mod C. The rows
+            # to keep are found once, on the host (lengths are known there), not per layer.
+            lens = lengths.tolist()
+            keep = torch.tensor([b * T + p for b, n in enumerate(lens) for p in range(max(0, n - C), n)],
+                                device=x.device)
+            w_slots = slots.repeat_interleave(torch.tensor([min(n, C) for n in lens], device=x.device))
+            w_idx = pos.index_select(0, keep) % C
+            mask = None if causal_suffices(T, C) else prefill_mask(B, T, C, lengths, x.device)
         delta = None
         # (as few launches per layer as the decode step: a prefill is launched eagerly, so each
         # op's host cost counts)
         for i, layer in enumerate(self.layers):
             x, h = add_rms_norm(x, delta, layer.norm1, t.norm_eps) if delta is not None else \
                 (x, rms_norm(x, layer.norm1, t.norm_eps))
-            q, k, v = rope_qkv(layer.attn_in(h).view(B * T, 3, H, D), pos, t.max_period)
-            a = prefill_attention_ref(q.view(B, T, H, D), k.view(B, T, H, D), v.view(B, T, H, D), C, mask=mask)
-            kv.write(i, w_slots, w_idx, k.index_select(0, keep), v.index_select(0, keep))
+            qkv = layer.attn_in(h).view(B * T, 3, H, D)
+            if direct:
+                q = qkv_rope_write(qkv, pos, t.max_period, w_slots, w_idx, kv.k[i], kv.v[i])
+                a = F.scaled_dot_product_attention(q.view(B, T, H, D).transpose(1, 2), kv.k[i][slots, :, :T],
+                                                   kv.v[i][slots, :, :T], is_causal=True).transpose(1, 2)
+            else:
+                q, k, v = rope_qkv(qkv, pos, t.max_period)
+                a = prefill_attention_ref(q.view(B, T, H, D), k.view(B, T, H, D), v.view(B, T, H, D), C, mask=mask)
+                kv.write(i, w_slots, w_idx, k.index_select(0, keep), v.index_select(0, keep))
             x, h = add_rms_norm(x, layer.attn_out(a.reshape(B, T, H * D)), layer.norm2, t.norm_eps)
             delta = layer.ffn_out(silu_mul(layer.ffn_in(h)))
         return add_rms_norm(x, delta, self.out_norm, t.norm_eps)[1]

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import MimiConfig, MimiTransformerConfig
-from .kernels import elu, ring_chunk_attention, rope
+from .kernels import elu, qkv_rope_write, ring_chunk_attention, scale_add_layer_norm
 
 
 def _p(*shape, device=None, dtype=None) -> nn.Parameter:
@@ -54,11 +54,28 @@ class ConvTr(nn.Module):
         self.tail = kernel - stride
 
     def forward(self, x: torch.Tensor, partial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, cin, T]; partial: [B, cout, kernel - stride] -> (out [B, cout, T * stride], partial)."""
+        K, s = self.weight.shape[-1], self.stride
+        if self.groups == 1 and K == 2 * s and self.bias is not None:
+            return self._overlap_add(x, partial)
         y = F.conv_transpose1d(x, self.weight, self.bias, stride=self.stride, groups=self.groups)
         head = y[..., :self.tail] + (partial - self.bias.view(1, -1, 1) if self.bias is not None else partial)
         n = x.shape[-1] * self.stride
         out = torch.cat([head, y[..., self.tail:n]], dim=-1)
         return out, y[..., n:]
+
+    def _overlap_add(self, x: torch.Tensor, partial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same for kernel = 2 * stride as one product and an overlap-add (a transposed
+        convolution of a few frames is slow through cuDNN): input frame t writes output frames t
+        (first half of its kernel) and t + 1 (second half)."""
+        B, cin, T = x.shape
+        cout, K = self.weight.shape[1], self.weight.shape[-1]
+        s = self.stride
+        y = torch.matmul(x.transpose(1, 2), self.weight.view(cin, cout * K)).view(B, T, cout, K)
+        late = y[..., s:] + self.bias.view(1, 1, cout, 1)          # frame t's part in frame t + 1
+        prev = torch.cat([partial.unsqueeze(1), late[:, :T - 1]], dim=1)
+        out = (y[..., :s] + prev).permute(0, 2, 1, 3).reshape(B, cout, T * s)
+        return out, late[:, T - 1]
 
     def fresh_partial(self, batch: int, device) -> torch.Tensor:
         cout = self.weight.shape[1] * self.groups
@@ -200,22 +217,24 @@ class MimiTransformer(nn.Module):
         c = self.cfg
         B, C, T = x.shape
         H, D, W = c.num_heads, c.head_dim, k_ring.shape[3]
-        x = x.transpose(1, 2)
-        qpos = pos.view(B, 1) + torch.arange(T, device=x.device).view(1, T)         # [B, T]
+        x = x.transpose(1, 2).contiguous()
+        qpos = (pos.view(B, 1) + torch.arange(T, device=x.device).view(1, T)).view(-1)   # [B * T]
         end = pos + T
         widx = qpos % W
-        s_idx = slots.view(B, 1).expand(B, T)
+        s_idx = slots.repeat_interleave(T)  # (contiguous: the kernel reads it by row)
+        eps = c.norm_eps
+        h = scale_add_layer_norm(x, None, None, self.layers[0].norm1.weight, self.layers[0].norm1.bias, eps)[1]
         for i, layer in enumerate(self.layers):
-            h = layer.norm1(x)
-            qkv = F.linear(h, layer.attn_in).view(B, T, 3, H, D)
-            q, k = rope(qkv[:, :, 0].reshape(B * T, H, D), qkv[:, :, 1].reshape(B * T, H, D),
-                        qpos.reshape(-1), c.max_period)
-            k_ring[i][s_idx, :, widx] = k.view(B, T, H, D)
-            v_ring[i][s_idx, :, widx] = qkv[:, :, 2]
-            a = ring_chunk_attention(q.view(B, T, H, D).contiguous(), k_ring[i], v_ring[i], slots, end)
-            x = x + layer.scale1 * F.linear(a.reshape(B, T, C), layer.attn_out)
-            h = layer.norm2(x)
-            x = x + layer.scale2 * F.linear(F.gelu(F.linear(h, layer.linear1)), layer.linear2)
+            # rotate q and k, and write k and v at each position's ring entry, in one launch
+            q = qkv_rope_write(F.linear(h, layer.attn_in).view(B * T, 3, H, D), qpos, c.max_period, s_idx, widx,
+                               k_ring[i], v_ring[i])
+            a = ring_chunk_attention(q.view(B, T, H, D), k_ring[i], v_ring[i], slots, end)
+            x, h = scale_add_layer_norm(x, F.linear(a.reshape(B, T, C), layer.attn_out), layer.scale1,
+                                        layer.norm2.weight, layer.norm2.bias, eps)
+            nxt = self.layers[i + 1].norm1 if i + 1 < len(self.layers) else None
+            x, h = scale_add_layer_norm(x, F.linear(F.gelu(F.linear(h, layer.linear1)), layer.linear2), layer.scale2,
+                                        nxt.weight if nxt is not None else None,
+                                        nxt.bias if nxt is not None else None, eps)
         return x.transpose(1, 2)
 
 
@@ -256,11 +275,16 @@ class Quantizer(nn.Module):
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes: [B, num_codebooks] -> [B, dim]. Codes outside the codebooks (the LM's
         initial token, in the scratch row's garbage) are clamped rather than read past the end."""
-        codes = codes.clamp(0, self.first_codebooks.shape[1] - 1)
+        bins = self.first_codebooks.shape[1]
+        codes = codes.clamp(0, bins - 1)
         nf = self.first_codebooks.shape[0]
-        first = sum(self.first_codebooks[i][codes[:, i]] for i in range(nf))
-        rest = sum(self.rest_codebooks[i][codes[:, nf + i]] for i in range(self.rest_codebooks.shape[0]))
-        return F.linear(first, self.first_out) + F.linear(rest, self.rest_out)
+
+        def lookup(books, c):  # every codebook's centroid in one gather, summed over codebooks
+            ids = c + bins * torch.arange(books.shape[0], device=c.device)
+            return F.embedding(ids, books.view(-1, books.shape[-1])).sum(dim=1)
+
+        return (F.linear(lookup(self.first_codebooks, codes[:, :nf]), self.first_out)
+                + F.linear(lookup(self.rest_codebooks, codes[:, nf:]), self.rest_out))
 
 
 class Mimi(nn.Module):
@@ -308,7 +332,7 @@ class Mimi(nn.Module):
         st = self.cfg.downsample_stride
         d = self.cfg.seanet.dimension
         x = self.quantizer.decode(codes).view(B, d, 1)
-        y = F.conv_transpose1d(x, self.upsample, stride=st, groups=d)       # [B, d, 2 * st]
+        y = x * self.upsample.view(1, d, 2 * st)   # the channel-wise transposed convolution of one frame
         x = y[..., :st] + state.up_partial[slots]   # kernel 2 * stride: half overlaps the next frame
         state.up_partial[slots] = y[..., st:]
         x = self.decoder_transformer(x, state.dec_k, state.dec_v, slots, state.dec_pos[slots])

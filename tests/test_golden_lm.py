@@ -1,5 +1,6 @@
 """The language model against the reference's golden trace, and prefill against stepping."""
 import numpy as np
+import pytest
 import torch
 
 from engine.config import SILENCE_TOKENS, SINE_TOKENS
@@ -49,13 +50,20 @@ def test_prompt_tokens_match_reference(tiny_engine, trace, golden_prompt):
     assert tiny_engine.tokenizer.encode_prompt(golden_prompt) == trace["prompt_tokens"].tolist()
 
 
-def test_prefill_leaves_the_state_stepping_leaves(trace, golden_voice, golden_prompt):
+@pytest.mark.parametrize("short", [False, True], ids=["prompt-past-the-window", "prompt-within-the-window"])
+def test_prefill_leaves_the_state_stepping_leaves(trace, golden_voice, golden_prompt, short):
+    # a prompt longer than the KV window keeps only its last positions; one within it (no
+    # voice, a few words, a 64-frame window) takes the prefill's path that writes the rings
+    # from the rope kernel
+    window = None
+    if short:
+        golden_voice, golden_prompt, window = None, "Be brief.", 64
     sampling = SamplingParams(seed=1234)  # sampled, not greedy: the seed must carry over too
-    a = make_tiny_engine()
+    a = make_tiny_engine(window=window)
     slot = a.open(golden_voice, golden_prompt, sampling)
 
     # The same prompt stepped frame by frame through the tick, as the reference does it.
-    b = make_tiny_engine()
+    b = make_tiny_engine(window=window)
     cfg = b.cfg.lm
     st = b.lm_state
     st.set_sampling(0, seed=1234, audio_seed=1234, temp_text=0.7, temp_audio=0.8, topk_text=25, topk_audio=250, greedy=False)
@@ -63,14 +71,18 @@ def test_prefill_leaves_the_state_stepping_leaves(trace, golden_voice, golden_pr
     full = torch.ones(1, cfg.num_streams, dtype=torch.bool)
     dummy = torch.tensor([[PROMPT_TEXT_TOKEN] + [cfg.audio_initial_id] * cfg.n_q])
     with torch.no_grad():
-        for emb in golden_voice.embeddings:
+        for emb in golden_voice.embeddings if golden_voice is not None else []:
             if int(st.offset[0]) == 0:
                 start_stream(st, slots, dummy, full)
             lm_tick(b.lm, st, slots, dummy, full, b.depformer_steps, input_embeddings=emb[None])
-        st.tokens[0] = golden_voice.cache
+        if golden_voice is not None:
+            st.tokens[0] = golden_voice.cache
         texts = [PROMPT_TEXT_TOKEN] * 6 + b.tokenizer.encode_prompt(golden_prompt) + [PROMPT_TEXT_TOKEN] * 6
         for text in texts:
             given = torch.tensor([[text, *SILENCE_TOKENS, *SINE_TOKENS]])
+            if int(st.offset[0]) == 0:  # no voice: the first silence frame starts the stream, no step
+                start_stream(st, slots, given, full)
+                continue
             lm_tick(b.lm, st, slots, given, full, b.depformer_steps)
 
     sa, sb = a.lm_state, b.lm_state

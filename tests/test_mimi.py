@@ -1,6 +1,9 @@
 """Mimi alone against the golden trace: streaming encode of input.wav, streaming decode."""
 import numpy as np
+import pytest
 import torch
+
+import engine.kernels.dispatch as dispatch
 
 from engine import weights as W
 from engine.audio import first_channel, read_audio
@@ -15,7 +18,17 @@ def _mimi(cfg):
     return m
 
 
-def test_streaming_encode_matches_the_codes_the_model_heard(tiny_cfg, trace):
+@pytest.fixture(params=["torch", "triton"])
+def kernels(request):
+    """Each test runs on the torch references and on the Triton kernels (the interpreter on the
+    CPU), which the GPU runs: fused rope-and-ring-write, fused scale-add-LayerNorm, ELU."""
+    old = dispatch._on_cpu
+    dispatch._on_cpu = request.param == "triton"
+    yield request.param
+    dispatch._on_cpu = old
+
+
+def test_streaming_encode_matches_the_codes_the_model_heard(tiny_cfg, trace, kernels):
     mimi = _mimi(tiny_cfg)
     state = MimiState(mimi, 1, "cpu")
     pcm = first_channel(read_audio(TINY / "input.wav", 24000)).reshape(-1, 1920)
@@ -24,7 +37,7 @@ def test_streaming_encode_matches_the_codes_the_model_heard(tiny_cfg, trace):
     np.testing.assert_array_equal(codes[:-1], trace["tokens"][1:, 9:17])
 
 
-def test_streaming_decode_matches_the_reference_pcm(tiny_cfg, trace):
+def test_streaming_decode_matches_the_reference_pcm(tiny_cfg, trace, kernels):
     mimi = _mimi(tiny_cfg)
     state = MimiState(mimi, 2, "cpu")
     codes = torch.from_numpy(trace["tokens"][:, 1:9])

@@ -60,6 +60,51 @@ def rms_norm(x: torch.Tensor, alpha: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------
+# LayerNorm, optionally fused with the layer-scaled residual add before it (Mimi)
+
+
+@triton.jit
+def _scale_add_ln_kernel(x_ptr, d_ptr, s_ptr, w_ptr, b_ptr, xo_ptr, y_ptr, N, eps, sx, sd, sxo, sy,
+                         HAS_DELTA: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    m = offs < N
+    x = tl.load(x_ptr + row * sx + offs, mask=m, other=0.0)
+    if HAS_DELTA:
+        d = tl.load(d_ptr + row * sd + offs, mask=m, other=0.0)
+        sc = tl.load(s_ptr + offs, mask=m, other=0.0)
+        # scale * delta rounds to x's dtype, then the sum does, as torch computes them
+        t = (sc.to(tl.float32) * d.to(tl.float32)).to(xo_ptr.dtype.element_ty)
+        x = (x.to(tl.float32) + t.to(tl.float32)).to(xo_ptr.dtype.element_ty)
+        tl.store(xo_ptr + row * sxo + offs, x, mask=m)
+    if NORM:
+        xf = x.to(tl.float32)
+        mean = tl.sum(xf, axis=0) / N
+        c = tl.where(m, xf - mean, 0.0)
+        var = tl.sum(c * c, axis=0) / N
+        w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        y = c * tl.rsqrt(var + eps) * w + b
+        tl.store(y_ptr + row * sy + offs, y.to(y_ptr.dtype.element_ty), mask=m)
+
+
+def scale_add_layer_norm(x, delta, scale, weight, bias, eps: float):
+    """See `layer_norm.scale_add_layer_norm_ref`: (x + scale * delta, layer_norm(...)) in one launch."""
+    N = x.shape[-1]
+    x2 = _rows(x)
+    d2 = _rows(delta) if delta is not None else x2
+    xo = torch.empty_like(x2) if delta is not None else x2
+    norm = weight is not None
+    y = torch.empty_like(x2) if norm else xo
+    nw = 4 if N <= 2048 else 8
+    _scale_add_ln_kernel[(x2.shape[0],)](x2, d2, scale if delta is not None else x2, weight if norm else x2,
+                                         bias if norm else x2, xo, y, N, eps, x2.stride(0), d2.stride(0),
+                                         xo.stride(0), y.stride(0), HAS_DELTA=delta is not None, NORM=norm,
+                                         BLOCK=_pow2(N), num_warps=nw)
+    return xo.view(x.shape), (y.view(x.shape) if norm else None)
+
+
+# ----------------------------------------------------------------------------------------
 # RoPE on q and k, with k and v written into the KV ring
 
 
@@ -130,6 +175,8 @@ def qkv_rope_write(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring, k_scal
     quant = k_scale is not None
     if quant:
         assert k_scale.is_contiguous() and v_scale.is_contiguous()
+    # read by row: a stride-0 view (an expanded slot index) would be read past its storage
+    pos, slots, ring_idx = pos.contiguous(), slots.contiguous(), ring_idx.contiguous()
     q = torch.empty(B, H, D, device=qkv.device, dtype=qkv.dtype)
     ks, vs = (k_scale, v_scale) if quant else (q, q)
     _qkv_rope_write_kernel[(B, H)](
@@ -544,21 +591,23 @@ def _mix32(x):
 @triton.jit(do_not_specialize=["stream_mix"])
 def _sample_kernel(logits_ptr, temp_ptr, topk_ptr, greedy_ptr, seed_ptr, counter_ptr, out_ptr, forced_ptr, fmask_ptr,
                    V, stride, out_stride, f_stride, fm_stride, stream_mix, BLOCK: tl.constexpr,
-                   FORCED: tl.constexpr):
+                   FORCED: tl.constexpr, PASSES: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     m = offs < V
     x = tl.load(logits_ptr + row * stride + offs, mask=m, other=float("-inf")).to(tl.float32)
     k = tl.minimum(tl.maximum(tl.load(topk_ptr + row), 1), V)
     # The k-th largest logit, exactly: a 4-bit radix select on order-preserving keys
-    # (8 histogram passes instead of a sort).
+    # (histogram passes instead of a sort). Bfloat16 logits need only the keys' top 16 bits
+    # (4 passes): below them every key of one value has the same bits, and `key >= prefix`
+    # with the prefix's low bits zero keeps exactly the values >= the k-th.
     xi = x.to(tl.int32, bitcast=True)
     key = (xi ^ ((xi >> 31) & 0x7FFFFFFF)).to(tl.uint32, bitcast=True) ^ tl.full([], 0x80000000, tl.uint32)
     key = tl.where(m, key, tl.zeros_like(key))
     prefix = tl.zeros([], dtype=tl.uint32)
     pmask = tl.zeros([], dtype=tl.uint32)
     j = tl.arange(0, 32)
-    for it in tl.static_range(8):
+    for it in tl.static_range(PASSES):
         shift = 28 - 4 * it
         digit = ((key >> shift) & 15).to(tl.int32)
         bucket = tl.where(((key & pmask) == prefix) & m, digit, 16 + digit)
@@ -609,6 +658,6 @@ def sample_tokens(logits, temperature, top_k, greedy, seed, counter, stream: int
                          forced if has_forced else out, forced_mask if has_forced else out, V, logits.stride(0),
                          out.stride(0), forced.stride(0) if has_forced else 0,
                          forced_mask.stride(0) if has_forced else 0, (stream * 0x85EBCA6B) & 0xFFFFFFFF,
-                         BLOCK=BLOCK, FORCED=has_forced,
+                         BLOCK=BLOCK, FORCED=has_forced, PASSES=4 if logits.dtype == torch.bfloat16 else 8,
                          num_warps=nw)
     return out
