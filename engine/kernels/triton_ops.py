@@ -8,6 +8,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 
 def _pow2(n: int) -> int:
@@ -65,7 +66,7 @@ def rms_norm(x: torch.Tensor, alpha: torch.Tensor, eps: float) -> torch.Tensor:
 
 @triton.jit
 def _scale_add_ln_kernel(x_ptr, d_ptr, s_ptr, w_ptr, b_ptr, xo_ptr, y_ptr, N, eps, sx, sd, sxo, sy,
-                         HAS_DELTA: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr):
+                         HAS_DELTA: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr, RN_MUL: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     m = offs < N
@@ -73,8 +74,12 @@ def _scale_add_ln_kernel(x_ptr, d_ptr, s_ptr, w_ptr, b_ptr, xo_ptr, y_ptr, N, ep
     if HAS_DELTA:
         d = tl.load(d_ptr + row * sd + offs, mask=m, other=0.0)
         sc = tl.load(s_ptr + offs, mask=m, other=0.0)
-        # scale * delta rounds to x's dtype, then the sum does, as torch computes them
-        t = (sc.to(tl.float32) * d.to(tl.float32)).to(xo_ptr.dtype.element_ty)
+        # scale * delta rounds to x's dtype, then the sum does, as torch computes them (mul_rn:
+        # a rounded product the compiler may not contract with the add into one FMA)
+        if RN_MUL:
+            t = libdevice.mul_rn(sc.to(tl.float32), d.to(tl.float32)).to(xo_ptr.dtype.element_ty)
+        else:  # the interpreter (numpy) never contracts
+            t = (sc.to(tl.float32) * d.to(tl.float32)).to(xo_ptr.dtype.element_ty)
         x = (x.to(tl.float32) + t.to(tl.float32)).to(xo_ptr.dtype.element_ty)
         tl.store(xo_ptr + row * sxo + offs, x, mask=m)
     if NORM:
@@ -100,7 +105,7 @@ def scale_add_layer_norm(x, delta, scale, weight, bias, eps: float):
     _scale_add_ln_kernel[(x2.shape[0],)](x2, d2, scale if delta is not None else x2, weight if norm else x2,
                                          bias if norm else x2, xo, y, N, eps, x2.stride(0), d2.stride(0),
                                          xo.stride(0), y.stride(0), HAS_DELTA=delta is not None, NORM=norm,
-                                         BLOCK=_pow2(N), num_warps=nw)
+                                         BLOCK=_pow2(N), RN_MUL=x.is_cuda, num_warps=nw)
     return xo.view(x.shape), (y.view(x.shape) if norm else None)
 
 
