@@ -39,6 +39,9 @@ log = logging.getLogger("ppx.serve")
 
 STATIC = Path(__file__).parent / "static"
 MAX_MESSAGE = 1 << 20          # bytes in one websocket message
+# No permessage-deflate: the audio is Opus, which does not compress, and deflating every frame
+# both ways costs the event loop CPU time (PPX_WS_COMPRESSION=deflate offers it again).
+COMPRESSION = "deflate" if os.environ.get("PPX_WS_COMPRESSION") == "deflate" else None
 MAX_QUEUED_FRAMES = 25         # 2 s of input ahead of the model: more is faster than real time
 SEND_BUFFER = 64 << 10         # socket send buffer: a few seconds of Opus, so a stalled client shows
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
@@ -563,7 +566,7 @@ class Server:
         ssl_ctx = make_ssl_context(self.args.ssl) if self.args.ssl else None
         async with serve(self.handler, self.args.host, self.args.port, process_request=self.process_request,
                          max_size=MAX_MESSAGE, ssl=ssl_ctx, ping_interval=20, close_timeout=2,
-                         server_header="ppx") as server:
+                         server_header="ppx", compression=COMPRESSION) as server:
             port = next(iter(server.sockets)).getsockname()[1]
             scheme = "https" if ssl_ctx else "http"
             log.info("serving on %s://%s:%d (up to %d sessions)", scheme, self.args.host, port, self.max_sessions)
