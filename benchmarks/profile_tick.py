@@ -24,6 +24,16 @@ def _kind(name: str) -> str:
     return "other"
 
 
+def _kernel_times(prof) -> tuple[collections.Counter, collections.Counter]:
+    """GPU microseconds and launches per kernel name in a profile."""
+    times, counts = collections.Counter(), collections.Counter()
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            times[e.name] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+            counts[e.name] += 1
+    return times, counts
+
+
 def _graph_ms(fn, reps: int = 50) -> float:
     """Median ms of one CUDA-graph replay of fn (run twice eagerly first)."""
     s = torch.cuda.Stream()
@@ -102,12 +112,7 @@ def profile_prefill(eng) -> None:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         eng.close(eng.open(random_voice(eng.cfg.lm, seed=601), PROMPT_100))
         torch.cuda.synchronize()
-    gpu = collections.Counter()
-    n = collections.Counter()
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            gpu[e.name] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
-            n[e.name] += 1
+    gpu, n = _kernel_times(prof)
     print(f"prefill: wall {wall:.1f} ms, GPU kernel time {sum(gpu.values()) / 1e3:.2f} ms, "
           f"{sum(n.values())} kernels")
     for k, v in gpu.most_common(15):
@@ -144,12 +149,7 @@ def main() -> int:
         for _ in range(args.ticks):
             eng.tick(idx, pcm)
         torch.cuda.synchronize()
-    per_kernel = collections.Counter()
-    count = collections.Counter()
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            per_kernel[e.name] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
-            count[e.name] += 1
+    per_kernel, count = _kernel_times(prof)
     total = sum(per_kernel.values()) / args.ticks / 1e3
     kinds = collections.Counter()
     for k, v in per_kernel.items():
