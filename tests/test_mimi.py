@@ -66,3 +66,23 @@ def test_reset_makes_a_slot_fresh(tiny_cfg, trace):
         state.reset(0)
         y = np.stack([mimi.decode(codes[t][None], state, s)[0].numpy() for t in range(10)])
     np.testing.assert_allclose(y, trace["pcm"][:10], atol=1e-5)
+
+
+@pytest.mark.parametrize("T", [1, 2, 5])
+def test_transposed_convolution_streams_as_the_whole_signal(T):
+    """The overlap-add form of a streaming transposed convolution (kernel 2 x stride) gives, chunk
+    by chunk, what one transposed convolution of the whole signal gives."""
+    from engine.mimi import ConvTr
+
+    g = torch.Generator().manual_seed(T)
+    conv = ConvTr(6, 4, 8, 4)
+    conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
+    conv.bias.copy_(torch.randn(conv.bias.shape, generator=g))
+    x = torch.randn(2, 6, 4 * T, generator=g)
+    whole = torch.nn.functional.conv_transpose1d(x, conv.weight, conv.bias, stride=4)
+    partial, outs = conv.fresh_partial(2, "cpu"), []
+    for i in range(4):
+        y, partial = conv(x[..., i * T:(i + 1) * T], partial)
+        outs.append(y)
+    torch.testing.assert_close(torch.cat(outs, dim=-1), whole[..., :16 * T], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(partial, whole[..., 16 * T:], rtol=1e-5, atol=1e-5)
