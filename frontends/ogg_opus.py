@@ -26,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import random
 import struct
+import zlib
 
 import numpy as np
 import opuslib
@@ -47,25 +48,20 @@ class OggError(ValueError):
     """The Ogg-Opus stream is malformed; the message says what was wrong, in one sentence."""
 
 
-def _crc_table() -> list[int]:
-    table = []
-    for i in range(256):
-        r = i << 24
-        for _ in range(8):
-            r = ((r << 1) ^ 0x04C11DB7) if r & 0x80000000 else r << 1
-        table.append(r & 0xFFFFFFFF)
-    return table
+# Ogg's CRC is zlib's CRC-32 (which runs in C) with the bits of every byte, and of the register,
+# in the opposite order: reflect the bytes in, the start value and the result.
+_REFLECT = bytes(int(f"{i:08b}"[::-1], 2) for i in range(256))
 
 
-_CRC_TABLE = _crc_table()
+def _reflect32(x: int) -> int:
+    return int(f"{x:032b}"[::-1], 2)
 
 
 def ogg_crc(data: bytes, crc: int = 0) -> int:
-    """Ogg's CRC-32 (polynomial 0x04C11DB7, MSB first, initial value 0, no final xor)."""
-    table = _CRC_TABLE
-    for b in data:
-        crc = ((crc << 8) & 0xFFFFFFFF) ^ table[(crc >> 24) ^ b]
-    return crc
+    """Ogg's CRC-32 (polynomial 0x04C11DB7, MSB first, initial value 0, no final xor), continuing
+    from `crc`."""
+    r = zlib.crc32(bytes(data).translate(_REFLECT), _reflect32(crc) ^ 0xFFFFFFFF) ^ 0xFFFFFFFF
+    return _reflect32(r)
 
 
 def _page_crc(page: bytes | bytearray) -> int:

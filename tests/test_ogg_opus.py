@@ -154,6 +154,12 @@ def feed_expecting_oggerror_or_success(data: bytes, chunk: int, **kw) -> None:
 def test_crc_is_oggs():
     # CRC-32/POSIX (cksum) is the same CRC with a final xor: 0x765E7680 on "123456789".
     assert ogg_crc(b"123456789") == 0x765E7680 ^ 0xFFFFFFFF == crc_bitwise(b"123456789")
+    # any length, and continued from a running value as the page checksum chains it
+    rng = np.random.default_rng(3)
+    for n in (0, 1, 7, 22, 255, 4096):
+        data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        assert ogg_crc(data) == crc_bitwise(data)
+        assert ogg_crc(data[n // 2:], ogg_crc(data[:n // 2])) == crc_bitwise(data)
 
 
 @pytest.mark.parametrize("signal", [SINE, CHIRP], ids=["sine", "chirp"])
