@@ -224,14 +224,14 @@ class MimiTransformer(nn.Module):
         s_idx = slots.repeat_interleave(T)  # (contiguous: the kernel reads it by row)
         eps = c.norm_eps
         h = scale_add_layer_norm(x, None, None, self.layers[0].norm1.weight, self.layers[0].norm1.bias, eps)[1]
-        for i, layer in enumerate(self.layers):
+        next_norms = [layer.norm1 for layer in self.layers[1:]] + [None]
+        for i, (layer, nxt) in enumerate(zip(self.layers, next_norms)):
             # rotate q and k, and write k and v at each position's ring entry, in one launch
             q = qkv_rope_write(F.linear(h, layer.attn_in).view(B * T, 3, H, D), qpos, c.max_period, s_idx, widx,
                                k_ring[i], v_ring[i])
             a = ring_chunk_attention(q.view(B, T, H, D), k_ring[i], v_ring[i], slots, end)
             x, h = scale_add_layer_norm(x, F.linear(a.reshape(B, T, C), layer.attn_out), layer.scale1,
                                         layer.norm2.weight, layer.norm2.bias, eps)
-            nxt = self.layers[i + 1].norm1 if i + 1 < len(self.layers) else None
             x, h = scale_add_layer_norm(x, F.linear(F.gelu(F.linear(h, layer.linear1)), layer.linear2), layer.scale2,
                                         nxt.weight if nxt is not None else None,
                                         nxt.bias if nxt is not None else None, eps)

@@ -35,10 +35,6 @@ def rope_ref(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, max_period: fl
     return rot(q), rot(k)
 
 
-def rope(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, max_period: float):
-    return rope_ref(q, k, pos, max_period)
-
-
 def rope_qkv(qkv: torch.Tensor, pos: torch.Tensor, max_period: float):
     """qkv: [N, 3, H, D] (a projection's output) -> rotated q, rotated k and v, each [N, H, D],
     as `rope_ref` rounds them. On a GPU one launch: the decode step's rope-and-write kernel,
