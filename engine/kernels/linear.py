@@ -3,8 +3,8 @@
 cuBLAS does a product unless a Triton kernel measurably beats it: the first product of each
 shape (during warm-up, never inside a graph capture) times cuBLAS and the kernels'
 configurations as CUDA-graph replays over weight copies cycled past the L2 cache, and the
-fastest is kept. Candidates: the small-batch kernel (up to 16 rows, W up to 17 M elements), and
-for one row the matrix-vector kernel at any size; e4m3 weights choose among the kernels only.
+fastest is kept. Candidates: the small-batch kernel (up to 64 rows), and for one row the
+matrix-vector kernel; e4m3 weights choose among the kernels only.
 Where the matrix-vector kernel wins, `norm_linear` and `silu_linear` run the RMSNorm (with the
 residual add) or the gated SiLU in front of the product in the same launch.
 """
@@ -20,12 +20,12 @@ from .dispatch import triton_enabled
 
 log = logging.getLogger("ppx.kernels")
 
-_SMALL_W = 17 << 20  # elements: the depformer's matrices are up to 5.8 M, the temporal's 16.8 M to 92 M
 # (kernel, (BLOCK_N, BLOCK_K, warps, stages)); "gemv" only for one row
 _CONFIGS = (("rows", (16, 256, 4, 3)), ("rows", (32, 128, 4, 4)), ("rows", (16, 512, 8, 2)),
-            ("rows", (64, 128, 4, 3)), ("gemv", (8, 256, 4, 3)), ("gemv", (4, 512, 4, 3)),
-            ("gemv", (16, 128, 4, 3)), ("gemv", (8, 512, 8, 3)), ("gemv", (2, 1024, 4, 4)))
-SMALL_ROWS = 16
+            ("rows", (64, 128, 4, 3)), ("rows", (32, 256, 4, 3)), ("gemv", (8, 256, 4, 3)), ("gemv", (4, 512, 4, 3)),
+            ("gemv", (8, 512, 8, 3)), ("gemv", (2, 1024, 4, 4)), ("gemv", (4, 1024, 4, 3)),
+            ("gemv", (8, 1024, 8, 3)))
+SMALL_ROWS = 64  # rows up to which the Triton kernels are candidates
 _choice: dict[tuple, int] = {}  # shape -> -1 for cuBLAS, else an index into _CONFIGS
 
 
@@ -92,8 +92,8 @@ def _pick(x, w, key, scale=None) -> int:
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    if (triton_enabled(x) and w.dtype in (torch.bfloat16, torch.float16) and w.numel() <= _SMALL_W
-            and x.numel() // x.shape[-1] <= SMALL_ROWS and x.dtype == w.dtype):
+    if (triton_enabled(x) and w.dtype in (torch.bfloat16, torch.float16) and x.numel() // x.shape[-1] <= SMALL_ROWS
+            and x.dtype == w.dtype):
         from . import triton_ops
 
         rows = x.numel() // x.shape[-1]

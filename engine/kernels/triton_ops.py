@@ -4,15 +4,54 @@ Nothing here synchronises with the host, so every launch can be captured in a CU
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+try:  # grid dependency control (programmatic dependent launch), Hopper and later
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    _HAS_GDC = True
+except ImportError:  # an older triton: the one-row products launch the plain way
+    _HAS_GDC = False
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
+
+    @triton.jit
+    def gdc_wait():
+        pass
+
 
 def _pow2(n: int) -> int:
     return triton.next_power_of_2(int(n))
+
+
+_pdl = os.environ.get("PPX_PDL", "1") not in ("0", "false", "no")
+
+
+def pdl_enabled(t: torch.Tensor) -> bool:
+    """Whether the tick's kernels launch as programmatic dependents of the kernel before them
+    (while a CUDA graph is captured, on Hopper and later; PPX_PDL=0 turns it off): a kernel is
+    then scheduled while the previous one finishes and waits for it (`gdc_wait`) before it
+    reads anything that one may write, so the launch gap is hidden and a product starts
+    streaming its weights early. Every kernel launched this way waits before it ends, which
+    keeps the stream's order transitive. Eager launches (a prefill) are host-bound and gain
+    nothing from it."""
+    return (_pdl and _HAS_GDC and t.is_cuda and torch.cuda.is_current_stream_capturing()
+            and torch.cuda.get_device_capability(t.device)[0] >= 9)
+
+
+def set_pdl(on: bool) -> None:
+    global _pdl
+    _pdl = bool(on)
+
+
+def _pdl_opts(pdl: bool) -> dict:
+    return {"launch_pdl": True} if pdl else {}
 
 
 # ----------------------------------------------------------------------------------------
@@ -21,7 +60,10 @@ def _pow2(n: int) -> int:
 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, xo_ptr, y_ptr, N, eps, sx, sd, sxo, sy,
-                         HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+                         HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     m = offs < N
@@ -50,9 +92,11 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, alpha: torch.Tenso
     y = torch.empty_like(x2)
     xo = torch.empty_like(x2) if delta is not None else x2
     d2 = _rows(delta) if delta is not None else x2
+    pdl = pdl_enabled(x2)
     nw = 4 if N <= 2048 else 8
     _add_rms_norm_kernel[(x2.shape[0],)](x2, d2, alpha, xo, y, N, eps, x2.stride(0), d2.stride(0), xo.stride(0),
-                                         y.stride(0), HAS_DELTA=delta is not None, BLOCK=_pow2(N), num_warps=nw)
+                                         y.stride(0), HAS_DELTA=delta is not None, BLOCK=_pow2(N), PDL=pdl,
+                                         num_warps=nw, **_pdl_opts(pdl))
     return xo.view(x.shape), y.view(x.shape)
 
 
@@ -116,7 +160,10 @@ def scale_add_layer_norm(x, delta, scale, weight, bias, eps: float):
 @triton.jit
 def _qkv_rope_write_kernel(qkv_ptr, pos_ptr, slot_ptr, ridx_ptr, q_ptr, k_ring, v_ring, freq_ptr, ks_ptr, vs_ptr,
                            s_b, s_h, sq_b, sq_h, sr_slot, sr_h, sr_w, ss_slot, ss_h, HD,
-                           HALF: tl.constexpr, QUANT: tl.constexpr):
+                           HALF: tl.constexpr, QUANT: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     b = tl.program_id(0)
     h = tl.program_id(1)
     i = tl.arange(0, HALF)
@@ -184,10 +231,12 @@ def qkv_rope_write(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring, k_scal
     pos, slots, ring_idx = pos.contiguous(), slots.contiguous(), ring_idx.contiguous()
     q = torch.empty(B, H, D, device=qkv.device, dtype=qkv.dtype)
     ks, vs = (k_scale, v_scale) if quant else (q, q)
+    pdl = pdl_enabled(qkv)
     _qkv_rope_write_kernel[(B, H)](
         qkv, pos, slots, ring_idx, q, k_ring, v_ring, rope_freqs(D, max_period, qkv.device), ks, vs,
         qkv.stride(0), D, q.stride(0), q.stride(1), k_ring.stride(0), k_ring.stride(1), k_ring.stride(2),
-        ks.stride(0) if quant else 0, ks.stride(1) if quant else 0, H * D, HALF=D // 2, QUANT=quant, num_warps=1)
+        ks.stride(0) if quant else 0, ks.stride(1) if quant else 0, H * D, HALF=D // 2, QUANT=quant, PDL=pdl,
+        num_warps=1, **_pdl_opts(pdl))
     return q
 
 
@@ -198,7 +247,11 @@ def qkv_rope_write(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring, k_scal
 @triton.jit
 def _attn_split_kernel(q_ptr, k_ring, v_ring, slot_ptr, len_ptr, o_ptr, m_ptr, l_ptr, ks_ptr, vs_ptr,
                        sq_b, sq_h, sr_slot, sr_h, sr_w, ss_slot, ss_h, H, CHUNK, scale,
-                       D: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, QUANT: tl.constexpr):
+                       D: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, QUANT: tl.constexpr,
+                       PDL: tl.constexpr):
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     bh = tl.program_id(0)
     sp = tl.program_id(1)
     b = bh // H
@@ -239,7 +292,10 @@ def _attn_split_kernel(q_ptr, k_ring, v_ring, slot_ptr, len_ptr, o_ptr, m_ptr, l
 
 @triton.jit
 def _attn_combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, so_b, so_h, H,
-                         D: tl.constexpr, NSPLIT: tl.constexpr):
+                         D: tl.constexpr, NSPLIT: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -290,18 +346,24 @@ def decode_attention(q, k_ring, v_ring, slots, lengths, nsplit: int | None = Non
     l = torch.empty(B * H * nsplit, device=q.device, dtype=torch.float32)
     quant = k_scale is not None
     ks, vs = (k_scale, v_scale) if quant else (o, o)
+    pdl = pdl_enabled(q)
     _attn_split_kernel[(B * H, nsplit)](
         q, k_ring, v_ring, slots, lengths, o, m, l, ks, vs, q.stride(0), q.stride(1), k_ring.stride(0),
         k_ring.stride(1), k_ring.stride(2), ks.stride(0) if quant else 0, ks.stride(1) if quant else 0, H, chunk,
-        1.0 / math.sqrt(D), D=D, BLOCK_N=BLOCK_N, NSPLIT=nsplit, QUANT=quant, num_warps=warps, num_stages=stages)
+        1.0 / math.sqrt(D), D=D, BLOCK_N=BLOCK_N, NSPLIT=nsplit, QUANT=quant, PDL=pdl, num_warps=warps,
+        num_stages=stages, **_pdl_opts(pdl))
     out = torch.empty(B, H, D, device=q.device, dtype=q.dtype)
-    _attn_combine_kernel[(B * H,)](o, m, l, out, out.stride(0), out.stride(1), H, D=D, NSPLIT=nsplit, num_warps=1)
+    _attn_combine_kernel[(B * H,)](o, m, l, out, out.stride(0), out.stride(1), H, D=D, NSPLIT=nsplit, PDL=pdl,
+                                   num_warps=1, **_pdl_opts(pdl))
     return out
 
 
 @triton.jit
 def _step_attn_kernel(qkv_ptr, k_ptr, v_ptr, o_ptr, step, s_b, sk_b, sk_s, so_b, HD, scale,
-                      D: tl.constexpr, STEPS: tl.constexpr):
+                      D: tl.constexpr, STEPS: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     b = tl.program_id(0)
     h = tl.program_id(1)
     d = tl.arange(0, D)
@@ -333,9 +395,10 @@ def step_attention(qkv, k_buf, v_buf, step: int):
     assert qkv.stride(-1) == 1 and qkv.stride(2) == D and qkv.stride(1) == H * D
     assert k_buf.is_contiguous() and v_buf.is_contiguous()
     out = torch.empty(B, H, D, device=qkv.device, dtype=qkv.dtype)
+    pdl = pdl_enabled(qkv)
     _step_attn_kernel[(B, H)](qkv, k_buf, v_buf, out, step, qkv.stride(0), k_buf.stride(0), k_buf.stride(1),
                               out.stride(0), H * D, 1.0 / math.sqrt(D), D=D, STEPS=_pow2(k_buf.shape[1]),
-                              num_warps=1)
+                              PDL=pdl, num_warps=1, **_pdl_opts(pdl))
     return out
 
 
@@ -397,39 +460,77 @@ def ring_chunk_attention(q, k_ring, v_ring, slots, end, config=None):
 
 
 # ----------------------------------------------------------------------------------------
-# Small-batch matrix product for the depformer's per-step weights
+# Small-batch matrix product (up to 64 rows)
 
 
 @triton.jit
 def _rows_linear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, sxm, swn, sym,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALED: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALED: tl.constexpr,
+                        PDL: tl.constexpr):
+    # PDL: as in `_gemv_kernel`, the first tile of W is loaded before waiting for the kernel before
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mm = tl.arange(0, BLOCK_M)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_first = tl.arange(0, BLOCK_K)
+    w_first = tl.load(w_ptr + n[:, None] * swn + k_first[None, :], mask=(n[:, None] < N) & (k_first[None, :] < K),
+                      other=0.0)
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    x = tl.load(x_ptr + mm[:, None] * sxm + k_first[None, :], mask=(mm[:, None] < M) & (k_first[None, :] < K),
+                other=0.0)
+    acc = tl.dot(x, tl.trans(w_first.to(x.dtype)))  # e4m3 -> the activation dtype is exact
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         w = tl.load(w_ptr + n[:, None] * swn + kk[None, :], mask=(n[:, None] < N) & (kk[None, :] < K), other=0.0)
         x = tl.load(x_ptr + mm[:, None] * sxm + kk[None, :], mask=(mm[:, None] < M) & (kk[None, :] < K), other=0.0)
-        acc += tl.dot(x, tl.trans(w.to(x.dtype)))  # e4m3 -> the activation dtype is exact
+        acc += tl.dot(x, tl.trans(w.to(x.dtype)))
     if SCALED:
         acc = acc * tl.load(s_ptr + n, mask=n < N, other=0.0)[None, :]
     tl.store(y_ptr + mm[:, None] * sym + n[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=(mm[:, None] < M) & (n[None, :] < N))
 
 
-SMALL_LINEAR_MAX_M = 16
+SMALL_LINEAR_MAX_M = 64
+
+
+@triton.jit
+def _gemv_row(x_ptr, d_ptr, a_ptr, kk, km, K, rstd, act, PRO: tl.constexpr, HAS_DELTA: tl.constexpr):
+    """One chunk kk of the product's input row, in float32 (see `_gemv_kernel`'s PRO)."""
+    if PRO == 1:
+        xv = tl.load(x_ptr + kk, mask=km, other=0.0)
+        if HAS_DELTA:
+            xv = (xv.to(tl.float32) + tl.load(d_ptr + kk, mask=km, other=0.0).to(tl.float32)).to(act)
+        al = tl.load(a_ptr + kk, mask=km, other=0.0).to(tl.float32)
+        return (xv.to(tl.float32) * (al * rstd)).to(act).to(tl.float32)
+    elif PRO == 2:
+        a = tl.load(x_ptr + kk, mask=km, other=0.0).to(tl.float32)
+        g = tl.load(x_ptr + K + kk, mask=km, other=0.0).to(tl.float32)
+        sl = (a / (1.0 + tl.exp(-a))).to(act).to(tl.float32)
+        return (sl * g).to(act).to(tl.float32)
+    else:
+        return tl.load(x_ptr + kk, mask=km, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, swn, d_ptr, a_ptr, xo_ptr, eps,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALED: tl.constexpr, PRO: tl.constexpr,
-                 HAS_DELTA: tl.constexpr):
+                 HAS_DELTA: tl.constexpr, PDL: tl.constexpr):
     # PRO 0: the row is x. PRO 1: the row is rms_norm(x + delta) * alpha, as `_add_rms_norm_kernel`
     # rounds it (program 0 also writes x + delta to xo). PRO 2: x holds [a | g] (2K wide) and the
     # row is silu(a) * g, as `_silu_mul_kernel` rounds it.
+    # PDL: launched as a programmatic dependent of the previous kernel, which may still run: the
+    # first tile of W (the weights never depend on it) is loaded before waiting for it, and
+    # nothing reads the row or writes anything before the wait.
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    nm = n < N
     act = xo_ptr.dtype.element_ty
+    k_first = tl.arange(0, BLOCK_K)
+    w_first = tl.load(w_ptr + n[:, None] * swn + k_first[None, :], mask=nm[:, None] & (k_first < K)[None, :],
+                      other=0.0)
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     rstd = 0.0
     if PRO == 1:
         sq = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -443,29 +544,18 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, swn, d_ptr, a_ptr, xo_ptr, ep
             xf = xv.to(tl.float32)
             sq += xf * xf
         rstd = tl.rsqrt(tl.sum(sq, axis=0) / K + eps)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    x = _gemv_row(x_ptr, d_ptr, a_ptr, k_first, k_first < K, K, rstd, act, PRO, HAS_DELTA)
+    acc = w_first.to(tl.float32) * x[None, :]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         km = kk < K
-        w = tl.load(w_ptr + n[:, None] * swn + kk[None, :], mask=(n[:, None] < N) & km[None, :], other=0.0)
-        if PRO == 1:
-            xv = tl.load(x_ptr + kk, mask=km, other=0.0)
-            if HAS_DELTA:
-                xv = (xv.to(tl.float32) + tl.load(d_ptr + kk, mask=km, other=0.0).to(tl.float32)).to(act)
-            al = tl.load(a_ptr + kk, mask=km, other=0.0).to(tl.float32)
-            x = (xv.to(tl.float32) * (al * rstd)).to(act).to(tl.float32)
-        elif PRO == 2:
-            a = tl.load(x_ptr + kk, mask=km, other=0.0).to(tl.float32)
-            g = tl.load(x_ptr + K + kk, mask=km, other=0.0).to(tl.float32)
-            sl = (a / (1.0 + tl.exp(-a))).to(act).to(tl.float32)
-            x = (sl * g).to(act).to(tl.float32)
-        else:
-            x = tl.load(x_ptr + kk, mask=km, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + n[:, None] * swn + kk[None, :], mask=nm[:, None] & km[None, :], other=0.0)
+        x = _gemv_row(x_ptr, d_ptr, a_ptr, kk, km, K, rstd, act, PRO, HAS_DELTA)
         acc += w.to(tl.float32) * x[None, :]
     y = tl.sum(acc, axis=1)
     if SCALED:
-        y = y * tl.load(s_ptr + n, mask=n < N, other=0.0)
-    tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=n < N)
+        y = y * tl.load(s_ptr + n, mask=nm, other=0.0)
+    tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=nm)
 
 
 def _gemv_launch(x2, w, scale, config, K, pro=0, delta=None, alpha=None, xo=None, eps=0.0):
@@ -473,10 +563,12 @@ def _gemv_launch(x2, w, scale, config, K, pro=0, delta=None, alpha=None, xo=None
     assert x2.shape[0] == 1 and w.stride(1) == 1 and x2.stride(-1) == 1 and w.shape[1] == K
     y = torch.empty(1, N, device=x2.device, dtype=x2.dtype)
     BLOCK_N, BLOCK_K, warps, stages = config
+    pdl = pdl_enabled(x2)
     _gemv_kernel[(triton.cdiv(N, BLOCK_N),)](
         x2, w, scale if scale is not None else y, y, N, K, w.stride(0), delta if delta is not None else x2,
         alpha if alpha is not None else x2, xo if xo is not None else y, eps, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        SCALED=scale is not None, PRO=pro, HAS_DELTA=delta is not None, num_warps=warps, num_stages=stages)
+        SCALED=scale is not None, PRO=pro, HAS_DELTA=delta is not None, PDL=pdl, num_warps=warps,
+        num_stages=stages, **_pdl_opts(pdl))
     return y
 
 
@@ -513,10 +605,11 @@ def _rows_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, c
     assert scale is None or scale.is_contiguous()
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     BLOCK_N, BLOCK_K, warps, stages = config
+    pdl = pdl_enabled(x2)
     _rows_linear_kernel[(triton.cdiv(N, BLOCK_N),)](
         x2, w, scale if scale is not None else y, y, M, N, K, x2.stride(0), w.stride(0), y.stride(0),
-        BLOCK_M=max(16, _pow2(M)), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SCALED=scale is not None,
-        num_warps=warps, num_stages=stages)
+        BLOCK_M=max(16, _pow2(M)), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SCALED=scale is not None, PDL=pdl,
+        num_warps=warps, num_stages=stages, **_pdl_opts(pdl))
     return y.view(*x.shape[:-1], N)
 
 
@@ -536,7 +629,10 @@ def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, config=(3
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, y_ptr, N, sx, sy, BLOCK: tl.constexpr):
+def _silu_mul_kernel(x_ptr, y_ptr, N, sx, sy, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = offs < N
@@ -552,8 +648,9 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     x2 = _rows(x)
     y = torch.empty(x2.shape[0], N, device=x.device, dtype=x.dtype)
     BLOCK = min(_pow2(N), 1024)
+    pdl = pdl_enabled(x2)
     _silu_mul_kernel[(x2.shape[0], triton.cdiv(N, BLOCK))](x2, y, N, x2.stride(0), y.stride(0), BLOCK=BLOCK,
-                                                            num_warps=4)
+                                                            PDL=pdl, num_warps=4, **_pdl_opts(pdl))
     return y.view(*x.shape[:-1], N)
 
 
@@ -596,7 +693,10 @@ def _mix32(x):
 @triton.jit(do_not_specialize=["stream_mix"])
 def _sample_kernel(logits_ptr, temp_ptr, topk_ptr, greedy_ptr, seed_ptr, counter_ptr, out_ptr, forced_ptr, fmask_ptr,
                    V, stride, out_stride, f_stride, fm_stride, stream_mix, BLOCK: tl.constexpr,
-                   FORCED: tl.constexpr, PASSES: tl.constexpr):
+                   FORCED: tl.constexpr, PASSES: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     m = offs < V
@@ -659,10 +759,11 @@ def sample_tokens(logits, temperature, top_k, greedy, seed, counter, stream: int
     has_forced = forced is not None
     BLOCK = _pow2(V)
     nw = num_warps or sample_warps(BLOCK)
+    pdl = pdl_enabled(logits)
     _sample_kernel[(B,)](logits, temperature, top_k, greedy, seed, counter, out,
                          forced if has_forced else out, forced_mask if has_forced else out, V, logits.stride(0),
                          out.stride(0), forced.stride(0) if has_forced else 0,
                          forced_mask.stride(0) if has_forced else 0, (stream * 0x85EBCA6B) & 0xFFFFFFFF,
                          BLOCK=BLOCK, FORCED=has_forced, PASSES=4 if logits.dtype == torch.bfloat16 else 8,
-                         num_warps=nw)
+                         PDL=pdl, num_warps=nw, **_pdl_opts(pdl))
     return out
