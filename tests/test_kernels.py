@@ -202,8 +202,9 @@ def test_ring_chunk_attention(B, T, H, D, W, end, dtype):
     _check(K.ring_chunk_attention(q, k, v, slots, end, config=(4, 1)), ref, ref64, dtype)
 
 
-@pytest.mark.parametrize("M,N,KD", ([(1, 3072, 1024), (8, 5632, 1024), (16, 1024, 2816), (1, 1024, 4096)] if CUDA else [])
-                         + [(1, 40, 64), (3, 33, 130), (16, 16, 16)])
+@pytest.mark.parametrize("M,N,KD", ([(1, 3072, 1024), (8, 5632, 1024), (16, 1024, 2816), (1, 1024, 4096),
+                                     (32, 12288, 4096), (64, 4096, 11264)] if CUDA else [])
+                         + [(1, 40, 64), (3, 33, 130), (16, 16, 16), (33, 20, 300), (64, 17, 40)])
 def test_small_linear(M, N, KD):
     # bf16 on the GPU; float16 under the interpreter, whose tl.dot mishandles bf16
     dtype = torch.bfloat16 if CUDA else torch.float16
