@@ -53,7 +53,10 @@ if [ "${LOAD:-0}" = 1 ]; then
     wait "${pids[@]}"
     echo "== $n sessions ($clients client process(es))" | tee -a "$OUT/load.log"
     grep -h "^all:" "$OUT"/load-"$n"-*.log | tee -a "$OUT/load.log"
+    # the server's own view of the round's last seconds: tick time, and where a frame waits
+    curl -s 127.0.0.1:8998/metrics > "$OUT/metrics-$n.txt" || true
+    grep -E '^ppx_(tick_seconds|frame_wait_seconds|answer_seconds)\{|^ppx_late_frames_total' "$OUT/metrics-$n.txt" \
+        | tee -a "$OUT/load.log"
   done
-  curl -s 127.0.0.1:8998/metrics > "$OUT/metrics.txt" || true
   kill -TERM $spid; wait $spid
 fi

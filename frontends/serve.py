@@ -60,6 +60,15 @@ class Metrics:
     tick_seconds: float = 0.0
     frames: int = 0
     tick_window: collections.deque = field(default_factory=lambda: collections.deque(maxlen=2000))
+    # per frame, seconds from the input frame being complete to its tick starting, and to its
+    # answer being queued for sending (the tick and the encoding included)
+    wait_window: collections.deque = field(default_factory=lambda: collections.deque(maxlen=4000))
+    answer_window: collections.deque = field(default_factory=lambda: collections.deque(maxlen=4000))
+
+
+def _quantiles(window: collections.deque, ps=(0.5, 0.99)) -> list[float]:
+    w = sorted(window.copy())  # a deque's copy is atomic; other threads append meanwhile
+    return [w[min(len(w) - 1, int(p * len(w)))] if w else 0.0 for p in ps]
 
 
 class Session:
@@ -138,8 +147,9 @@ class TickLoop(threading.Thread):
         m.tick_seconds += t1 - t0
         m.tick_window.append(t1 - t0)
         for s in ready:
+            m.wait_window.append(t0 - born[s.slot])
             late = t1 - born[s.slot] > self.server.frame_seconds
-            self.server.deliver(s, outs[s.slot], late)
+            self.server.deliver(s, outs[s.slot], late, born[s.slot])
 
     def _service(self) -> None:
         while True:
@@ -347,8 +357,12 @@ class Server:
 
     def prometheus(self) -> str:
         m = self.metrics
-        w = sorted(m.tick_window)
-        q = lambda p: w[min(len(w) - 1, int(p * len(w)))] if w else 0.0  # noqa: E731
+
+        def summary(name: str, help_: str, window, extra=()) -> list[str]:
+            q50, q99 = _quantiles(window)
+            return [f"# HELP {name} {help_}", f"# TYPE {name} summary", f'{name}{{quantile="0.5"}} {q50:.6f}',
+                    f'{name}{{quantile="0.99"}} {q99:.6f}', *extra]
+
         lines = [
             "# HELP ppx_live_sessions Sessions past their prompt phase.", "# TYPE ppx_live_sessions gauge",
             f"ppx_live_sessions {sum(1 for s in self.sessions if s.slot is not None and not s.closed)}",
@@ -362,9 +376,12 @@ class Server:
             "# HELP ppx_late_frames_total Frames answered more than one frame period after their input.",
             "# TYPE ppx_late_frames_total counter", f"ppx_late_frames_total {m.late_frames}",
             "# TYPE ppx_frames_total counter", f"ppx_frames_total {m.frames}",
-            "# HELP ppx_tick_seconds Engine step time per tick.", "# TYPE ppx_tick_seconds summary",
-            f'ppx_tick_seconds{{quantile="0.5"}} {q(0.5):.6f}', f'ppx_tick_seconds{{quantile="0.99"}} {q(0.99):.6f}',
-            f"ppx_tick_seconds_sum {m.tick_seconds:.6f}", f"ppx_tick_seconds_count {m.ticks}",
+            *summary("ppx_tick_seconds", "Engine step time per tick (recent ticks).", m.tick_window,
+                     (f"ppx_tick_seconds_sum {m.tick_seconds:.6f}", f"ppx_tick_seconds_count {m.ticks}")),
+            *summary("ppx_frame_wait_seconds", "From an input frame being complete to its tick starting "
+                     "(recent frames).", m.wait_window),
+            *summary("ppx_answer_seconds", "From an input frame being complete to its answer being queued "
+                     "for sending: the wait, the tick and the Opus encoding (recent frames).", m.answer_window),
             "# TYPE ppx_tasks gauge", f"ppx_tasks {len(asyncio.all_tasks(self.loop)) if self.loop else 0}",
         ]
         return "\n".join(lines) + "\n"
@@ -454,12 +471,13 @@ class Server:
         if n:
             self.ticker.wake.set()
 
-    def deliver(self, s: Session, out, late: bool) -> None:
+    def deliver(self, s: Session, out, late: bool, born: float) -> None:
         """One output frame of a session, from the tick thread: encoded on the session's codec
-        thread, then queued for sending on the event loop."""
-        self.codec.submit(s.codec, self._encode, s, out, late)
+        thread, then queued for sending on the event loop. born: when its input frame was
+        complete (time.monotonic)."""
+        self.codec.submit(s.codec, self._encode, s, out, late, born)
 
-    def _encode(self, s: Session, out, late: bool) -> None:
+    def _encode(self, s: Session, out, late: bool, born: float) -> None:
         """On a codec thread. A failure here ends that session (with an error) and nothing else."""
         if s.closed:
             return
@@ -477,11 +495,12 @@ class Server:
             s.error = f"internal error while sending audio ({e.__class__.__name__})"
             s.loop.call_soon_threadsafe(self._abort, s)
             return
-        s.loop.call_soon_threadsafe(self._enqueue, s, msgs, late)
+        s.loop.call_soon_threadsafe(self._enqueue, s, msgs, late, born)
 
-    def _enqueue(self, s: Session, msgs: list[bytes], late: bool) -> None:
+    def _enqueue(self, s: Session, msgs: list[bytes], late: bool, born: float) -> None:
         if s.closed:
             return
+        self.metrics.answer_window.append(time.monotonic() - born)
         s.frames_out += 1
         if late:
             s.late += 1

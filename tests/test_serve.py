@@ -102,6 +102,14 @@ def test_http_endpoints(server):
     for name in ("ppx_live_sessions", "ppx_tick_seconds_count", "ppx_late_frames_total", "ppx_refusals_total",
                  "ppx_errors_total"):
         assert name in m
+    # where a frame's time goes on the host: an answer is queued after its frame waited for its
+    # tick, and within seconds
+    res = run(session(server.url, {"voice_prompt": "NATF2", "text_prompt": PROMPT}, encode(input_pcm()[: 1920 * 10])))
+    assert res.handshake and not res.errors
+    wait = server.metric('ppx_frame_wait_seconds{quantile="0.5"}')
+    answer = server.metric('ppx_answer_seconds{quantile="0.5"}')
+    assert 0 <= wait < answer < 5
+    assert server.metric('ppx_answer_seconds{quantile="0.99"}') >= answer
 
 
 # ---------------------------------------------------------------------------------------
