@@ -9,18 +9,18 @@ one-row kernel configuration, with and without programmatic dependent launch, an
 from __future__ import annotations
 
 import argparse
+import importlib
 
 import torch
 import torch.nn.functional as F
 
 from engine.config import LMConfig
-import importlib
-
-L = importlib.import_module("engine.kernels.linear")
 from engine.kernels import triton_ops as T
-from engine.kernels.rms_norm import add_rms_norm
 from engine.kernels.activations import silu_mul
+from engine.kernels.rms_norm import add_rms_norm
 from engine.quant import quantize_rows
+
+L = importlib.import_module("engine.kernels.linear")  # the module (the package exports a function of that name)
 
 
 # configurations tried here beside the calibrated set (BLOCK_N, BLOCK_K, warps, stages)

@@ -50,6 +50,15 @@ def set_pdl(on: bool) -> None:
     _pdl = bool(on)
 
 
+@triton.jit
+def _pdl_start(PDL: tl.constexpr):
+    """A programmatic dependent's first step: wait for the kernel before (its writes visible),
+    then let the next kernel be scheduled."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
 def _pdl_opts(pdl: bool) -> dict:
     return {"launch_pdl": True} if pdl else {}
 
@@ -61,9 +70,7 @@ def _pdl_opts(pdl: bool) -> dict:
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, xo_ptr, y_ptr, N, eps, sx, sd, sxo, sy,
                          HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+    _pdl_start(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     m = offs < N
@@ -161,9 +168,7 @@ def scale_add_layer_norm(x, delta, scale, weight, bias, eps: float):
 def _qkv_rope_write_kernel(qkv_ptr, pos_ptr, slot_ptr, ridx_ptr, q_ptr, k_ring, v_ring, freq_ptr, ks_ptr, vs_ptr,
                            s_b, s_h, sq_b, sq_h, sr_slot, sr_h, sr_w, ss_slot, ss_h, HD,
                            HALF: tl.constexpr, QUANT: tl.constexpr, PDL: tl.constexpr):
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+    _pdl_start(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     i = tl.arange(0, HALF)
@@ -249,9 +254,7 @@ def _attn_split_kernel(q_ptr, k_ring, v_ring, slot_ptr, len_ptr, o_ptr, m_ptr, l
                        sq_b, sq_h, sr_slot, sr_h, sr_w, ss_slot, ss_h, H, CHUNK, scale,
                        D: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, QUANT: tl.constexpr,
                        PDL: tl.constexpr):
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+    _pdl_start(PDL)
     bh = tl.program_id(0)
     sp = tl.program_id(1)
     b = bh // H
@@ -293,9 +296,7 @@ def _attn_split_kernel(q_ptr, k_ring, v_ring, slot_ptr, len_ptr, o_ptr, m_ptr, l
 @triton.jit
 def _attn_combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, so_b, so_h, H,
                          D: tl.constexpr, NSPLIT: tl.constexpr, PDL: tl.constexpr):
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+    _pdl_start(PDL)
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -361,9 +362,7 @@ def decode_attention(q, k_ring, v_ring, slots, lengths, nsplit: int | None = Non
 @triton.jit
 def _step_attn_kernel(qkv_ptr, k_ptr, v_ptr, o_ptr, step, s_b, sk_b, sk_s, so_b, HD, scale,
                       D: tl.constexpr, STEPS: tl.constexpr, PDL: tl.constexpr):
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+    _pdl_start(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     d = tl.arange(0, D)
@@ -630,9 +629,7 @@ def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, config=(3
 
 @triton.jit
 def _silu_mul_kernel(x_ptr, y_ptr, N, sx, sy, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+    _pdl_start(PDL)
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = offs < N
@@ -694,9 +691,7 @@ def _mix32(x):
 def _sample_kernel(logits_ptr, temp_ptr, topk_ptr, greedy_ptr, seed_ptr, counter_ptr, out_ptr, forced_ptr, fmask_ptr,
                    V, stride, out_stride, f_stride, fm_stride, stream_mix, BLOCK: tl.constexpr,
                    FORCED: tl.constexpr, PASSES: tl.constexpr, PDL: tl.constexpr):
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+    _pdl_start(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     m = offs < V
