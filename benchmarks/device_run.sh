@@ -3,7 +3,8 @@
 # wheels, .carry/lib/libopus), run the GPU tests (TESTS=...), `make bench`, with FP8=1 the FP8
 # fidelity and bench, with LOAD=1 a load-test sweep of ppx-serve on random 7B weights
 # (SERVE_ARGS="--quantize fp8 --kv-cache-dtype fp8" for FP8; SWEEP=32,64 session counts; CLIENTS=4
-# load-client processes). Each part is bounded in time; logs
+# load-client processes), with PROFILE=1,32 the per-stage profile at those batch sizes, with
+# CHAIN=1 the products chained as a tick chains them. Each part is bounded in time; logs
 # and results go to $OUT. The reference's recordings are carried in .carry/assets (not committed).
 set -uo pipefail
 OUT=${OUT:-artifacts}
@@ -21,6 +22,13 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 if [ "${TESTS:-}" != "" ]; then
   # TESTS is pytest's arguments as one would type them: TESTS="tests/test_gpu.py -k 'golden or 7b'"
   eval "timeout \"\${TEST_TIMEOUT:-420}\" python3 -m pytest -q -x $TESTS" 2>&1 | tee "$OUT/gpu_tests.log"
+fi
+for b in $(echo "${PROFILE:-}" | tr , ' '); do
+  timeout 150 python3 -m benchmarks.profile_tick --batch "$b" --stages > "$OUT/profile-b$b.txt" 2>&1
+  grep -E "^batch|^stage|^graph replay" "$OUT/profile-b$b.txt"
+done
+if [ "${CHAIN:-0}" = 1 ]; then
+  timeout 300 python3 -m benchmarks.gemv_chain 2>&1 | grep -v Warning | tee "$OUT/gemv-chain.txt"
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   timeout "${BENCH_TIMEOUT:-420}" make bench BENCH_ARGS="--out $OUT ${BENCH_ARGS:-}" 2>&1 | tee "$OUT/bench.log"
