@@ -14,7 +14,7 @@ from triton.language.extra import libdevice
 try:  # grid dependency control (programmatic dependent launch), Hopper and later
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
     _HAS_GDC = True
-except ImportError:  # an older triton: the one-row products launch the plain way
+except ImportError:  # an older triton: the kernels launch the plain way
     _HAS_GDC = False
 
     @triton.jit
@@ -59,8 +59,9 @@ def _pdl_start(PDL: tl.constexpr):
         gdc_launch_dependents()
 
 
-def _pdl_opts(pdl: bool) -> dict:
-    return {"launch_pdl": True} if pdl else {}
+def _pdl_kw(t: torch.Tensor) -> dict:
+    """A launch's PDL arguments: the kernel's constexpr and, when on, the launch option."""
+    return {"PDL": True, "launch_pdl": True} if pdl_enabled(t) else {"PDL": False}
 
 
 # ----------------------------------------------------------------------------------------
@@ -99,11 +100,10 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, alpha: torch.Tenso
     y = torch.empty_like(x2)
     xo = torch.empty_like(x2) if delta is not None else x2
     d2 = _rows(delta) if delta is not None else x2
-    pdl = pdl_enabled(x2)
     nw = 4 if N <= 2048 else 8
     _add_rms_norm_kernel[(x2.shape[0],)](x2, d2, alpha, xo, y, N, eps, x2.stride(0), d2.stride(0), xo.stride(0),
-                                         y.stride(0), HAS_DELTA=delta is not None, BLOCK=_pow2(N), PDL=pdl,
-                                         num_warps=nw, **_pdl_opts(pdl))
+                                         y.stride(0), HAS_DELTA=delta is not None, BLOCK=_pow2(N),
+                                         num_warps=nw, **_pdl_kw(x2))
     return xo.view(x.shape), y.view(x.shape)
 
 
@@ -236,12 +236,11 @@ def qkv_rope_write(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring, k_scal
     pos, slots, ring_idx = pos.contiguous(), slots.contiguous(), ring_idx.contiguous()
     q = torch.empty(B, H, D, device=qkv.device, dtype=qkv.dtype)
     ks, vs = (k_scale, v_scale) if quant else (q, q)
-    pdl = pdl_enabled(qkv)
     _qkv_rope_write_kernel[(B, H)](
         qkv, pos, slots, ring_idx, q, k_ring, v_ring, rope_freqs(D, max_period, qkv.device), ks, vs,
         qkv.stride(0), D, q.stride(0), q.stride(1), k_ring.stride(0), k_ring.stride(1), k_ring.stride(2),
-        ks.stride(0) if quant else 0, ks.stride(1) if quant else 0, H * D, HALF=D // 2, QUANT=quant, PDL=pdl,
-        num_warps=1, **_pdl_opts(pdl))
+        ks.stride(0) if quant else 0, ks.stride(1) if quant else 0, H * D, HALF=D // 2, QUANT=quant,
+        num_warps=1, **_pdl_kw(qkv))
     return q
 
 
@@ -347,15 +346,14 @@ def decode_attention(q, k_ring, v_ring, slots, lengths, nsplit: int | None = Non
     l = torch.empty(B * H * nsplit, device=q.device, dtype=torch.float32)
     quant = k_scale is not None
     ks, vs = (k_scale, v_scale) if quant else (o, o)
-    pdl = pdl_enabled(q)
     _attn_split_kernel[(B * H, nsplit)](
         q, k_ring, v_ring, slots, lengths, o, m, l, ks, vs, q.stride(0), q.stride(1), k_ring.stride(0),
         k_ring.stride(1), k_ring.stride(2), ks.stride(0) if quant else 0, ks.stride(1) if quant else 0, H, chunk,
-        1.0 / math.sqrt(D), D=D, BLOCK_N=BLOCK_N, NSPLIT=nsplit, QUANT=quant, PDL=pdl, num_warps=warps,
-        num_stages=stages, **_pdl_opts(pdl))
+        1.0 / math.sqrt(D), D=D, BLOCK_N=BLOCK_N, NSPLIT=nsplit, QUANT=quant, num_warps=warps,
+        num_stages=stages, **_pdl_kw(q))
     out = torch.empty(B, H, D, device=q.device, dtype=q.dtype)
-    _attn_combine_kernel[(B * H,)](o, m, l, out, out.stride(0), out.stride(1), H, D=D, NSPLIT=nsplit, PDL=pdl,
-                                   num_warps=1, **_pdl_opts(pdl))
+    _attn_combine_kernel[(B * H,)](o, m, l, out, out.stride(0), out.stride(1), H, D=D, NSPLIT=nsplit,
+                                   num_warps=1, **_pdl_kw(q))
     return out
 
 
@@ -394,10 +392,9 @@ def step_attention(qkv, k_buf, v_buf, step: int):
     assert qkv.stride(-1) == 1 and qkv.stride(2) == D and qkv.stride(1) == H * D
     assert k_buf.is_contiguous() and v_buf.is_contiguous()
     out = torch.empty(B, H, D, device=qkv.device, dtype=qkv.dtype)
-    pdl = pdl_enabled(qkv)
     _step_attn_kernel[(B, H)](qkv, k_buf, v_buf, out, step, qkv.stride(0), k_buf.stride(0), k_buf.stride(1),
                               out.stride(0), H * D, 1.0 / math.sqrt(D), D=D, STEPS=_pow2(k_buf.shape[1]),
-                              PDL=pdl, num_warps=1, **_pdl_opts(pdl))
+                              num_warps=1, **_pdl_kw(qkv))
     return out
 
 
@@ -562,12 +559,11 @@ def _gemv_launch(x2, w, scale, config, K, pro=0, delta=None, alpha=None, xo=None
     assert x2.shape[0] == 1 and w.stride(1) == 1 and x2.stride(-1) == 1 and w.shape[1] == K
     y = torch.empty(1, N, device=x2.device, dtype=x2.dtype)
     BLOCK_N, BLOCK_K, warps, stages = config
-    pdl = pdl_enabled(x2)
     _gemv_kernel[(triton.cdiv(N, BLOCK_N),)](
         x2, w, scale if scale is not None else y, y, N, K, w.stride(0), delta if delta is not None else x2,
         alpha if alpha is not None else x2, xo if xo is not None else y, eps, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        SCALED=scale is not None, PRO=pro, HAS_DELTA=delta is not None, PDL=pdl, num_warps=warps,
-        num_stages=stages, **_pdl_opts(pdl))
+        SCALED=scale is not None, PRO=pro, HAS_DELTA=delta is not None, num_warps=warps,
+        num_stages=stages, **_pdl_kw(x2))
     return y
 
 
@@ -604,11 +600,10 @@ def _rows_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, c
     assert scale is None or scale.is_contiguous()
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     BLOCK_N, BLOCK_K, warps, stages = config
-    pdl = pdl_enabled(x2)
     _rows_linear_kernel[(triton.cdiv(N, BLOCK_N),)](
         x2, w, scale if scale is not None else y, y, M, N, K, x2.stride(0), w.stride(0), y.stride(0),
-        BLOCK_M=max(16, _pow2(M)), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SCALED=scale is not None, PDL=pdl,
-        num_warps=warps, num_stages=stages, **_pdl_opts(pdl))
+        BLOCK_M=max(16, _pow2(M)), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SCALED=scale is not None,
+        num_warps=warps, num_stages=stages, **_pdl_kw(x2))
     return y.view(*x.shape[:-1], N)
 
 
@@ -645,9 +640,8 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     x2 = _rows(x)
     y = torch.empty(x2.shape[0], N, device=x.device, dtype=x.dtype)
     BLOCK = min(_pow2(N), 1024)
-    pdl = pdl_enabled(x2)
     _silu_mul_kernel[(x2.shape[0], triton.cdiv(N, BLOCK))](x2, y, N, x2.stride(0), y.stride(0), BLOCK=BLOCK,
-                                                            PDL=pdl, num_warps=4, **_pdl_opts(pdl))
+                                                            num_warps=4, **_pdl_kw(x2))
     return y.view(*x.shape[:-1], N)
 
 
@@ -754,11 +748,10 @@ def sample_tokens(logits, temperature, top_k, greedy, seed, counter, stream: int
     has_forced = forced is not None
     BLOCK = _pow2(V)
     nw = num_warps or sample_warps(BLOCK)
-    pdl = pdl_enabled(logits)
     _sample_kernel[(B,)](logits, temperature, top_k, greedy, seed, counter, out,
                          forced if has_forced else out, forced_mask if has_forced else out, V, logits.stride(0),
                          out.stride(0), forced.stride(0) if has_forced else 0,
                          forced_mask.stride(0) if has_forced else 0, (stream * 0x85EBCA6B) & 0xFFFFFFFF,
                          BLOCK=BLOCK, FORCED=has_forced, PASSES=4 if logits.dtype == torch.bfloat16 else 8,
-                         PDL=pdl, num_warps=nw, **_pdl_opts(pdl))
+                         num_warps=nw, **_pdl_kw(logits))
     return out
