@@ -12,8 +12,9 @@ import torch.nn.functional as F
 
 from .config import DepformerConfig, LMConfig, TemporalConfig
 from .quant import FP8
-from .kernels import (add_rms_norm, causal_suffices, decode_attention, norm_linear, prefill_attention_ref, prefill_mask,
-                      product, qkv_rope_write, rms_norm, rope_qkv, silu_linear, silu_mul, step_attention)
+from .kernels import (add_linear, add_rms_norm, attention_linear, causal_suffices, decode_attention, embedding_ref,
+                      norm_linear, prefill_attention_ref, prefill_mask, product, qkv_rope_write, rms_norm, rope_qkv,
+                      silu_linear, silu_mul)
 
 
 class Linear(nn.Module):
@@ -43,13 +44,24 @@ class Linear(nn.Module):
         return w, self.scale if step is None else self.scale[step]
 
     def after_norm(self, x: torch.Tensor, delta: torch.Tensor | None, alpha: torch.Tensor, eps: float,
-                   step: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x + delta, this(rms_norm(x + delta) * alpha)), fused for one row (`norm_linear`)."""
-        return norm_linear(x, delta, alpha, eps, *self._w(step))
+                   step: int | None = None, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, this(rms_norm(x + delta) * alpha)), fused into the product where a Triton
+        kernel does it (`norm_linear`; with ids, delta is an embedding table looked up by them)."""
+        return norm_linear(x, delta, alpha, eps, *self._w(step), ids=ids)
 
     def after_silu(self, x: torch.Tensor, step: int | None = None) -> torch.Tensor:
-        """this(silu(a) * g) for x = [a | g], fused for one row (`silu_linear`)."""
+        """this(silu(a) * g) for x = [a | g], fused likewise (`silu_linear`)."""
         return silu_linear(x, *self._w(step))
+
+    def after_step_attention(self, qkv: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
+                             step: int) -> torch.Tensor:
+        """this(step_attention(qkv, k_buf, v_buf, step)) at depformer step `step`, fused likewise
+        (`attention_linear`)."""
+        return attention_linear(qkv, k_buf, v_buf, step, *self._w(step))
+
+    def after_add(self, x: torch.Tensor, delta: torch.Tensor, step: int | None = None) -> torch.Tensor:
+        """this(x + delta), fused likewise (`add_linear`)."""
+        return add_linear(x, delta, *self._w(step))
 
     def first_steps(self, x: torch.Tensor, steps: int) -> torch.Tensor:
         """Steps 0..steps-1 of a per-step Linear on the same x in one product: [..., steps, out]."""
@@ -127,7 +139,7 @@ class LM(nn.Module):
         offsets = torch.arange(cfg.n_q, device=columns.device) * (cfg.card + 1)
         e = F.embedding(audio.clamp(min=0) + offsets, self.emb.view(-1, self.emb.shape[-1]))
         e = e.masked_fill((audio == -1).unsqueeze(-1), 0)
-        return e.sum(dim=-2) + _embedding(columns[..., 0], self.text_emb)
+        return e.sum(dim=-2) + embedding_ref(columns[..., 0], self.text_emb)
 
     # ------------------------------------------------------------------------------
     # temporal transformer
@@ -221,22 +233,16 @@ class LM(nn.Module):
         dep = self.depformer
         B = inp.shape[0]
         H, D = c.num_heads, c.head_dim
-        emb = dep.text_emb if k == 0 else dep.emb[k - 1]
-        x = inp + _embedding(prev, emb)
-        delta = None
+        # the step's input is inp + E_k[prev]: the first layer's norm and product add it
+        delta, ids = (dep.text_emb if k == 0 else dep.emb[k - 1]), prev
+        x = inp
         for i, layer in enumerate(dep.layers):
-            x, qkv = layer.attn_in.after_norm(x, delta, layer.norm1, c.norm_eps, k)
-            a = step_attention(qkv.view(B, 3, H, D), dep_kv[i][0], dep_kv[i][1], k).view(B, H * D)
-            x, f = layer.ffn_in.after_norm(x, layer.attn_out(a, k), layer.norm2, c.norm_eps, k)
+            x, qkv = layer.attn_in.after_norm(x, delta, layer.norm1, c.norm_eps, k, ids=ids)
+            ids = None
+            a = layer.attn_out.after_step_attention(qkv.view(B, 3, H, D), dep_kv[i][0], dep_kv[i][1], k)
+            x, f = layer.ffn_in.after_norm(x, a, layer.norm2, c.norm_eps, k)
             delta = layer.ffn_out.after_silu(f, k)
-        x = x + delta
-        return dep.heads(x, k)
-
-
-def _embedding(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """The reference's ScaledEmbedding: id -1 gives a zero vector, other negatives clamp to 0."""
-    out = F.embedding(ids.clamp(min=0), table)
-    return torch.where((ids == -1).unsqueeze(-1), torch.zeros((), dtype=out.dtype, device=out.device), out)
+        return dep.heads.after_add(x, delta, k)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import MimiConfig, MimiTransformerConfig
-from .kernels import elu, qkv_rope_write, ring_chunk_attention, scale_add_layer_norm
+from .kernels import elu, linear, qkv_rope_write, ring_chunk_attention, scale_add_layer_norm
 
 
 def _p(*shape, device=None, dtype=None) -> nn.Parameter:
@@ -254,12 +254,12 @@ class MimiTransformer(nn.Module):
         next_norms = [layer.norm1 for layer in self.layers[1:]] + [None]
         for i, (layer, nxt) in enumerate(zip(self.layers, next_norms)):
             # rotate q and k, and write k and v at each position's ring entry, in one launch
-            q = qkv_rope_write(F.linear(h, layer.attn_in).view(B * T, 3, H, D), qpos, c.max_period, s_idx, widx,
+            q = qkv_rope_write(linear(h, layer.attn_in).view(B * T, 3, H, D), qpos, c.max_period, s_idx, widx,
                                k_ring[i], v_ring[i])
             a = ring_chunk_attention(q.view(B, T, H, D), k_ring[i], v_ring[i], slots, end)
-            x, h = scale_add_layer_norm(x, F.linear(a.reshape(B, T, C), layer.attn_out), layer.scale1,
+            x, h = scale_add_layer_norm(x, linear(a.reshape(B, T, C), layer.attn_out), layer.scale1,
                                         layer.norm2.weight, layer.norm2.bias, eps)
-            x, h = scale_add_layer_norm(x, F.linear(F.gelu(F.linear(h, layer.linear1)), layer.linear2), layer.scale2,
+            x, h = scale_add_layer_norm(x, linear(F.gelu(linear(h, layer.linear1)), layer.linear2), layer.scale2,
                                         nxt.weight if nxt is not None else None,
                                         nxt.bias if nxt is not None else None, eps)
         return x.transpose(1, 2)

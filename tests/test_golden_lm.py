@@ -153,3 +153,31 @@ def test_prompts_opened_together_equal_prompts_opened_alone(trace, golden_voice,
     codes = user_frames(trace, 30)
     np.testing.assert_array_equal(_live(eng, a, codes), _live(solo, s0, codes))
     np.testing.assert_array_equal(_live(eng, b, codes), _live(solo, s1, codes))
+
+
+def test_depformer_one_row_launches_equal_the_separate_ops(monkeypatch):
+    # One slot's depformer step runs its token embedding, in-frame attention and final residual
+    # add inside the products' launches (the Triton path, under the interpreter here): the
+    # logits equal those of the separate ops (the torch references), for ids -1, negative and real.
+    import engine.kernels.dispatch as dispatch
+    from engine.kernels import triton_ops
+
+    eng = make_tiny_engine()
+    lm, steps = eng.lm, eng.depformer_steps
+    dim = lm.cfg.depformer.dim
+    g = torch.Generator().manual_seed(0)
+    inp = torch.randn(1, steps, dim, generator=g)
+    prev = torch.tensor([-1, 5, -3, 7, 2, 0, 1, 3])
+    kinds = []
+    gemv = triton_ops.gemv
+    monkeypatch.setattr(triton_ops, "gemv", lambda *a, **k: (kinds.append(a[4].kind if len(a) > 4 and a[4] else 0),
+                                                              gemv(*a, **k))[1])
+    logits = {}
+    for on in (False, True):
+        monkeypatch.setattr(dispatch, "_on_cpu", on)
+        kv = lm.depformer_cache(1, steps, "cpu")
+        with torch.no_grad():
+            logits[on] = [lm.depformer_step(k, inp[:, k], prev[k:k + 1], kv) for k in range(steps)]
+    assert {1, 2, 3, 4} <= set(kinds)  # norm (with the embedding), SiLU, add, attention
+    for a, b in zip(logits[False], logits[True]):
+        assert _rel(a.numpy(), b.numpy()) < 1e-5

@@ -205,9 +205,10 @@ def test_ring_chunk_attention(B, T, H, D, W, end, dtype):
 @pytest.mark.parametrize("M,N,KD", ([(1, 3072, 1024), (8, 5632, 1024), (16, 1024, 2816), (1, 1024, 4096),
                                      (32, 12288, 4096), (64, 4096, 11264)] if CUDA else [])
                          + [(1, 40, 64), (3, 33, 130), (16, 16, 16), (33, 20, 300), (64, 17, 40)])
-def test_small_linear(M, N, KD):
-    # bf16 on the GPU; float16 under the interpreter, whose tl.dot mishandles bf16
-    dtype = torch.bfloat16 if CUDA else torch.float16
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32] if CUDA else [torch.float16])
+def test_small_linear(M, N, KD, dtype):
+    # bf16 on the GPU, and float32 (Mimi's products, in full float32 as cuBLAS computes them);
+    # float16 under the interpreter, whose tl.dot mishandles bf16
     g = torch.Generator().manual_seed(M * N)
     x = _randn(M, KD, dtype=dtype, g=g)
     w = (torch.randn(N, KD, generator=g) / KD ** 0.5).to(DEV, dtype)
@@ -252,6 +253,65 @@ def test_norm_and_silu_fused_into_gemv(N, KD, delta):
     gu = _randn(1, 2 * KD, dtype=dtype, g=g)
     torch.testing.assert_close(K.silu_gemv(gu, w, config=(8, 64, 4, 2)),
                                K.gemv(silu_mul_ref(gu), w, config=(8, 64, 4, 2)), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("N,KD", ([(3072, 1024), (12288, 4096)] if CUDA else []) + [(40, 64), (33, 130)])
+@pytest.mark.parametrize("delta", ["none", "row", "id"])
+def test_prologues_fused_into_gemv(N, KD, delta):
+    # The one-row product's prologue (RMSNorm after a residual add or an embedding lookup, gated
+    # SiLU, or the add alone) equals those ops run first and then the product, roundings included.
+    from engine.kernels import embedding_ref, rms_norm_ref, silu_mul_ref
+
+    dtype = torch.float16 if not CUDA else torch.bfloat16
+    g = torch.Generator().manual_seed(N * KD + len(delta))
+    x = _randn(1, KD, dtype=dtype, g=g)
+    alpha = (1 + 0.1 * torch.randn(KD, generator=g)).to(DEV, dtype)
+    w = (torch.randn(N, KD, generator=g) / KD ** 0.5).to(DEV, dtype)
+    cfg = (8, 64, 4, 2)
+    tol = dict(rtol=1e-2, atol=1e-2)  # a few elements of the norm's output may differ by one rounding
+    gu = _randn(1, 2 * KD, dtype=dtype, g=g)
+    torch.testing.assert_close(K.silu_gemv(gu, w, None, cfg), K.gemv(silu_mul_ref(gu), w, None, cfg), **tol)
+    d = ids = None
+    if delta == "row":
+        d = d_ref = _randn(1, KD, dtype=dtype, g=g)
+    for i in ([-1, 4, -3] if delta == "id" else [None]):  # id -1 adds nothing, other negatives take row 0
+        if i is not None:
+            d = _randn(9, KD, dtype=dtype, g=g)
+            ids = torch.tensor([i], device=DEV)
+            d_ref = embedding_ref(ids, d)
+        x_ref, h_ref = add_rms_norm_ref(x, d_ref, alpha, 1e-5) if d is not None else (x, rms_norm_ref(x, alpha, 1e-5))
+        xo, y = K.gemv(x, w, None, cfg, K.Prologue(1, d, ids, alpha, 1e-5))
+        assert torch.equal(xo, x_ref)
+        torch.testing.assert_close(y, K.gemv(h_ref, w, None, cfg), **tol)
+        if d is not None:
+            torch.testing.assert_close(K.gemv(x, w, None, cfg, K.Prologue(3, d, ids))[1],
+                                       K.gemv(x + d_ref, w, None, cfg), **tol)
+
+
+@pytest.mark.parametrize("M", [1, 3])
+def test_norm_linear_with_an_embedding(M):
+    # the depformer's first norm and product, with the token embedding as the residual: one
+    # launch for one row, the lookup, the norm and the product for several
+    import engine.kernels.dispatch as dispatch
+    from engine.kernels import embedding_ref, norm_linear, rms_norm_ref
+
+    dtype = torch.float16 if not CUDA else torch.bfloat16
+    g = torch.Generator().manual_seed(M)
+    x = _randn(M, 64, dtype=dtype, g=g)
+    table = _randn(9, 64, dtype=dtype, g=g)
+    alpha = (1 + 0.1 * torch.randn(64, generator=g)).to(DEV, dtype)
+    w = (torch.randn(40, 64, generator=g) / 8).to(DEV, dtype)
+    ids = torch.tensor([-1, 5, -2][:M], device=DEV)
+    x_ref = x + embedding_ref(ids, table)
+    old = dispatch._on_cpu
+    dispatch._on_cpu = True  # the Triton path, under the interpreter on the CPU
+    try:
+        xo, y = norm_linear(x, table, alpha, 1e-5, w, ids=ids)
+    finally:
+        dispatch._on_cpu = old
+    assert torch.equal(xo, x_ref)
+    ref = torch.nn.functional.linear(rms_norm_ref(x_ref, alpha, 1e-5).float(), w.float()).to(dtype)
+    torch.testing.assert_close(y, ref, rtol=1e-2, atol=1e-2)
 
 
 # ---------------------------------------------------------------------------------------
@@ -328,3 +388,22 @@ def test_rope_qkv_for_the_prefill(N, H, D):
     torch.testing.assert_close(q, q_ref, **tol)
     torch.testing.assert_close(k, k_ref, **tol)
     assert torch.equal(v, qkv[:, 2])
+
+
+@pytest.mark.parametrize("H,D,S,N,config", ([(16, 64, 8, 1024, (4, 1024, 4, 3)), (16, 64, 8, 1024, (8, 256, 4, 3))]
+                                            if CUDA else [])
+                         + [(4, 16, 8, 40, (8, 64, 4, 2)), (3, 16, 4, 33, (4, 32, 4, 2))])
+def test_step_attention_fused_into_gemv(H, D, S, N, config):
+    # the depformer's in-frame attention as the out-product's prologue equals step_attention and
+    # then the same product, and leaves the same k and v buffers, at every step of a frame
+    dtype = torch.float16 if not CUDA else torch.bfloat16
+    g = torch.Generator().manual_seed(H * D + N)
+    w = (torch.randn(N, H * D, generator=g) / (H * D) ** 0.5).to(DEV, dtype)
+    kb, vb = (torch.zeros(1, S, H, D, device=DEV, dtype=dtype) for _ in range(2))
+    kr, vr = kb.clone(), vb.clone()
+    for step in range(S):
+        qkv = _randn(1, 3, H, D, dtype=dtype, g=g)
+        y = K.gemv(qkv.reshape(1, -1), w, None, config, K.Prologue.step_attention(kb, vb, step))[1]
+        a = K.step_attention(qkv, kr, vr, step).reshape(1, H * D)
+        torch.testing.assert_close(y, K.gemv(a, w, None, config), rtol=2e-3, atol=2e-3)
+        assert torch.equal(kb, kr) and torch.equal(vb, vr)

@@ -4,9 +4,11 @@ cuBLAS does a product unless a Triton kernel measurably beats it: the first prod
 shape (during warm-up, never inside a graph capture) times cuBLAS and the kernels'
 configurations as CUDA-graph replays over weight copies cycled past the L2 cache, and the
 fastest is kept. Candidates: the small-batch kernel (up to 64 rows), and for one row the
-matrix-vector kernel; e4m3 weights choose among the kernels only.
-Where the matrix-vector kernel wins, `norm_linear` and `silu_linear` run the RMSNorm (with the
-residual add) or the gated SiLU in front of the product in the same launch.
+matrix-vector kernel; e4m3 weights choose among the kernels only. Float32 products (Mimi)
+run in full float32 in either, as cuBLAS runs them by default.
+Where the one-row kernel wins, `norm_linear`, `silu_linear`, `add_linear` and `attention_linear`
+run what comes before the product (the RMSNorm after the residual add or an embedding lookup,
+the gated SiLU, the add, the depformer's in-frame attention) in the same launch.
 """
 from __future__ import annotations
 
@@ -91,37 +93,48 @@ def _pick(x, w, key, scale=None) -> int:
     return best
 
 
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    if (triton_enabled(x) and w.dtype in (torch.bfloat16, torch.float16) and x.numel() // x.shape[-1] <= SMALL_ROWS
-            and x.dtype == w.dtype):
-        from . import triton_ops
-
-        rows = x.numel() // x.shape[-1]
-        if not x.is_cuda:  # the interpreter: always a kernel, so tests exercise them
-            return triton_ops.gemv(x, w) if rows == 1 else triton_ops.small_linear(x, w)
-        key = (rows, *w.shape, w.dtype)
-        c = _choice.get(key)
-        if c is None:
-            c = _choice[key] = _pick(x, w, key) if not torch.cuda.is_current_stream_capturing() else -1
-        if c >= 0:
-            return _run(c, x, w)
-    return F.linear(x, w)
-
-
-def gemv_choice(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None):
-    """For one row x against W of any size: the one-row kernel's configuration when the
-    calibration picks it for this shape (so a prologue may be fused into it), else None."""
-    if not (triton_enabled(x) and x.numel() == x.shape[-1] and w.dtype in (torch.bfloat16, torch.float16, FP8)):
+def _kernel(rows: int, K: int, w: torch.Tensor, scale, like: torch.Tensor):
+    """The Triton kernel and configuration for a product of `rows` rows of width K against W
+    (e4m3 when scale is given), or None for cuBLAS. The first product of each shape outside a
+    capture is timed (`_pick`); one first met inside a capture takes cuBLAS, or for an e4m3 W
+    the small-batch kernel."""
+    fp8 = scale is not None
+    if not triton_enabled(like) or rows > SMALL_ROWS or (not fp8 and (
+            w.dtype not in (torch.bfloat16, torch.float16, torch.float32) or like.dtype != w.dtype)):
         return None
-    if not x.is_cuda:  # the interpreter: always, so tests exercise the fused paths
-        return (8, 256, 4, 3)
-    key = (1, *w.shape, w.dtype)
+    if not like.is_cuda:  # the interpreter: always a kernel, so tests exercise them
+        return ("gemv", (8, 256, 4, 3)) if rows == 1 else ("rows", (32, 256, 4, 3) if fp8 else (16, 256, 4, 3))
+    key = (rows, *w.shape, w.dtype)
     c = _choice.get(key)
     if c is None:
         if torch.cuda.is_current_stream_capturing():
-            return None
-        c = _choice[key] = _pick(torch.randn(1, w.shape[1], device=x.device, dtype=x.dtype), w, key, scale)
-    return _CONFIGS[c][1] if c >= 0 and _CONFIGS[c][0] == "gemv" else None
+            return ("rows", (32, 256, 4, 3)) if fp8 else None
+        x = torch.randn(rows, K, device=like.device, dtype=like.dtype)
+        c = _choice[key] = _pick(x, w, key, scale)
+    return _CONFIGS[c] if c >= 0 else None
+
+
+def _run_kernel(choice, x, w, scale):
+    from . import triton_ops
+
+    kind, cfg = choice
+    return (triton_ops.gemv if kind == "gemv" else triton_ops.rows_linear)(x, w, scale, cfg)
+
+
+def _fused(x: torch.Tensor, K: int, w: torch.Tensor, scale, pro):
+    """(x or x + delta, y) from the one-row kernel with prologue `pro` (`triton_ops.Prologue`)
+    when it is this shape's pick, else None. (On several rows a separate kernel before the
+    product is cheaper than each program of the small-batch kernel redoing it.)"""
+    c = _kernel(x.numel() // x.shape[-1], K, w, scale, x)
+    if c is None or c[0] != "gemv":
+        return None
+    from . import triton_ops
+    return triton_ops.gemv(x, w, scale, c[1], pro(triton_ops.Prologue))
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    c = _kernel(x.numel() // x.shape[-1], x.shape[-1], w, None, x)
+    return F.linear(x, w) if c is None else _run_kernel(c, x, w, None)
 
 
 def linear_choices() -> dict:
@@ -135,20 +148,9 @@ def linear_fp8_ref(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> to
 
 
 def linear_fp8(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    rows = x.numel() // x.shape[-1]
-    if triton_enabled(x) and rows <= 64:
-        from . import triton_ops
-        if not x.is_cuda:
-            return triton_ops.gemv(x, w8, scale) if rows == 1 else triton_ops.fp8_linear(x, w8, scale)
-        if rows > SMALL_ROWS:
-            return triton_ops.fp8_linear(x, w8, scale)
-        key = (rows, *w8.shape, w8.dtype)
-        c = _choice.get(key)
-        if c is None:
-            c = _choice[key] = _pick(x, w8, key, scale) if not torch.cuda.is_current_stream_capturing() else -1
-        if c < 0:  # chosen inside a capture, with no timing: the small-batch kernel
-            return triton_ops.fp8_linear(x, w8, scale)
-        return _run(c, x, w8, scale)
+    c = _kernel(x.numel() // x.shape[-1], x.shape[-1], w8, scale, x)
+    if c is not None:
+        return _run_kernel(c, x, w8, scale)
     if x.is_cuda:
         # many rows (a prefill): dequantize once to the activation dtype and use cuBLAS
         return F.linear(x, (w8.to(x.dtype) * scale.to(x.dtype).unsqueeze(-1)))
@@ -160,25 +162,55 @@ def product(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None)
     return linear(x, w) if scale is None else linear_fp8(x, w, scale)
 
 
+def embedding_ref(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """The reference's ScaledEmbedding: id -1 gives a zero vector, other negatives clamp to 0."""
+    out = F.embedding(ids.clamp(min=0), table)
+    return torch.where((ids == -1).unsqueeze(-1), torch.zeros((), dtype=out.dtype, device=out.device), out)
+
+
 def norm_linear(x: torch.Tensor, delta: torch.Tensor | None, alpha: torch.Tensor, eps: float, w: torch.Tensor,
-                scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + delta, rms_norm(x + delta) * alpha @ W^T) (delta None: x itself): for one row, one
-    launch when the one-row kernel is this shape's pick; else `add_rms_norm` and a product."""
-    cfg = gemv_choice(x, w, scale)
-    if cfg is not None:
-        from . import triton_ops
-        return triton_ops.norm_gemv(x, delta, alpha, eps, w, scale, cfg)
+                scale: torch.Tensor | None = None, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, rms_norm(x + delta) * alpha @ W^T) (delta None: x itself; with ids, delta is an
+    embedding table and the delta of row m is `embedding_ref(ids, delta)[m]`): one launch for one
+    row where the one-row kernel is this shape's pick; else the embedding, `add_rms_norm` and a
+    product."""
+    out = _fused(x, x.shape[-1], w, scale, lambda P: P(1, delta, ids, alpha, eps))
+    if out is not None:
+        return out
     from .rms_norm import add_rms_norm, rms_norm
+    if ids is not None:
+        delta = embedding_ref(ids, delta)
     x, h = add_rms_norm(x, delta, alpha, eps) if delta is not None else (x, rms_norm(x, alpha, eps))
     return x, product(h, w, scale)
 
 
 def silu_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """silu(a) * g @ W^T for x = [a | g]: one launch for one row when the one-row kernel is this
+    """silu(a) * g @ W^T for x = [a | g]: one launch for one row where the one-row kernel is this
     shape's pick; else `silu_mul` and a product."""
-    cfg = gemv_choice(x[..., :x.shape[-1] // 2], w, scale)
-    if cfg is not None:
-        from . import triton_ops
-        return triton_ops.silu_gemv(x, w, scale, cfg)
+    out = _fused(x, x.shape[-1] // 2, w, scale, lambda P: P(2))
+    if out is not None:
+        return out[1]
     from .activations import silu_mul
     return product(silu_mul(x), w, scale)
+
+
+def add_linear(x: torch.Tensor, delta: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None):
+    """(x + delta) @ W^T, the add in the activation dtype: one launch for one row where the one-row
+    kernel is this shape's pick."""
+    out = _fused(x, x.shape[-1], w, scale, lambda P: P(3, delta))
+    return out[1] if out is not None else product(x + delta, w, scale)
+
+
+def attention_linear(qkv: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, step: int, w: torch.Tensor,
+                     scale: torch.Tensor | None = None) -> torch.Tensor:
+    """step_attention(qkv, k_buf, v_buf, step) @ W^T (the depformer's in-frame attention and
+    its output product): one launch for one row where the one-row kernel is this shape's pick."""
+    from .attention import step_attention
+
+    B, _, H, D = qkv.shape
+    c = _kernel(B, H * D, w, scale, qkv)
+    if c is not None and c[0] == "gemv" and c[1][1] % D == 0 and qkv.is_contiguous():
+        from . import triton_ops
+        return triton_ops.gemv(qkv.reshape(1, 3 * H * D), w, scale, c[1],
+                               triton_ops.Prologue.step_attention(k_buf, v_buf, step))[1]
+    return product(step_attention(qkv, k_buf, v_buf, step).reshape(B, H * D), w, scale)

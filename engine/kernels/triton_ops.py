@@ -462,7 +462,8 @@ def ring_chunk_attention(q, k_ring, v_ring, slots, end, config=None):
 @triton.jit
 def _rows_linear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, sxm, swn, sym,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALED: tl.constexpr,
-                        PDL: tl.constexpr):
+                        IEEE: tl.constexpr, PDL: tl.constexpr):
+    # IEEE: float32 rows and W, multiplied in full float32 (as cuBLAS does by default), not TF32.
     # PDL: as in `_gemv_kernel`, the first tile of W is loaded before waiting for the kernel before
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mm = tl.arange(0, BLOCK_M)
@@ -474,12 +475,19 @@ def _rows_linear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, sxm, swn, sym,
         gdc_wait()
     x = tl.load(x_ptr + mm[:, None] * sxm + k_first[None, :], mask=(mm[:, None] < M) & (k_first[None, :] < K),
                 other=0.0)
-    acc = tl.dot(x, tl.trans(w_first.to(x.dtype)))  # e4m3 -> the activation dtype is exact
+    # (e4m3 -> the activation dtype is exact)
+    if IEEE:
+        acc = tl.dot(x, tl.trans(w_first.to(x.dtype)), input_precision="ieee")
+    else:
+        acc = tl.dot(x, tl.trans(w_first.to(x.dtype)))
     for k0 in range(BLOCK_K, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         w = tl.load(w_ptr + n[:, None] * swn + kk[None, :], mask=(n[:, None] < N) & (kk[None, :] < K), other=0.0)
         x = tl.load(x_ptr + mm[:, None] * sxm + kk[None, :], mask=(mm[:, None] < M) & (kk[None, :] < K), other=0.0)
-        acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+        if IEEE:
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision="ieee")
+        else:
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
     if SCALED:
         acc = acc * tl.load(s_ptr + n, mask=n < N, other=0.0)[None, :]
     tl.store(y_ptr + mm[:, None] * sym + n[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -490,14 +498,19 @@ SMALL_LINEAR_MAX_M = 64
 
 
 @triton.jit
-def _gemv_row(x_ptr, d_ptr, a_ptr, kk, km, K, rstd, act, PRO: tl.constexpr, HAS_DELTA: tl.constexpr):
+def _gemv_row(x_ptr, d_ptr, d_on, a_ptr, kk, km, K, rstd, act, PRO: tl.constexpr, HAS_DELTA: tl.constexpr):
     """One chunk kk of the product's input row, in float32 (see `_gemv_kernel`'s PRO)."""
-    if PRO == 1:
+    if PRO == 1 or PRO == 3:
         xv = tl.load(x_ptr + kk, mask=km, other=0.0)
-        if HAS_DELTA:
-            xv = (xv.to(tl.float32) + tl.load(d_ptr + kk, mask=km, other=0.0).to(tl.float32)).to(act)
-        al = tl.load(a_ptr + kk, mask=km, other=0.0).to(tl.float32)
-        return (xv.to(tl.float32) * (al * rstd)).to(act).to(tl.float32)
+        if HAS_DELTA != 0:
+            dv = tl.load(d_ptr + kk, mask=km, other=0.0).to(tl.float32)
+            if HAS_DELTA == 2:
+                dv = tl.where(d_on, dv, 0.0)
+            xv = (xv.to(tl.float32) + dv).to(act)
+        if PRO == 1:
+            al = tl.load(a_ptr + kk, mask=km, other=0.0).to(tl.float32)
+            return (xv.to(tl.float32) * (al * rstd)).to(act).to(tl.float32)
+        return xv.to(tl.float32)
     elif PRO == 2:
         a = tl.load(x_ptr + kk, mask=km, other=0.0).to(tl.float32)
         g = tl.load(x_ptr + K + kk, mask=km, other=0.0).to(tl.float32)
@@ -508,12 +521,54 @@ def _gemv_row(x_ptr, d_ptr, a_ptr, kk, km, K, rstd, act, PRO: tl.constexpr, HAS_
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, swn, d_ptr, a_ptr, xo_ptr, eps,
+def _step_attn_chunk(x_ptr, kb_ptr, vb_ptr, kk, K, sk_s, step, scale, write, act,
+                     BLOCK_K: tl.constexpr, D: tl.constexpr, STEPS: tl.constexpr):
+    """Chunk kk (whole heads) of the depformer's in-frame attention for one row, as
+    `_step_attn_kernel` computes it (float32): x = the row's [q | k | v] (K wide each), the
+    query attends over steps 0..step of k_buf/v_buf and this step's k and v, which are stored
+    at `step` where `write` holds."""
+    km = kk < K
+    q = tl.load(x_ptr + kk, mask=km, other=0.0).to(tl.float32) * scale
+    kn = tl.load(x_ptr + K + kk, mask=km, other=0.0)
+    vn = tl.load(x_ptr + 2 * K + kk, mask=km, other=0.0)
+    if write:
+        tl.store(kb_ptr + step * sk_s + kk, kn, mask=km)
+        tl.store(vb_ptr + step * sk_s + kk, vn, mask=km)
+    st = tl.arange(0, STEPS)
+    before = (st < step)[:, None] & km[None, :]
+    now = (st == step)[:, None]
+    k = tl.where(now, kn[None, :], tl.load(kb_ptr + st[:, None] * sk_s + kk[None, :], mask=before, other=0.0))
+    v = tl.where(now, vn[None, :], tl.load(vb_ptr + st[:, None] * sk_s + kk[None, :], mask=before, other=0.0))
+    sc = tl.sum(tl.reshape(k.to(tl.float32) * q[None, :], (STEPS, BLOCK_K // D, D)), axis=2)   # [STEPS, heads]
+    sc = tl.where((st <= step)[:, None], sc, float("-inf"))
+    p = tl.exp(sc - tl.max(sc, axis=0)[None, :])
+    num = tl.sum(tl.reshape(tl.broadcast_to(p[:, :, None], (STEPS, BLOCK_K // D, D)), (STEPS, BLOCK_K))
+                 * v.to(tl.float32), axis=0)
+    den = tl.reshape(tl.broadcast_to(tl.sum(p, axis=0)[:, None], (BLOCK_K // D, D)), (BLOCK_K,))
+    return (num / den).to(act).to(tl.float32)
+
+
+@triton.jit
+def _gemv_chunk(x_ptr, d_ptr, d_on, a_ptr, kk, km, K, rstd, act, sdm, step, eps, write,
+                PRO: tl.constexpr, HAS_DELTA: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr,
+                STEPS: tl.constexpr):
+    if PRO == 4:
+        return _step_attn_chunk(x_ptr, d_ptr, a_ptr, kk, K, sdm, step, eps, write, act, BLOCK_K, D, STEPS)
+    else:
+        return _gemv_row(x_ptr, d_ptr, d_on, a_ptr, kk, km, K, rstd, act, PRO, HAS_DELTA)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, swn, d_ptr, id_ptr, a_ptr, xo_ptr, eps, sdm, step,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALED: tl.constexpr, PRO: tl.constexpr,
-                 HAS_DELTA: tl.constexpr, PDL: tl.constexpr):
-    # PRO 0: the row is x. PRO 1: the row is rms_norm(x + delta) * alpha, as `_add_rms_norm_kernel`
-    # rounds it (program 0 also writes x + delta to xo). PRO 2: x holds [a | g] (2K wide) and the
-    # row is silu(a) * g, as `_silu_mul_kernel` rounds it.
+                 HAS_DELTA: tl.constexpr, D: tl.constexpr, STEPS: tl.constexpr, PDL: tl.constexpr):
+    # The row, made from x in the same launch (`Prologue`): PRO 0, x itself. PRO 1,
+    # rms_norm(x + delta) * alpha, as `_add_rms_norm_kernel` rounds it (program 0 also writes
+    # x + delta to xo). PRO 2, for x = [a | g] (2K wide), silu(a) * g as `_silu_mul_kernel`
+    # rounds it. PRO 3, x + delta. HAS_DELTA 1: delta is a row; 2: the row `id` of a table
+    # (id -1: none, other negatives: row 0, as `embedding_ref`). PRO 4: the depformer's
+    # in-frame attention (`_step_attn_chunk`; x the qkv row, d_ptr and a_ptr its k and v buffers,
+    # sdm their step stride, eps the softmax scale).
     # PDL: launched as a programmatic dependent of the previous kernel, which may still run: the
     # first tile of W (the weights never depend on it) is loaded before waiting for it, and
     # nothing reads the row or writes anything before the wait.
@@ -527,26 +582,36 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, swn, d_ptr, a_ptr, xo_ptr, ep
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
+    d_on = True
+    if HAS_DELTA == 2:
+        idv = tl.load(id_ptr)
+        d_ptr = d_ptr + tl.maximum(idv, 0).to(tl.int64) * sdm
+        d_on = idv != -1
     rstd = 0.0
     if PRO == 1:
         sq = tl.zeros([BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             xv = tl.load(x_ptr + kk, mask=kk < K, other=0.0)
-            if HAS_DELTA:
-                xv = (xv.to(tl.float32) + tl.load(d_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)).to(act)
+            if HAS_DELTA != 0:
+                dv = tl.load(d_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+                if HAS_DELTA == 2:
+                    dv = tl.where(d_on, dv, 0.0)
+                xv = (xv.to(tl.float32) + dv).to(act)
                 if pid == 0:
                     tl.store(xo_ptr + kk, xv, mask=kk < K)
             xf = xv.to(tl.float32)
             sq += xf * xf
         rstd = tl.rsqrt(tl.sum(sq, axis=0) / K + eps)
-    x = _gemv_row(x_ptr, d_ptr, a_ptr, k_first, k_first < K, K, rstd, act, PRO, HAS_DELTA)
+    x = _gemv_chunk(x_ptr, d_ptr, d_on, a_ptr, k_first, k_first < K, K, rstd, act, sdm, step, eps, pid == 0,
+                    PRO, HAS_DELTA, BLOCK_K, D, STEPS)
     acc = w_first.to(tl.float32) * x[None, :]
     for k0 in range(BLOCK_K, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         km = kk < K
         w = tl.load(w_ptr + n[:, None] * swn + kk[None, :], mask=nm[:, None] & km[None, :], other=0.0)
-        x = _gemv_row(x_ptr, d_ptr, a_ptr, kk, km, K, rstd, act, PRO, HAS_DELTA)
+        x = _gemv_chunk(x_ptr, d_ptr, d_on, a_ptr, kk, km, K, rstd, act, sdm, step, eps, pid == 0,
+                        PRO, HAS_DELTA, BLOCK_K, D, STEPS)
         acc += w.to(tl.float32) * x[None, :]
     y = tl.sum(acc, axis=1)
     if SCALED:
@@ -554,68 +619,110 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, swn, d_ptr, a_ptr, xo_ptr, ep
     tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=nm)
 
 
-def _gemv_launch(x2, w, scale, config, K, pro=0, delta=None, alpha=None, xo=None, eps=0.0):
-    N = w.shape[0]
-    assert x2.shape[0] == 1 and w.stride(1) == 1 and x2.stride(-1) == 1 and w.shape[1] == K
-    y = torch.empty(1, N, device=x2.device, dtype=x2.dtype)
-    BLOCK_N, BLOCK_K, warps, stages = config
-    _gemv_kernel[(triton.cdiv(N, BLOCK_N),)](
-        x2, w, scale if scale is not None else y, y, N, K, w.stride(0), delta if delta is not None else x2,
-        alpha if alpha is not None else x2, xo if xo is not None else y, eps, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        SCALED=scale is not None, PRO=pro, HAS_DELTA=delta is not None, num_warps=warps,
-        num_stages=stages, **_pdl_kw(x2))
-    return y
+class Prologue:
+    """What the one-row product does to its row first (`_gemv_kernel`'s PRO): kind 0 nothing,
+    1 the RMSNorm with alpha and eps, 2 the gated SiLU (x = [a | g]), 3 only the residual add.
+    `delta` is added first (kinds 1 and 3); with `ids` (one id), delta is an embedding table and
+    the row adds delta[id] (id -1: nothing). Kind 1 with a delta also returns x + delta.
+    `Prologue.step_attention(k_buf, v_buf, step)`: kind 4, x = qkv, the depformer's in-frame
+    attention (`step_attention`, which writes k and v at `step`)."""
+
+    def __init__(self, kind: int = 0, delta=None, ids=None, alpha=None, eps: float = 0.0):
+        self.kind, self.delta, self.ids, self.alpha, self.eps = kind, delta, ids, alpha, eps
+        self.step, self.head_dim, self.steps = 0, 1, 1
+
+    @classmethod
+    def step_attention(cls, k_buf: torch.Tensor, v_buf: torch.Tensor, step: int) -> "Prologue":
+        B, S, H, D = k_buf.shape
+        assert B == 1 and k_buf.is_contiguous() and v_buf.is_contiguous() and v_buf.shape == k_buf.shape
+        p = cls(4, k_buf, alpha=v_buf, eps=1.0 / math.sqrt(D))
+        p.step, p.head_dim, p.steps = step, D, _pow2(S)
+        return p
+
+    def width(self, x: torch.Tensor) -> int:
+        """The product's K for input x."""
+        return x.shape[-1] // {2: 2, 4: 3}.get(self.kind, 1)
+
+    def args(self, x2: torch.Tensor) -> tuple[list, dict, torch.Tensor]:
+        """(kernel arguments d, id, alpha, xo, eps, sdm, step; constexprs; xo) for a row x2 [1, *]"""
+        K = x2.shape[1]
+        if self.kind == 4:
+            kb, vb = self.delta, self.alpha
+            return [kb, x2, vb, x2, self.eps, kb.stride(1), self.step], \
+                {"PRO": 4, "HAS_DELTA": 0, "D": self.head_dim, "STEPS": self.steps}, x2
+        d, ids = self.delta, self.ids
+        has = 0 if d is None else 2 if ids is not None else 1
+        if has == 1:
+            d = d.reshape(1, K)
+        elif has == 2:
+            assert d.dim() == 2 and d.shape[1] == K and ids.numel() == 1
+            ids = ids.reshape(1).contiguous()
+        assert d is None or d.stride(-1) == 1
+        xo = torch.empty_like(x2) if self.kind == 1 and d is not None else x2
+        return [x2 if d is None else d, x2 if ids is None else ids, x2 if self.alpha is None else self.alpha, xo,
+                self.eps, 0 if d is None else d.stride(0), 0], {"PRO": self.kind, "HAS_DELTA": has, "D": 1,
+                                                                "STEPS": 1}, xo
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, config=(8, 256, 4, 3)):
+def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, config=(8, 256, 4, 3),
+         pro: Prologue | None = None):
     """y = x W^T (times a per-output scale when given) for ONE row x: streams W once over many
-    programs, with no split of K and so no second kernel. config: BLOCK_N, BLOCK_K, warps, stages."""
-    K = x.shape[-1]
-    return _gemv_launch(x.reshape(1, K), w, scale, config, K).view(*x.shape[:-1], w.shape[0])
+    programs, with no split of K and so no second kernel. config: BLOCK_N, BLOCK_K, warps, stages.
+    With a prologue (`Prologue`), returns (x or x + delta, y)."""
+    pro0 = pro or Prologue()
+    K = pro0.width(x)
+    x2 = x.reshape(1, x.shape[-1])
+    N = w.shape[0]
+    assert w.stride(1) == 1 and x2.stride(-1) == 1 and w.shape[1] == K
+    y = torch.empty(1, N, device=x.device, dtype=x.dtype)
+    BLOCK_N, BLOCK_K, warps, stages = config
+    assert pro0.kind != 4 or BLOCK_K % pro0.head_dim == 0
+    a, const, xo = pro0.args(x2)
+    _gemv_kernel[(triton.cdiv(N, BLOCK_N),)](
+        x2, w, scale if scale is not None else y, y, N, K, w.stride(0), *a, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        SCALED=scale is not None, num_warps=warps, num_stages=stages, **const, **_pdl_kw(x2))
+    y = y.view(*x.shape[:-1], N)
+    return y if pro is None else (xo.view(*x.shape[:-1], xo.shape[-1]), y)
 
 
 def norm_gemv(x: torch.Tensor, delta: torch.Tensor | None, alpha: torch.Tensor, eps: float, w: torch.Tensor,
               scale: torch.Tensor | None = None, config=(8, 256, 4, 3)):
     """For one row: (x + delta, rms_norm(x + delta) * alpha @ W^T), i.e. `add_rms_norm` then
     `gemv` in one launch (delta None: (x, rms_norm(x) @ W^T)). Same roundings as the two."""
-    K = x.shape[-1]
-    x2 = x.reshape(1, K)
-    xo = torch.empty_like(x2) if delta is not None else x2
-    y = _gemv_launch(x2, w, scale, config, K, pro=1, delta=delta.reshape(1, K) if delta is not None else None,
-                     alpha=alpha, xo=xo, eps=eps)
-    return xo.view(x.shape), y.view(*x.shape[:-1], w.shape[0])
+    return gemv(x, w, scale, config, Prologue(1, delta, alpha=alpha, eps=eps))
 
 
 def silu_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, config=(8, 256, 4, 3)):
     """For one row x = [a | g]: (silu(a) * g) @ W^T, i.e. `silu_mul` then `gemv` in one launch."""
-    K = x.shape[-1] // 2
-    return _gemv_launch(x.reshape(1, 2 * K), w, scale, config, K, pro=2).view(*x.shape[:-1], w.shape[0])
+    return gemv(x, w, scale, config, Prologue(2))[1]
 
 
-def _rows_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, config, max_rows: int):
+def rows_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, config=(16, 256, 4, 3)):
+    """y = x W^T (times a per-output scale for an e4m3 W) for up to 64 rows: one launch streaming W
+    once, where cuBLAS splits K and adds a reduction kernel. config: BLOCK_N, BLOCK_K, warps,
+    stages. Float32 rows and W multiply in full float32."""
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
     M, N = x2.shape[0], w.shape[0]
-    assert M <= max_rows and w.stride(1) == 1 and x2.stride(1) == 1
+    assert M <= SMALL_LINEAR_MAX_M and w.stride(1) == 1 and x2.stride(1) == 1 and w.shape[1] == K
     assert scale is None or scale.is_contiguous()
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     BLOCK_N, BLOCK_K, warps, stages = config
     _rows_linear_kernel[(triton.cdiv(N, BLOCK_N),)](
         x2, w, scale if scale is not None else y, y, M, N, K, x2.stride(0), w.stride(0), y.stride(0),
         BLOCK_M=max(16, _pow2(M)), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SCALED=scale is not None,
-        num_warps=warps, num_stages=stages, **_pdl_kw(x2))
+        IEEE=x.dtype == torch.float32, num_warps=warps, num_stages=stages, **_pdl_kw(x2))
     return y.view(*x.shape[:-1], N)
 
 
 def small_linear(x: torch.Tensor, w: torch.Tensor, config=(16, 256, 4, 3)) -> torch.Tensor:
-    """y = x W^T for a few rows (M <= 16) and a half-precision W: one launch streaming W once,
-    where cuBLAS splits K and adds a reduction kernel. config: BLOCK_N, BLOCK_K, warps, stages."""
-    return _rows_linear(x, w, None, config, SMALL_LINEAR_MAX_M)
+    """y = x W^T for up to 64 rows and a half-precision W (`rows_linear`)."""
+    return rows_linear(x, w, None, config)
 
 
 def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, config=(32, 256, 4, 3)) -> torch.Tensor:
     """y = (x W8^T) * scale for up to 64 rows and an e4m3 W with one scale per output channel."""
-    return _rows_linear(x, w8, scale, config, 64)
+    return rows_linear(x, w8, scale, config)
 
 
 # ----------------------------------------------------------------------------------------
