@@ -58,12 +58,8 @@ def _time(fn, n: int) -> float:
 
 
 def _run(i: int, x, w, scale=None):
-    from . import triton_ops
-
-    kind, cfg = _CONFIGS[i]
-    if kind == "gemv":
-        return triton_ops.gemv(x, w, scale, cfg)
-    return triton_ops.small_linear(x, w, cfg) if scale is None else triton_ops.fp8_linear(x, w, scale, cfg)
+    """Configuration i of `_CONFIGS` (the kernel and its blocks) on x and W."""
+    return _run_kernel(_CONFIGS[i], x, w, scale)
 
 
 def _candidates(rows: int) -> list[int]:
