@@ -94,10 +94,14 @@ class OggOpusWriter:
     its own (the browser decoder needs that). The header pages come out of the first call.
     """
 
-    def __init__(self, sample_rate: int = 24000, frame_ms: float = 20.0, bitrate: int | None = None):
+    def __init__(self, sample_rate: int = 24000, frame_ms: float = 20.0, bitrate: int | None = None,
+                 complexity: int | None = None):
+        """complexity: libopus's 0..10 (None: its default, 10); the encoder's cost per frame."""
         _check_rate(sample_rate)
         if frame_ms not in FRAME_MS:
             raise ValueError(f"an Opus frame lasts one of {FRAME_MS} ms, not {frame_ms}")
+        if complexity is not None and not 0 <= complexity <= 10:
+            raise ValueError(f"Opus encoder complexity is 0 to 10, not {complexity}")
         self.sample_rate = sample_rate
         self.frame_size = int(sample_rate * frame_ms / 1000)
         # AUDIO rather than VOIP: what we send is already-synthesised speech that should come out
@@ -107,6 +111,8 @@ class OggOpusWriter:
         self._enc = opuslib.Encoder(sample_rate, 1, opuslib.APPLICATION_AUDIO)
         if bitrate is not None:
             self._enc.bitrate = bitrate
+        if complexity is not None:
+            self._enc.complexity = complexity
         self._lookahead = self._enc.lookahead  # samples at sample_rate that the decoder's output lags
         self._to48k = 48000 // sample_rate
         self.pre_skip = self._lookahead * self._to48k

@@ -85,9 +85,9 @@ def input_pcm() -> np.ndarray:
     return pcm
 
 
-def encode(pcm: np.ndarray) -> list[bytes]:
+def encode(pcm: np.ndarray, complexity: int | None = None) -> list[bytes]:
     """Ogg-Opus pages for pcm, one message per 80 ms frame."""
-    w = OggOpusWriter(24000)
+    w = OggOpusWriter(24000, complexity=complexity)
     out = []
     for i in range(0, pcm.shape[0], 1920):
         w.append_pcm(pcm[i:i + 1920])

@@ -248,6 +248,27 @@ def test_bitrate_is_applied():
     assert snr_db(SINE, decode(high)) > 15
 
 
+@pytest.mark.parametrize("signal", [SINE, CHIRP], ids=["sine", "chirp"])
+def test_complexity_is_applied(signal):
+    # the server's cheaper setting changes the packets, and the stream still round-trips
+    fast, default = encode(signal, complexity=5), encode(signal)
+    assert audio_packets(fast) != audio_packets(default)
+    out = decode(fast)
+    assert len(out) == len(signal) and snr_db(signal, out) > 15
+    for bad in (-1, 11):
+        with pytest.raises(ValueError, match="complexity"):
+            OggOpusWriter(complexity=bad)
+
+
+def test_server_encodes_at_complexity_5_unless_told():
+    from frontends.serve import build_parser
+
+    assert build_parser().parse_args([]).opus_complexity == 5
+    assert build_parser().parse_args(["--opus-complexity", "10"]).opus_complexity == 10
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--opus-complexity", "11"])
+
+
 # ---------------------------------------------------------------- layouts of other encoders
 
 def audio_packets(data: bytes) -> list[bytes]:

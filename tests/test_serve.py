@@ -9,6 +9,7 @@ import pytest
 import soundfile as sf
 
 from frontends.offline import main as offline
+from frontends.serve import build_parser
 from serving import ServerProcess, encode, heard, input_pcm, session
 
 PROMPT = "You are a pirate who repairs washing machines."
@@ -56,7 +57,7 @@ def test_a_session_equals_the_offline_tool(server, tmp_path):
     # The agent's audio came back through Opus, which on this random model's noise-like audio
     # keeps only ~2 dB of SNR; so compare with the offline WAV sent through the same encoder
     # (it differs from the server's input to the encoder only by the WAV's PCM16 rounding).
-    want = heard(encode(audio))
+    want = heard(encode(audio, complexity=build_parser().parse_args([]).opus_complexity))
     # (the tiny model's 20-frame context forgets voice and prompt: another input makes it differ)
     other_input = encode(input_pcm()[1920 * 100: 1920 * 160])
     other = run(session(server.url, {"voice_prompt": "NATF2", "text_prompt": PROMPT, "seed": 7}, other_input))
