@@ -6,6 +6,9 @@
 # load-client processes), with PROFILE=1,32 the per-stage profile at those batch sizes, with
 # CHAIN=1 the products chained as a tick chains them. Each part is bounded in time; logs
 # and results go to $OUT. The reference's recordings are carried in .carry/assets (not committed).
+# The machine's image lacks these, carried as cp312 manylinux wheels in .whl/: moshi==0.2.13 (the
+# reference), sphn, opuslib (built here with `pip wheel`), websockets, soundfile, cffi, pycparser,
+# soxr; and .carry/lib/libopus.so.0 from a host with libopus0.
 set -uo pipefail
 OUT=${OUT:-artifacts}
 mkdir -p "$OUT"
