@@ -72,8 +72,10 @@ def test_two_concurrent_sessions_equal_their_solo_runs(server):
     pa = {"voice_prompt": "NATF2", "text_prompt": PROMPT, "seed": 1}
     pb = {"voice_prompt": "VARM0", "text_prompt": "You are terse.", "seed": 2, "text_temperature": 0.9}
 
+    # (real-time pacing or slower: while the tick thread opens the sessions, a voice WAV's
+    # encoding included, their frames queue, and a queue of 2 s is refused as too fast)
     async def both():
-        return await asyncio.gather(session(server.url, pa, a), session(server.url, pb, b, pace=0.05))
+        return await asyncio.gather(session(server.url, pa, a, pace=0.08), session(server.url, pb, b, pace=0.1))
 
     ra, rb = run(both())
     sa, sb = run(session(server.url, pa, a)), run(session(server.url, pb, b))
