@@ -117,12 +117,13 @@ def _run_kernel(choice, x, w, scale):
     return (triton_ops.gemv if kind == "gemv" else triton_ops.rows_linear)(x, w, scale, cfg)
 
 
-def _fused(x: torch.Tensor, K: int, w: torch.Tensor, scale, pro):
+def _fused(x: torch.Tensor, K: int, w: torch.Tensor, scale, pro, block_k_multiple: int = 1):
     """(x or x + delta, y) from the one-row kernel with prologue `pro` (`triton_ops.Prologue`)
-    when it is this shape's pick, else None. (On several rows a separate kernel before the
-    product is cheaper than each program of the small-batch kernel redoing it.)"""
+    when it is this shape's pick (with a K block that is a multiple of `block_k_multiple`), else
+    None. (On several rows a separate kernel before the product is cheaper than each program of
+    the small-batch kernel redoing it.)"""
     c = _kernel(x.numel() // x.shape[-1], K, w, scale, x)
-    if c is None or c[0] != "gemv":
+    if c is None or c[0] != "gemv" or c[1][1] % block_k_multiple:
         return None
     from . import triton_ops
     return triton_ops.gemv(x, w, scale, c[1], pro(triton_ops.Prologue))
@@ -204,9 +205,9 @@ def attention_linear(qkv: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor
     from .attention import step_attention
 
     B, _, H, D = qkv.shape
-    c = _kernel(B, H * D, w, scale, qkv)
-    if c is not None and c[0] == "gemv" and c[1][1] % D == 0 and qkv.is_contiguous():
-        from . import triton_ops
-        return triton_ops.gemv(qkv.reshape(1, 3 * H * D), w, scale, c[1],
-                               triton_ops.Prologue.step_attention(k_buf, v_buf, step))[1]
+    if qkv.is_contiguous():  # (the kernel's blocks of K hold whole heads)
+        out = _fused(qkv.reshape(B, 3 * H * D), H * D, w, scale,
+                     lambda P: P.step_attention(k_buf, v_buf, step), block_k_multiple=D)
+        if out is not None:
+            return out[1]
     return product(step_attention(qkv, k_buf, v_buf, step).reshape(B, H * D), w, scale)
