@@ -2,13 +2,14 @@
 # On a GPU machine that has torch and triton but no network: install what was carried (.whl/
 # wheels, .carry/lib/libopus), run the GPU tests (TESTS=...), `make bench`, with FP8=1 the FP8
 # fidelity and bench, with LOAD=1 a load-test sweep of ppx-serve on random 7B weights
-# (SERVE_ARGS="--quantize fp8 --kv-cache-dtype fp8" for FP8; SWEEP=32,64 session counts; CLIENTS=4
-# load-client processes), with PROFILE=1,32 the per-stage profile at those batch sizes, with
-# CHAIN=1 the products chained as a tick chains them. Each part is bounded in time; logs
-# and results go to $OUT. The reference's recordings are carried in .carry/assets (not committed).
-# The machine's image lacks these, carried as cp312 manylinux wheels in .whl/: moshi==0.2.13 (the
-# reference), sphn, opuslib (built here with `pip wheel`), websockets, soundfile, cffi, pycparser,
-# soxr; and .carry/lib/libopus.so.0 from a host with libopus0.
+# (SERVE_ARGS="--quantize fp8 --kv-cache-dtype fp8" for FP8; SWEEP=32,64 session counts;
+# CLIENTS=4 load-client processes), with PROFILE=1,32 the per-stage profile at those batch
+# sizes (PROFILE_FP8=1: also in FP8), with CHAIN=1 the products chained as a tick chains them.
+# Each part is bounded in time; logs and results go to $OUT. The reference's recordings are
+# carried in .carry/assets (not committed). The machine's image lacks these, carried as cp312
+# manylinux wheels in .whl/: moshi==0.2.13 (the reference), sphn, opuslib (built here with
+# `pip wheel`), websockets, soundfile, cffi, pycparser, soxr; and .carry/lib/libopus.so.0 from
+# a host with libopus0.
 set -uo pipefail
 OUT=${OUT:-artifacts}
 mkdir -p "$OUT"
@@ -26,9 +27,15 @@ if [ "${TESTS:-}" != "" ]; then
   # TESTS is pytest's arguments as one would type them: TESTS="tests/test_gpu.py -k 'golden or 7b'"
   eval "timeout \"\${TEST_TIMEOUT:-420}\" python3 -m pytest -q -x $TESTS" 2>&1 | tee "$OUT/gpu_tests.log"
 fi
+# PROFILE=1,32 profiles those batch sizes; PROFILE_FP8=1 profiles them with FP8 weights and KV
+# too; STAGE_TOP=N lists each stage's N largest kernels
 for b in $(echo "${PROFILE:-}" | tr , ' '); do
-  timeout 150 python3 -m benchmarks.profile_tick --batch "$b" --stages > "$OUT/profile-b$b.txt" 2>&1
-  grep -E "^batch|^stage|^graph replay" "$OUT/profile-b$b.txt"
+  for v in bf16 $([ "${PROFILE_FP8:-0}" = 1 ] && echo fp8); do
+    args=$([ "$v" = fp8 ] && echo "--quantize fp8 --kv-cache-dtype fp8")
+    timeout 150 python3 -m benchmarks.profile_tick --batch "$b" --stages --stage-top "${STAGE_TOP:-0}" $args \
+        > "$OUT/profile-b$b-$v.txt" 2>&1
+    grep -E "^batch|^stage|^graph replay" "$OUT/profile-b$b-$v.txt"
+  done
 done
 if [ "${CHAIN:-0}" = 1 ]; then
   timeout 300 python3 -m benchmarks.gemv_chain 2>&1 | grep -v Warning | tee "$OUT/gemv-chain.txt"

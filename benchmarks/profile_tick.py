@@ -56,17 +56,19 @@ def _graph_ms(fn, reps: int = 50) -> float:
     return sorted(ms)[len(ms) // 2]
 
 
-def _kernels(fn) -> int:
+def _kernels(fn) -> tuple[collections.Counter, collections.Counter]:
+    """GPU microseconds and launches per kernel name of one eager call of fn."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return _kernel_times(prof)
 
 
-def profile_stages(eng, idx: torch.Tensor, pcm: torch.Tensor) -> None:
-    """Each stage of the tick captured alone as a graph: replay ms and kernels launched."""
+def profile_stages(eng, idx: torch.Tensor, pcm: torch.Tensor, top: int = 0) -> None:
+    """Each stage of the tick captured alone as a graph: replay ms and kernels launched (and
+    the stage's `top` kernels by eager GPU time)."""
     from engine.tick import lm_tick
 
     cfg = eng.cfg.lm
@@ -91,7 +93,10 @@ def profile_stages(eng, idx: torch.Tensor, pcm: torch.Tensor) -> None:
     stages["depformer steps (no sampling)"] = lambda: [lm.depformer_step(k, dep_in[:, k], prev, dep_kv)
                                                       for k in range(eng.depformer_steps)]
     for name, fn in stages.items():
-        print(f"stage {name:45s} {_graph_ms(fn):7.3f} ms  {_kernels(fn):5d} kernels", flush=True)
+        times, counts = _kernels(fn)
+        print(f"stage {name:45s} {_graph_ms(fn):7.3f} ms  {sum(counts.values()):5d} kernels", flush=True)
+        for k, v in times.most_common(top):
+            print(f"    {v / 1e3:7.3f}  {counts[k]:5d}  {k[:100]}")
 
 
 def profile_prefill(eng) -> None:
@@ -125,6 +130,10 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--ticks", type=int, default=10)
     ap.add_argument("--stages", action="store_true", help="time each stage of the tick as its own graph")
+    ap.add_argument("--quantize", choices=["none", "fp8"], default="none", help="fp8: e4m3 weights")
+    ap.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto", help="fp8: e4m3 KV cache")
+    ap.add_argument("--stage-top", type=int, default=0, metavar="N",
+                    help="with --stages, each stage's N largest kernels (eager GPU ms, launches)")
     ap.add_argument("--prefill", action="store_true", help="also profile an uncached prompt phase (host and GPU)")
     args = ap.parse_args()
     from engine.config import PERSONAPLEX_7B
@@ -136,7 +145,8 @@ def main() -> int:
     logging.getLogger("ppx.kernels").setLevel(logging.DEBUG)  # the linear calibration's timings
     B = args.batch
     eng = random_engine(PERSONAPLEX_7B, TOKENIZER, device="cuda", dtype=torch.bfloat16, seed=0, max_slots=B + 1,
-                        kv_window=512)
+                        kv_window=512, quantize=None if args.quantize == "none" else args.quantize,
+                        kv_cache_dtype=None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype)
     slots = eng.open_many([(random_voice(eng.cfg.lm, seed=i), PROMPT_100, None) for i in range(B)])
     idx = torch.tensor(slots, device="cuda")
     pcm = 0.1 * torch.randn(B, 1920, device="cuda")
@@ -161,7 +171,7 @@ def main() -> int:
     for k, v in per_kernel.most_common(25):
         print(f"  {v / args.ticks / 1e3:7.3f}  {count[k] // args.ticks:5d}  {k[:110]}")
     if args.stages:
-        profile_stages(eng, idx, pcm)
+        profile_stages(eng, idx, pcm, args.stage_top)
     if args.prefill:
         profile_prefill(eng)
     eng.enable_graphs(buckets=(B,))
