@@ -24,7 +24,7 @@ from .lm import LM
 from .mimi import Mimi, MimiState
 from .prompts import PromptCache, PromptPlan, PromptState, VoicePrompt, plan_prompt
 from .state import LMState
-from .tick import lm_tick, user_mask, write_given
+from .tick import lm_tick, user_streams, write_streams
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("ppx.engine")
@@ -109,7 +109,7 @@ class Engine:
         self.mimi_state = MimiState(mimi, max_slots, self.device)
         self.slots: dict[int, _Slot] = {}
         self._free = list(range(max_slots))
-        self._user_mask = user_mask(cfg.lm, max_slots + 1, self.device)
+        self._user_streams = user_streams(cfg.lm, self.device)
         # Mimi's encoder runs beside the language model (see `tick`); cuDNN picks its
         # convolution algorithms by timing them during the warm-up.
         self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -321,18 +321,16 @@ class Engine:
         [B, frame_size] float32, output tokens [B, 17], text logits [B, text_card],
         audio logits [B, depformer_steps, card])."""
         cfg = self.cfg.lm
-        B = slots.shape[0]
         off = self.lm_state.offset[slots]
 
         def encode_user():
-            codes = self.mimi.encode(pcm, self.mimi_state, slots)
-            given = torch.zeros(B, cfg.num_streams, dtype=torch.long, device=self.device)
-            given[:, 1 + cfg.agent_codebooks:] = codes
-            write_given(self.lm_state, slots, given, self._user_mask[:B], off)
+            write_streams(self.lm_state, slots, self._user_streams, self.mimi.encode(pcm, self.mimi_state, slots), off)
 
-        # The user's codes of this frame land at columns the LM step first reads in the next
-        # frame (`lm_tick`), so on a GPU the encoder runs on a side stream while the temporal
-        # transformer streams its weights; the decoder waits for both.
+        # The user's codes of this frame land at entries the LM step neither reads nor writes
+        # (it reads them first in the next frame, `lm_tick`), so on a GPU the encoder runs on a
+        # side stream while the temporal transformer streams its weights; the decoder waits
+        # for both. `write_streams` touches nothing but those entries: a write of every
+        # stream's column there would race with the step's own writes of the frame's tokens.
         main = torch.cuda.current_stream(self.device) if self._side is not None else None
         if main is not None:
             self._side.wait_stream(main)

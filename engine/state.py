@@ -63,6 +63,8 @@ class LMState:
         self.provided = torch.zeros((S, K, R), dtype=torch.bool, device=device)
         self.offset = torch.zeros(S, dtype=torch.long, device=device)
         self.delays = torch.tensor(cfg.delays, dtype=torch.long, device=device)
+        self.delayed_streams = torch.tensor([k for k, d in enumerate(cfg.delays) if d >= 1], dtype=torch.long,
+                                            device=device)
         self.initial = torch.tensor(
             [cfg.text_initial_id] + [cfg.audio_initial_id] * cfg.n_q, dtype=torch.long, device=device)
         # sampling, per slot

@@ -33,7 +33,9 @@ class TickOutput:
 def write_given(state: LMState, slots: torch.Tensor, given: torch.Tensor, mask: torch.Tensor,
                 off: torch.Tensor | None = None) -> None:
     """Writes given tokens ([B, 17], where mask [B, 17]) at column offset + delay of their
-    stream (off: the slots' offsets, when already read)."""
+    stream (off: the slots' offsets, when already read). It rewrites every stream's entry
+    (unmasked ones with their old value), so it must not run beside a step of the same slots:
+    `write_streams` touches only the streams it writes."""
     B, K = given.shape
     R = state.tokens.shape[2]
     off = state.offset[slots] if off is None else off
@@ -44,19 +46,35 @@ def write_given(state: LMState, slots: torch.Tensor, given: torch.Tensor, mask: 
     state.provided[s, k, cols] = state.provided[s, k, cols] | mask
 
 
+def write_streams(state: LMState, slots: torch.Tensor, streams: torch.Tensor, tokens: torch.Tensor,
+                  off: torch.Tensor) -> None:
+    """Writes tokens [B, n] of the streams `streams` ([n]) at column off + delay of each, marked
+    provided, and touches no other entry: the engine's encoder writes the user's codes this way
+    on its own stream while the step runs, which reads and writes only other entries."""
+    B, n = tokens.shape
+    R = state.tokens.shape[2]
+    s = slots.view(B, 1).expand(B, n)
+    k = streams.view(1, n).expand(B, n)
+    cols = (off.view(B, 1) + state.delays[streams].view(1, n)) % R
+    state.tokens[s, k, cols] = tokens
+    state.provided[s, k, cols] = torch.ones_like(tokens, dtype=torch.bool)
+
+
 def write_initial(state: LMState, slots: torch.Tensor, off: torch.Tensor | None = None) -> None:
     """Writes the initial token at column offset of every stream whose delay has not elapsed
-    yet (the reference's first steps). With delays >= 1 wherever this writes, it never
-    touches a column `write_given` writes in the same step, so the two commute."""
-    K = state.delays.shape[0]
+    yet (the reference's first steps). Only the streams with a delay >= 1 can need it (offsets
+    are >= 1), and only theirs are touched: `write_given` and `write_streams` write those at
+    offset + delay, never at offset, so the two commute and may run at the same time."""
+    ks = state.delayed_streams
+    K = ks.shape[0]
     B = slots.shape[0]
     R = state.tokens.shape[2]
     off = state.offset[slots] if off is None else off
     s = slots.view(B, 1).expand(B, K)
-    k = torch.arange(K, device=slots.device).view(1, K).expand(B, K)
-    init = off.view(B, 1) <= state.delays.view(1, K)
+    k = ks.view(1, K).expand(B, K)
+    init = off.view(B, 1) <= state.delays[ks].view(1, K)
     col0 = (off % R).view(B, 1).expand(B, K)
-    state.tokens[s, k, col0] = torch.where(init, state.initial.view(1, K), state.tokens[s, k, col0])
+    state.tokens[s, k, col0] = torch.where(init, state.initial[ks].view(1, K), state.tokens[s, k, col0])
     state.provided[s, k, col0] = state.provided[s, k, col0] | init
 
 
@@ -142,6 +160,11 @@ def user_mask(cfg, batch: int, device) -> torch.Tensor:
     m = torch.zeros(batch, cfg.num_streams, dtype=torch.bool, device=device)
     m[:, 1 + cfg.agent_codebooks:] = True
     return m
+
+
+def user_streams(cfg, device) -> torch.Tensor:
+    """The user's codebooks' stream indices."""
+    return torch.arange(1 + cfg.agent_codebooks, cfg.num_streams, device=device)
 
 
 def teacher_force(dst: LMState, dslot: int, src: LMState, sslot: int, offset: int) -> None:

@@ -1,16 +1,21 @@
 """The language model against the reference's golden trace, and prefill against stepping."""
+import importlib
+
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine.config import SILENCE_TOKENS, SINE_TOKENS
 from engine.engine import SamplingParams
 from engine.prompts import PROMPT_TEXT_TOKEN
-from engine.tick import lm_tick, start_stream, user_mask
+from engine.tick import lm_tick, start_stream, user_mask, user_streams, write_given, write_streams
 
 from engine.audio import first_channel, normalize_loudness, read_audio
 
-from conftest import GREEDY, TINY, make_tiny_engine, user_frames
+from conftest import CUDA, GREEDY, TINY, make_tiny_engine, user_frames
+
+_linear = importlib.import_module("engine.kernels.linear")  # (the package exports a function of that name)
 
 
 def _live(engine, slot, codes, return_logits=False):
@@ -155,29 +160,94 @@ def test_prompts_opened_together_equal_prompts_opened_alone(trace, golden_voice,
     np.testing.assert_array_equal(_live(eng, b, codes), _live(solo, s1, codes))
 
 
-def test_depformer_one_row_launches_equal_the_separate_ops(monkeypatch):
+class _Touches(TorchDispatchMode):
+    """Records the entries of the watched tensors that indexing reads and index_put writes
+    (as (name, i, j, k)), whatever value a write puts there."""
+
+    def __init__(self, **watched):
+        super().__init__()
+        self.names = {t.untyped_storage().data_ptr(): n for n, t in watched.items()}
+        self.reads, self.writes = set(), set()
+
+    def _entries(self, t, indices):
+        name = self.names.get(t.untyped_storage().data_ptr())
+        if name is None:
+            return set()
+        cols = torch.broadcast_tensors(*indices)
+        return {(name, *map(int, e)) for e in zip(*(c.reshape(-1).tolist() for c in cols))}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.index_put_.default, torch.ops.aten.index_put.default,
+                    torch.ops.aten._index_put_impl_.default):
+            self.writes |= self._entries(args[0], args[1])
+        elif func is torch.ops.aten.index.Tensor:
+            self.reads |= self._entries(args[0], args[1])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("offset", [None, 1])
+def test_the_encoders_writes_leave_the_steps_entries_alone(golden_voice, golden_prompt, offset):
+    # On a GPU the engine's encoder writes the user's codes on its own stream while the LM step
+    # runs (`Engine.tick`): the entries it writes must be ones the step neither reads nor
+    # writes. (A write of every stream's column with the unmasked entries' old values raced
+    # with the step's writes of the frame's text and first audio token.) offset 1: the first
+    # steps of a stream, where the step also writes initial tokens.
+    eng = make_tiny_engine()
+    slot = eng.open(golden_voice, golden_prompt, GREEDY)
+    st, cfg = eng.lm_state, eng.cfg.lm
+    if offset is not None:
+        st.offset[slot] = offset
+    slots = torch.tensor([slot])
+    off = st.offset[slots].clone()
+    users = user_streams(cfg, "cpu")
+    codes = torch.arange(100, 100 + len(users)).view(1, -1)
+    with _Touches(tokens=st.tokens, provided=st.provided) as enc:
+        write_streams(st, slots, users, codes, off)
+    R = st.tokens.shape[2]
+    expect = {(name, slot, int(u), int(off + cfg.delays[u]) % R) for u in users for name in ("tokens", "provided")}
+    assert enc.writes == expect
+    assert st.tokens[slot, users, (off + st.delays[users]) % R].tolist() == codes[0].tolist()
+    with torch.no_grad(), _Touches(tokens=st.tokens, provided=st.provided) as step:
+        lm_tick(eng.lm, st, slots, None, None, eng.depformer_steps)
+    assert step.writes and step.reads
+    assert not enc.writes & (step.reads | step.writes)
+    # the general writer, given the same codes through a mask, is not fit for this
+    given = torch.zeros(1, cfg.num_streams, dtype=torch.long)
+    given[:, users] = codes
+    with _Touches(tokens=st.tokens, provided=st.provided) as whole:
+        write_given(st, slots, given, user_mask(cfg, 1, "cpu"), off)
+    assert whole.writes & step.writes
+
+
+@pytest.mark.parametrize("config", [c for kind, c in _linear._CONFIGS if kind == "gemv"] if CUDA else [None])
+def test_depformer_one_row_launches_equal_the_separate_ops(monkeypatch, config):
     # One slot's depformer step runs its token embedding, in-frame attention and final residual
-    # add inside the products' launches (the Triton path, under the interpreter here): the
-    # logits equal those of the separate ops (the torch references), for ids -1, negative and real.
+    # add inside the products' launches (the Triton path, under the interpreter on the CPU; on
+    # a GPU with each block shape the calibration may pick): the logits equal those of the
+    # separate ops (the torch references), for ids -1, negative and real.
     import engine.kernels.dispatch as dispatch
     from engine.kernels import triton_ops
 
-    eng = make_tiny_engine()
+    dev = "cuda" if CUDA else "cpu"
+    eng = make_tiny_engine(device=dev)
     lm, steps = eng.lm, eng.depformer_steps
     dim = lm.cfg.depformer.dim
     g = torch.Generator().manual_seed(0)
-    inp = torch.randn(1, steps, dim, generator=g)
-    prev = torch.tensor([-1, 5, -3, 7, 2, 0, 1, 3])
+    inp = torch.randn(1, steps, dim, generator=g).to(dev)
+    prev = torch.tensor([-1, 5, -3, 7, 2, 0, 1, 3], device=dev)
     kinds = []
     gemv = triton_ops.gemv
     monkeypatch.setattr(triton_ops, "gemv", lambda *a, **k: (kinds.append(a[4].kind if len(a) > 4 and a[4] else 0),
                                                               gemv(*a, **k))[1])
+    if CUDA:  # the one-row kernel in this configuration for every one-row product
+        monkeypatch.setattr(_linear, "_kernel", lambda rows, K, w, scale, like:
+                            ("gemv", config) if rows == 1 and dispatch.triton_enabled(like) else None)
     logits = {}
     for on in (False, True):
-        monkeypatch.setattr(dispatch, "_on_cpu", on)
-        kv = lm.depformer_cache(1, steps, "cpu")
+        monkeypatch.setattr(dispatch, "_enabled" if CUDA else "_on_cpu", on)
+        kv = lm.depformer_cache(1, steps, dev)
         with torch.no_grad():
-            logits[on] = [lm.depformer_step(k, inp[:, k], prev[k:k + 1], kv) for k in range(steps)]
+            logits[on] = [lm.depformer_step(k, inp[:, k], prev[k:k + 1], kv).cpu() for k in range(steps)]
     assert {1, 2, 3, 4} <= set(kinds)  # norm (with the embedding), SiLU, add, attention
     for a, b in zip(logits[False], logits[True]):
         assert _rel(a.numpy(), b.numpy()) < 1e-5

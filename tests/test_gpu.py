@@ -32,11 +32,24 @@ def _rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-def test_golden_run_through_the_graphs_in_float32(no_tf32, trace, golden_voice, golden_prompt):
-    """The whole tick (Mimi on the GPU too) replayed from CUDA graphs gives the golden tokens."""
+@pytest.mark.parametrize("slow_encoder", [False, True])
+def test_golden_run_through_the_graphs_in_float32(no_tf32, trace, golden_voice, golden_prompt, slow_encoder):
+    """The whole tick (Mimi on the GPU too) replayed from CUDA graphs gives the golden tokens.
+    slow_encoder: the encoder, on its own stream beside the LM step, ends well after the step
+    (a ~1 ms GPU sleep), so its writes of the user's codes land after the step's writes of
+    the frame's tokens, which they must leave alone."""
     from engine.audio import first_channel, frames, read_audio
 
     eng = make_tiny_engine(max_slots=2, device="cuda", dtype=torch.float32)
+    if slow_encoder:
+        encode = eng.mimi.encode
+
+        def slow(*a, **k):
+            codes = encode(*a, **k)
+            torch.cuda._sleep(2_000_000)
+            return codes
+
+        eng.mimi.encode = slow
     eng.enable_graphs()
     assert eng.graphs is not None
     slot = eng.open(golden_voice, golden_prompt, GREEDY)
