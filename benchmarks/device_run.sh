@@ -8,8 +8,8 @@
 # Each part is bounded in time; logs and results go to $OUT. The reference's recordings are
 # carried in .carry/assets (not committed). The machine's image lacks these, carried as cp312
 # manylinux wheels in .whl/: moshi==0.2.13 (the reference), sphn, opuslib (built here with
-# `pip wheel`), websockets, soundfile, cffi, pycparser, soxr; and .carry/lib/libopus.so.0 from
-# a host with libopus0.
+# `pip wheel`), websockets, soundfile, cffi, pycparser, soxr, pyloudnorm; and
+# .carry/lib/libopus.so.0 from a host with libopus0.
 set -uo pipefail
 OUT=${OUT:-artifacts}
 mkdir -p "$OUT"
@@ -77,4 +77,7 @@ if [ "${LOAD:-0}" = 1 ]; then
         | tee -a "$OUT/load.log"
   done
   kill -TERM $spid; wait $spid
+  # one archive instead of a dozen files per round (a device run returns only so many files)
+  (cd "$OUT" && tar -czf load.tgz load-*.json load-*.log metrics-*.txt serve.out serve.log && \
+      rm -f load-*.json load-*.log metrics-*.txt serve.out serve.log)
 fi
