@@ -62,9 +62,10 @@ def write_streams(state: LMState, slots: torch.Tensor, streams: torch.Tensor, to
 
 def write_initial(state: LMState, slots: torch.Tensor, off: torch.Tensor | None = None) -> None:
     """Writes the initial token at column offset of every stream whose delay has not elapsed
-    yet (the reference's first steps). Only the streams with a delay >= 1 can need it (offsets
-    are >= 1), and only theirs are touched: `write_given` and `write_streams` write those at
-    offset + delay, never at offset, so the two commute and may run at the same time."""
+    yet (the reference's first steps). At the offsets a step runs at (>= 1) only streams with
+    a delay >= 1 can need it (`start_stream` sets column 0 of every stream itself), and only
+    theirs are touched: `write_given` and `write_streams` write those at offset + delay, never
+    at offset, so the two commute and may run at the same time."""
     ks = state.delayed_streams
     K = ks.shape[0]
     B = slots.shape[0]
