@@ -63,10 +63,14 @@ class LMState:
         self.provided = torch.zeros((S, K, R), dtype=torch.bool, device=device)
         self.offset = torch.zeros(S, dtype=torch.long, device=device)
         self.delays = torch.tensor(cfg.delays, dtype=torch.long, device=device)
-        self.delayed_streams = torch.tensor([k for k, d in enumerate(cfg.delays) if d >= 1], dtype=torch.long,
-                                            device=device)
         self.initial = torch.tensor(
             [cfg.text_initial_id] + [cfg.audio_initial_id] * cfg.n_q, dtype=torch.long, device=device)
+        # the streams with a delay (`write_initial`), with their delays and initial tokens, picked
+        # once here rather than gathered in every step
+        self.delayed_streams = torch.tensor([k for k, d in enumerate(cfg.delays) if d >= 1], dtype=torch.long,
+                                            device=device)
+        self.delayed_delays = self.delays[self.delayed_streams]
+        self.delayed_initial = self.initial[self.delayed_streams]
         # sampling, per slot
         self.seed_text = torch.zeros(S, dtype=torch.long, device=device)
         self.seed_audio = torch.zeros(S, dtype=torch.long, device=device)

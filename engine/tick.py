@@ -73,9 +73,9 @@ def write_initial(state: LMState, slots: torch.Tensor, off: torch.Tensor | None 
     off = state.offset[slots] if off is None else off
     s = slots.view(B, 1).expand(B, K)
     k = ks.view(1, K).expand(B, K)
-    init = off.view(B, 1) <= state.delays[ks].view(1, K)
+    init = off.view(B, 1) <= state.delayed_delays.view(1, K)
     col0 = (off % R).view(B, 1).expand(B, K)
-    state.tokens[s, k, col0] = torch.where(init, state.initial[ks].view(1, K), state.tokens[s, k, col0])
+    state.tokens[s, k, col0] = torch.where(init, state.delayed_initial.view(1, K), state.tokens[s, k, col0])
     state.provided[s, k, col0] = state.provided[s, k, col0] | init
 
 
