@@ -83,10 +83,8 @@ def linears(out: dict) -> None:
         nbytes = w.numel() * 2
         rows = [("cuBLAS bf16", _time_us(lambda: F.linear(x, w)))]
         rows8 = []
-        for i in range(len(L._CONFIGS)):
+        for i in L._candidates(rows_n):
             kind, cfg = L._CONFIGS[i]
-            if kind == "gemv" and rows_n != 1:
-                continue
             if rows_n <= L.SMALL_ROWS:
                 rows.append((f"bf16 {kind} {cfg}", _time_us(lambda: L._run(i, x, w))))
             rows8.append((f"fp8 {kind} {cfg}", _time_us(lambda: L._run(i, x, w8, s8))))

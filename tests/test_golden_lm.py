@@ -239,9 +239,11 @@ def test_depformer_one_row_launches_equal_the_separate_ops(monkeypatch, config):
     gemv = triton_ops.gemv
     monkeypatch.setattr(triton_ops, "gemv", lambda *a, **k: (kinds.append(a[4].kind if len(a) > 4 and a[4] else 0),
                                                               gemv(*a, **k))[1])
-    if CUDA:  # the one-row kernel in this configuration for every one-row product
+    if CUDA:  # the one-row kernel in this configuration for every one-row product, fused or not
         monkeypatch.setattr(_linear, "_kernel", lambda rows, K, w, scale, like:
                             ("gemv", config) if rows == 1 and dispatch.triton_enabled(like) else None)
+        monkeypatch.setattr(_linear, "_fused_choice", {})
+        monkeypatch.setattr(_linear, "_pick_fused", lambda *a: _linear._CONFIGS.index(("gemv", config)))
     logits = {}
     for on in (False, True):
         monkeypatch.setattr(dispatch, "_enabled" if CUDA else "_on_cpu", on)

@@ -217,6 +217,28 @@ def test_small_linear(M, N, KD, dtype):
     _check(out, ref, torch.nn.functional.linear(x.double(), w.double()), dtype)
 
 
+@pytest.mark.parametrize("M,N,KD,config", ([(2, 1536, 512, (8, 256, 4, 3)), (4, 512, 2048, (4, 512, 4, 3)),
+                                            (2, 4096, 4096, (16, 128, 4, 3))] if CUDA else [])
+                         + [(1, 40, 64, (8, 256, 4, 3)), (3, 33, 130, (16, 128, 4, 3)), (4, 5, 300, (4, 256, 4, 3)),
+                            (2, 17, 40, (4, 512, 4, 3))])
+@pytest.mark.parametrize("dtype", DTYPES if CUDA else [torch.float32, torch.float16])
+def test_few_rows_linear_without_dot(M, N, KD, config, dtype):
+    # up to 4 rows multiplied on the CUDA cores (Mimi's 2 rows a frame per session), every
+    # block shape the calibration may pick, N and K not multiples of blocks; e4m3 W too
+    from engine.kernels import linear_fp8_ref
+    from engine.quant import quantize_rows
+
+    g = torch.Generator().manual_seed(M * N + KD)
+    x = _randn(M, KD, dtype=dtype, g=g)
+    w = (torch.randn(N, KD, generator=g) / KD ** 0.5).to(DEV, dtype)
+    out = K.rows_linear(x, w, None, config, fma=True)
+    ref = torch.nn.functional.linear(x.float(), w.float()).to(dtype)
+    _check(out, ref, torch.nn.functional.linear(x.double(), w.double()), dtype)
+    if dtype != torch.float32:
+        w8, s = quantize_rows(w.float())
+        assert _rel(K.rows_linear(x, w8, s, config, fma=True), linear_fp8_ref(x, w8, s)) < 8e-3
+
+
 # (the interpreter rounds to bfloat16 by truncation, so half precision is float16 there)
 @pytest.mark.parametrize("dtype", DTYPES if CUDA else [torch.float32, torch.float16])
 @pytest.mark.parametrize("N,KD,config", ([(3072, 1024, (8, 256, 4, 3)), (1024, 2816, (4, 512, 4, 3)),
@@ -286,6 +308,37 @@ def test_prologues_fused_into_gemv(N, KD, delta):
         if d is not None:
             torch.testing.assert_close(K.gemv(x, w, None, cfg, K.Prologue(3, d, ids))[1],
                                        K.gemv(x + d_ref, w, None, cfg), **tol)
+
+
+@pytest.mark.parametrize("gain_us,fused", [(0.3, True), (0.8, False)])
+def test_fused_pick_takes_the_separate_kernels_only_when_they_win_clearly(monkeypatch, gain_us, fused):
+    # The calibration of a one-row product with a prologue times the separate kernels and each
+    # block shape of the one-launch kernel (each run once here); the separate kernels are kept
+    # only when they are faster by more than an extra launch's hidden cost (0.5 us).
+    import importlib
+
+    L = importlib.import_module("engine.kernels.linear")
+    from engine.kernels import rms_norm_ref
+
+    dtype = torch.float16 if not CUDA else torch.bfloat16
+    g = torch.Generator().manual_seed(7)
+    x = _randn(1, 64, dtype=dtype, g=g)
+    alpha = (1 + 0.1 * torch.randn(64, generator=g)).to(DEV, dtype)
+    w = (torch.randn(40, 64, generator=g) / 8).to(DEV, dtype)
+    cands = [i for i in L._candidates(1) if L._CONFIGS[i][0] == "gemv"][:3]
+    ran, times = [], [10e-3] + [10e-3 + gain_us * 1e-3, 10e-3 + (gain_us + 0.1) * 1e-3, 11e-3]
+
+    def fake_time(fn, n):
+        ran.append(fn(0))
+        return times[len(ran) - 1]
+
+    monkeypatch.setattr(L, "_time", fake_time)
+    pick = L._pick_fused(x, w, None, lambda P: P(1, None, None, alpha, 1e-5),
+                         lambda w_, s_: (x, L.product(rms_norm_ref(x, alpha, 1e-5), w_)), cands, "key")
+    assert len(ran) == 4
+    assert pick == (cands[0] if fused else -1)
+    for out in ran[1:]:  # every candidate computed the same product as the separate kernels
+        torch.testing.assert_close(out[1], ran[0][1], rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("M", [1, 3])

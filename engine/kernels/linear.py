@@ -3,12 +3,13 @@
 cuBLAS does a product unless a Triton kernel measurably beats it: the first product of each
 shape (during warm-up, never inside a graph capture) times cuBLAS and the kernels'
 configurations as CUDA-graph replays over weight copies cycled past the L2 cache, and the
-fastest is kept. Candidates: the small-batch kernel (up to 64 rows), and for one row the
-matrix-vector kernel; e4m3 weights choose among the kernels only. Float32 products (Mimi)
-run in full float32 in either, as cuBLAS runs them by default.
-Where the one-row kernel wins, `norm_linear`, `silu_linear`, `add_linear` and `attention_linear`
-run what comes before the product (the RMSNorm after the residual add or an embedding lookup,
-the gated SiLU, the add, the depformer's in-frame attention) in the same launch.
+fastest is kept. Candidates: the small-batch kernel (up to 64 rows; for up to 4, also without
+tl.dot), and for one row the matrix-vector kernel; e4m3 weights choose among the kernels
+only. Float32 products (Mimi) run in full float32 in all, as cuBLAS runs them by default.
+For one row, `norm_linear`, `silu_linear`, `add_linear` and `attention_linear` may run what
+comes before the product (the RMSNorm after the residual add or an embedding lookup, the gated
+SiLU, the add, the depformer's in-frame attention) in the same launch: that choice is timed
+too, against the separate kernels, per shape and prologue.
 """
 from __future__ import annotations
 
@@ -22,19 +23,24 @@ from .dispatch import triton_enabled
 
 log = logging.getLogger("ppx.kernels")
 
-# (kernel, (BLOCK_N, BLOCK_K, warps, stages)); "gemv" only for one row
+# (kernel, (BLOCK_N, BLOCK_K, warps, stages)); "gemv" only for one row, "few" (the small-batch
+# kernel without tl.dot) for up to triton_ops.FEW_ROWS rows
 _CONFIGS = (("rows", (16, 256, 4, 3)), ("rows", (32, 128, 4, 4)), ("rows", (16, 512, 8, 2)),
             ("rows", (64, 128, 4, 3)), ("rows", (32, 256, 4, 3)), ("gemv", (8, 256, 4, 3)), ("gemv", (4, 512, 4, 3)),
             ("gemv", (8, 512, 8, 3)), ("gemv", (2, 1024, 4, 4)), ("gemv", (4, 1024, 4, 3)),
-            ("gemv", (8, 1024, 8, 3)))
+            ("gemv", (8, 1024, 8, 3)), ("few", (8, 256, 4, 3)), ("few", (4, 512, 4, 3)), ("few", (16, 128, 4, 3)),
+            ("few", (4, 256, 4, 3)))
 SMALL_ROWS = 64  # rows up to which the Triton kernels are candidates
 _choice: dict[tuple, int] = {}  # shape -> -1 for cuBLAS, else an index into _CONFIGS
+# (shape, prologue kind, has delta, has ids) -> -1 for the separate kernels, else an index into _CONFIGS
+_fused_choice: dict[tuple, int] = {}
 
 
 def linear_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w)
 
 
+_EXTRA_LAUNCH_MS = 0.5e-3  # (`_pick_fused`)
 _COLD_BYTES = 192 << 20  # cycled weight copies: well past an H100's 50 MB L2
 
 
@@ -63,7 +69,17 @@ def _run(i: int, x, w, scale=None):
 
 
 def _candidates(rows: int) -> list[int]:
-    return [i for i, (kind, _) in enumerate(_CONFIGS) if kind == "rows" or rows == 1]
+    from .triton_ops import FEW_ROWS
+    return [i for i, (kind, _) in enumerate(_CONFIGS)
+            if kind == "rows" or (kind == "gemv" and rows == 1) or (kind == "few" and rows <= FEW_ROWS)]
+
+
+def _cold_copies(w: torch.Tensor, scale):
+    """(copies of W, of its scale, calls): enough copies that cycling them reads W from memory."""
+    n = max(2, min(64, -(-_COLD_BYTES // (w.numel() * w.element_size()))))
+    ws = [w] + [w.clone() for _ in range(n - 1)]
+    ss = [scale] * n if scale is None else [scale] + [scale.clone() for _ in range(n - 1)]
+    return ws, ss, max(n, 16)
 
 
 def _pick(x, w, key, scale=None) -> int:
@@ -71,10 +87,8 @@ def _pick(x, w, key, scale=None) -> int:
     that each call reads its weights from memory, as the tick does, not from L2."""
     if torch.cuda.is_current_stream_capturing():
         return -1
-    n = max(2, min(64, -(-_COLD_BYTES // (w.numel() * w.element_size()))))
-    ws = [w] + [w.clone() for _ in range(n - 1)]
-    ss = [scale] * n if scale is None else [scale] + [scale.clone() for _ in range(n - 1)]
-    calls = max(n, 16)
+    ws, ss, calls = _cold_copies(w, scale)
+    n = len(ws)
     times = {}
     if scale is None:
         times[-1] = _time(lambda j: F.linear(x, ws[j % n]), calls)
@@ -114,19 +128,71 @@ def _run_kernel(choice, x, w, scale):
     from . import triton_ops
 
     kind, cfg = choice
-    return (triton_ops.gemv if kind == "gemv" else triton_ops.rows_linear)(x, w, scale, cfg)
+    if kind == "gemv":
+        return triton_ops.gemv(x, w, scale, cfg)
+    return triton_ops.rows_linear(x, w, scale, cfg, fma=kind == "few")
 
 
-def _fused(x: torch.Tensor, K: int, w: torch.Tensor, scale, pro, block_k_multiple: int = 1):
+def _fused(x: torch.Tensor, K: int, w: torch.Tensor, scale, pro, unfused, block_k_multiple: int = 1):
     """(x or x + delta, y) from the one-row kernel with prologue `pro` (`triton_ops.Prologue`)
-    when it is this shape's pick (with a K block that is a multiple of `block_k_multiple`), else
-    None. (On several rows a separate kernel before the product is cheaper than each program of
-    the small-batch kernel redoing it.)"""
-    c = _kernel(x.numel() // x.shape[-1], K, w, scale, x)
-    if c is None or c[0] != "gemv" or c[1][1] % block_k_multiple:
-        return None
+    when that is this product's pick, else None (the caller then runs `unfused(w, scale)`: the
+    separate kernel before the product, and the product). The pick is timed as it runs, the
+    prologue included: each program of the one-row kernel redoes the prologue over the whole
+    row, which costs more the more programs a block shape has, so the fastest plain product's
+    shape need not be the fastest fused one. Only shapes whose K block is a multiple of
+    `block_k_multiple` are candidates. (On several rows a separate kernel before the product
+    is cheaper than each program of the small-batch kernel redoing it.)"""
     from . import triton_ops
+
+    rows = x.numel() // x.shape[-1]
+    plain = _kernel(rows, K, w, scale, x)  # (calibrates the plain product first: `unfused` runs it)
+    if rows != 1 or not triton_enabled(x) or (scale is None and (
+            w.dtype not in (torch.bfloat16, torch.float16, torch.float32) or x.dtype != w.dtype)):
+        return None
+    ok = [i for i in _candidates(1) if _CONFIGS[i][0] == "gemv" and _CONFIGS[i][1][1] % block_k_multiple == 0]
+    if not x.is_cuda:  # the interpreter: the plain pick, so tests exercise the fused kernel
+        c = plain if plain is not None and plain[0] == "gemv" and plain[1][1] % block_k_multiple == 0 else None
+    else:
+        p = pro(triton_ops.Prologue)
+        key = (rows, *w.shape, w.dtype, p.kind, p.delta is not None, p.ids is not None)
+        i = _fused_choice.get(key)
+        if i is None and torch.cuda.is_current_stream_capturing():
+            # first met inside a capture: the plain pick's shape when it is a candidate
+            i = _CONFIGS.index(plain) if plain in [_CONFIGS[j] for j in ok] else -1
+        elif i is None:
+            i = _fused_choice[key] = _pick_fused(x, w, scale, pro, unfused, ok, key)
+        c = _CONFIGS[i] if i >= 0 else None
+    if c is None:
+        return None
     return triton_ops.gemv(x, w, scale, c[1], pro(triton_ops.Prologue))
+
+
+def _pick_fused(x, w, scale, pro, unfused, candidates: list[int], key) -> int:
+    """The fastest of the one-row kernel's block shapes with the prologue, or -1 for
+    `unfused(w, scale)` where that is faster by more than `_EXTRA_LAUNCH_MS`, timed as `_pick`
+    times products (weights cycled past the L2 cache). The prologue's writes (x + delta, the
+    depformer's k and v) are those the call itself then makes."""
+    from . import triton_ops
+
+    ws, ss, calls = _cold_copies(w, scale)
+    n = len(ws)
+    times = {-1: _time(lambda j: unfused(ws[j % n], ss[j % n]), calls)}
+    for i in candidates:
+        cfg = _CONFIGS[i][1]
+        try:
+            times[i] = _time(lambda j: triton_ops.gemv(x, ws[j % n], ss[j % n], cfg, pro(triton_ops.Prologue)), calls)
+        except Exception:  # a configuration the GPU cannot run
+            continue
+    fused = min((i for i in times if i >= 0), key=times.get, default=-1)
+    # The separate kernels must win by more than an extra launch costs in the tick beyond what
+    # this timing shows. On an H200: the depformer's separate in-frame attention timed 0.4 us
+    # faster per product here, yet made its 8 steps 80 us slower (0.92 vs 0.84 ms); the
+    # temporal transformer's norm and ffn_in product, separate, timed 0.7 us faster here and
+    # were 3.7 us faster per layer in the tick (3.70 vs 3.81 ms for 32 layers).
+    best = fused if fused >= 0 and times[fused] <= times[-1] + _EXTRA_LAUNCH_MS else -1
+    log.debug("fused linear %s: best %s %.1f us of %s", key, best, times[best] * 1e3,
+              {k: round(v * 1e3, 1) for k, v in times.items()})
+    return best
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -135,8 +201,12 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def linear_choices() -> dict:
-    """What the calibration chose, per (rows, out, in, dtype): 'cublas' or the kernel config."""
-    return {str(k): ("cublas" if v < 0 else _CONFIGS[v]) for k, v in _choice.items()}
+    """What the calibration chose, per (rows, out, in, dtype): 'cublas' or the kernel config;
+    and per one-row product with a prologue ('fused (rows, out, in, dtype, prologue kind, has
+    delta, has ids)'): 'separate' kernels or the one-row kernel's config."""
+    out = {str(k): ("cublas" if v < 0 else _CONFIGS[v]) for k, v in _choice.items()}
+    out.update({f"fused {k}": ("separate" if v < 0 else _CONFIGS[v]) for k, v in _fused_choice.items()})
+    return out
 
 
 def linear_fp8_ref(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -171,30 +241,31 @@ def norm_linear(x: torch.Tensor, delta: torch.Tensor | None, alpha: torch.Tensor
     embedding table and the delta of row m is `embedding_ref(ids, delta)[m]`): one launch for one
     row where the one-row kernel is this shape's pick; else the embedding, `add_rms_norm` and a
     product."""
-    out = _fused(x, x.shape[-1], w, scale, lambda P: P(1, delta, ids, alpha, eps))
-    if out is not None:
-        return out
-    from .rms_norm import add_rms_norm, rms_norm
-    if ids is not None:
-        delta = embedding_ref(ids, delta)
-    x, h = add_rms_norm(x, delta, alpha, eps) if delta is not None else (x, rms_norm(x, alpha, eps))
-    return x, product(h, w, scale)
+    def unfused(w, scale):
+        from .rms_norm import add_rms_norm, rms_norm
+        d = embedding_ref(ids, delta) if ids is not None else delta
+        xo, h = add_rms_norm(x, d, alpha, eps) if d is not None else (x, rms_norm(x, alpha, eps))
+        return xo, product(h, w, scale)
+
+    out = _fused(x, x.shape[-1], w, scale, lambda P: P(1, delta, ids, alpha, eps), unfused)
+    return out if out is not None else unfused(w, scale)
 
 
 def silu_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """silu(a) * g @ W^T for x = [a | g]: one launch for one row where the one-row kernel is this
     shape's pick; else `silu_mul` and a product."""
-    out = _fused(x, x.shape[-1] // 2, w, scale, lambda P: P(2))
-    if out is not None:
-        return out[1]
-    from .activations import silu_mul
-    return product(silu_mul(x), w, scale)
+    def unfused(w, scale):
+        from .activations import silu_mul
+        return product(silu_mul(x), w, scale)
+
+    out = _fused(x, x.shape[-1] // 2, w, scale, lambda P: P(2), unfused)
+    return out[1] if out is not None else unfused(w, scale)
 
 
 def add_linear(x: torch.Tensor, delta: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None):
     """(x + delta) @ W^T, the add in the activation dtype: one launch for one row where the one-row
     kernel is this shape's pick."""
-    out = _fused(x, x.shape[-1], w, scale, lambda P: P(3, delta))
+    out = _fused(x, x.shape[-1], w, scale, lambda P: P(3, delta), lambda w, scale: product(x + delta, w, scale))
     return out[1] if out is not None else product(x + delta, w, scale)
 
 
@@ -205,9 +276,13 @@ def attention_linear(qkv: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor
     from .attention import step_attention
 
     B, _, H, D = qkv.shape
+
+    def unfused(w, scale):
+        return product(step_attention(qkv, k_buf, v_buf, step).reshape(B, H * D), w, scale)
+
     if qkv.is_contiguous():  # (the kernel's blocks of K hold whole heads)
         out = _fused(qkv.reshape(B, 3 * H * D), H * D, w, scale,
-                     lambda P: P.step_attention(k_buf, v_buf, step), block_k_multiple=D)
+                     lambda P: P.step_attention(k_buf, v_buf, step), unfused, block_k_multiple=D)
         if out is not None:
             return out[1]
-    return product(step_attention(qkv, k_buf, v_buf, step).reshape(B, H * D), w, scale)
+    return unfused(w, scale)

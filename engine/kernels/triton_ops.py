@@ -462,8 +462,10 @@ def ring_chunk_attention(q, k_ring, v_ring, slots, end, config=None):
 @triton.jit
 def _rows_linear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, sxm, swn, sym,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALED: tl.constexpr,
-                        IEEE: tl.constexpr, PDL: tl.constexpr):
+                        IEEE: tl.constexpr, FMA: tl.constexpr, PDL: tl.constexpr):
     # IEEE: float32 rows and W, multiplied in full float32 (as cuBLAS does by default), not TF32.
+    # FMA: for a few rows (BLOCK_M of them, unpadded), products and sums in float32 on the CUDA
+    # cores instead of `tl.dot`, whose tiles pad the rows to 16 (and in full float32 are slow).
     # PDL: as in `_gemv_kernel`, the first tile of W is loaded before waiting for the kernel before
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mm = tl.arange(0, BLOCK_M)
@@ -476,7 +478,9 @@ def _rows_linear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, sxm, swn, sym,
     x = tl.load(x_ptr + mm[:, None] * sxm + k_first[None, :], mask=(mm[:, None] < M) & (k_first[None, :] < K),
                 other=0.0)
     # (e4m3 -> the activation dtype is exact)
-    if IEEE:
+    if FMA:
+        acc3 = x.to(tl.float32)[:, None, :] * w_first.to(x.dtype).to(tl.float32)[None, :, :]
+    elif IEEE:
         acc = tl.dot(x, tl.trans(w_first.to(x.dtype)), input_precision="ieee")
     else:
         acc = tl.dot(x, tl.trans(w_first.to(x.dtype)))
@@ -484,10 +488,14 @@ def _rows_linear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, sxm, swn, sym,
         kk = k0 + tl.arange(0, BLOCK_K)
         w = tl.load(w_ptr + n[:, None] * swn + kk[None, :], mask=(n[:, None] < N) & (kk[None, :] < K), other=0.0)
         x = tl.load(x_ptr + mm[:, None] * sxm + kk[None, :], mask=(mm[:, None] < M) & (kk[None, :] < K), other=0.0)
-        if IEEE:
+        if FMA:
+            acc3 += x.to(tl.float32)[:, None, :] * w.to(x.dtype).to(tl.float32)[None, :, :]
+        elif IEEE:
             acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision="ieee")
         else:
             acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+    if FMA:
+        acc = tl.sum(acc3, axis=2)
     if SCALED:
         acc = acc * tl.load(s_ptr + n, mask=n < N, other=0.0)[None, :]
     tl.store(y_ptr + mm[:, None] * sym + n[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -495,6 +503,7 @@ def _rows_linear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, sxm, swn, sym,
 
 
 SMALL_LINEAR_MAX_M = 64
+FEW_ROWS = 4  # rows up to which `rows_linear` may multiply without tl.dot
 
 
 @triton.jit
@@ -697,21 +706,24 @@ def silu_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = Non
     return gemv(x, w, scale, config, Prologue(2))[1]
 
 
-def rows_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, config=(16, 256, 4, 3)):
+def rows_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, config=(16, 256, 4, 3),
+                fma: bool = False):
     """y = x W^T (times a per-output scale for an e4m3 W) for up to 64 rows: one launch streaming W
     once, where cuBLAS splits K and adds a reduction kernel. config: BLOCK_N, BLOCK_K, warps,
-    stages. Float32 rows and W multiply in full float32."""
+    stages. Float32 rows and W multiply in full float32. fma: for up to FEW_ROWS rows, without
+    `tl.dot` (`_rows_linear_kernel`'s FMA)."""
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
     M, N = x2.shape[0], w.shape[0]
     assert M <= SMALL_LINEAR_MAX_M and w.stride(1) == 1 and x2.stride(1) == 1 and w.shape[1] == K
     assert scale is None or scale.is_contiguous()
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    assert not fma or M <= FEW_ROWS
     BLOCK_N, BLOCK_K, warps, stages = config
     _rows_linear_kernel[(triton.cdiv(N, BLOCK_N),)](
         x2, w, scale if scale is not None else y, y, M, N, K, x2.stride(0), w.stride(0), y.stride(0),
-        BLOCK_M=max(16, _pow2(M)), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SCALED=scale is not None,
-        IEEE=x.dtype == torch.float32, num_warps=warps, num_stages=stages, **_pdl_kw(x2))
+        BLOCK_M=_pow2(M) if fma else max(16, _pow2(M)), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SCALED=scale is not None,
+        IEEE=x.dtype == torch.float32, FMA=fma, num_warps=warps, num_stages=stages, **_pdl_kw(x2))
     return y.view(*x.shape[:-1], N)
 
 
