@@ -92,10 +92,37 @@ def linears(out: dict) -> None:
         out[key] = _report(key + " bf16", rows, nbytes, top=3) + _report(key + " fp8", rows8, nbytes // 2, top=3)
 
 
+def sampling(out: dict) -> None:
+    """The sampler (one program per row) at the text and audio vocabularies, per warp count, and
+    without its top-k passes (not a valid sampler: what the radix select costs)."""
+    from engine.kernels import triton_ops as K
+
+    for B, V in itertools.product((1, 64), (2048, 32000)):
+        logits = torch.randn(B, V, device="cuda", dtype=torch.bfloat16)
+        temp = torch.full((B,), 0.8, device="cuda")
+        topk = torch.full((B,), 250 if V == 2048 else 25, device="cuda", dtype=torch.long)
+        greedy = torch.zeros(B, device="cuda", dtype=torch.bool)
+        seed = torch.arange(B, device="cuda")
+        counter = torch.zeros(B, device="cuda", dtype=torch.long)
+        tok = torch.empty(B, device="cuda", dtype=torch.long)
+        block = K._pow2(V)
+        rows = []
+        for warps, passes in itertools.product((2, 4, 8, 16) if V <= 4096 else (4, 8, 16, 32), (8, 0)):
+            def run():
+                K._sample_kernel[(B,)](logits, temp, topk, greedy, seed, counter, tok, tok, tok, V, V, 1, 0, 0, 7,
+                                       BLOCK=block, FORCED=False, PASSES=passes, PDL=False, num_warps=warps)
+            try:
+                rows.append((f"warps={warps} passes={passes}", _time_us(run)))
+            except Exception as e:  # noqa: BLE001 - a configuration this GPU cannot run
+                print(f"  skip warps={warps}: {type(e).__name__}")
+        out[f"sample B={B} V={V}"] = _report(f"sampling B={B} V={V} (default warps {K.sample_warps(block)})",
+                                             rows, top=12)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
-    ap.add_argument("--only", default="attention,ring,linear")
+    ap.add_argument("--only", default="attention,ring,linear,sample")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
@@ -111,6 +138,8 @@ def main() -> int:
             ring(B, out)
     if "linear" in only:
         linears(out)
+    if "sample" in only:
+        sampling(out)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
