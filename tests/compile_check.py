@@ -1,0 +1,88 @@
+"""Compiles the tick's Triton kernels for a Hopper GPU (sm_90) ahead of time, with no GPU: the
+variants the engine launches (one-row products with each prologue, the few-row and small-batch
+products in float32, bf16 and e4m3, the sampler at both vocabularies, PDL on and off). The
+interpreter that runs the kernels on the CPU does not compile them, so a kernel that only
+fails in the compiler would otherwise pass every CPU test.
+
+    python tests/compile_check.py      (without TRITON_INTERPRET; prints one line per variant)
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from engine.kernels import triton_ops as K  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def _gemv(w="*bf16", scaled=False, pro=0, delta=0, d=1, steps=1, pdl=True, cfg=(8, 256, 4, 3)):
+    sig = dict(x_ptr="*bf16", w_ptr=w, s_ptr="*fp32" if scaled else "*bf16", y_ptr="*bf16", N="i32", K="i32",
+               swn="i32", d_ptr="*bf16", id_ptr="*i64", a_ptr="*bf16", xo_ptr="*bf16", eps="fp32", sdm="i32",
+               step="i32")
+    const = dict(BLOCK_N=cfg[0], BLOCK_K=cfg[1], SCALED=scaled, PRO=pro, HAS_DELTA=delta, D=d, STEPS=steps, PDL=pdl)
+    return K._gemv_kernel, sig, const, cfg[2:]
+
+
+def _rows(x="*bf16", w="*bf16", fma=False, m=16, scaled=False, pdl=True, cfg=(16, 256, 4, 3)):
+    sig = dict(x_ptr=x, w_ptr=w, s_ptr="*fp32" if scaled else x, y_ptr=x, M="i32", N="i32", K="i32", sxm="i32",
+               swn="i32", sym="i32")
+    const = dict(BLOCK_M=m, BLOCK_N=cfg[0], BLOCK_K=cfg[1], SCALED=scaled, IEEE=x == "*fp32", FMA=fma, PDL=pdl)
+    return K._rows_linear_kernel, sig, const, cfg[2:]
+
+
+def _sample(logits="*bf16", block=2048, passes=8, forced=False, pdl=True):
+    sig = dict(logits_ptr=logits, temp_ptr="*fp32", topk_ptr="*i64", greedy_ptr="*i1", seed_ptr="*i64",
+               counter_ptr="*i64", out_ptr="*i64", forced_ptr="*i64", fmask_ptr="*i1", V="i32", stride="i32",
+               out_stride="i32", f_stride="i32", fm_stride="i32", stream_mix="i64")
+    const = dict(BLOCK=block, FORCED=forced, PASSES=passes, PDL=pdl)
+    return K._sample_kernel, sig, const, (K.sample_warps(block), 1)
+
+
+VARIANTS = {
+    "gemv plain": _gemv(),
+    "gemv plain, no PDL": _gemv(pdl=False),
+    "gemv norm": _gemv(pro=1, cfg=(4, 1024, 4, 3)),
+    "gemv residual + norm": _gemv(pro=1, delta=1, cfg=(2, 1024, 4, 4)),
+    "gemv embedding + norm": _gemv(pro=1, delta=2, cfg=(8, 1024, 8, 3)),
+    "gemv silu": _gemv(pro=2, cfg=(4, 512, 4, 3)),
+    "gemv add": _gemv(pro=3, delta=1),
+    "gemv step attention": _gemv(pro=4, d=64, steps=8, cfg=(4, 1024, 4, 3)),
+    "gemv e4m3": _gemv(w="*fp8e4nv", scaled=True, pro=1, delta=1),
+    "few rows float32": _rows("*fp32", "*fp32", fma=True, m=2, cfg=(4, 512, 4, 3)),
+    "few rows bf16": _rows(fma=True, m=4, cfg=(16, 128, 4, 3)),
+    "few rows e4m3": _rows(w="*fp8e4nv", fma=True, m=4, scaled=True, cfg=(8, 256, 4, 3)),
+    "small batch bf16": _rows(m=32, cfg=(32, 256, 4, 3)),
+    "small batch float32": _rows("*fp32", "*fp32", m=16),
+    "sampler, audio": _sample(),
+    "sampler, text": _sample(block=32768),
+    "sampler, float32 teacher-forced": _sample("*fp32", block=2048, passes=16, forced=True, pdl=False),
+}
+
+
+def main() -> int:
+    failed = 0
+    for name, (fn, sig, const, (warps, stages)) in VARIANTS.items():
+        full = {**sig, **{k: "constexpr" for k in const}}
+        assert list(full) == fn.arg_names, (name, fn.arg_names)
+        src = ASTSource(fn=fn, signature=full, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
+        t = time.perf_counter()
+        try:
+            triton.compile(src, target=TARGET, options={"num_warps": warps, "num_stages": stages})
+            print(f"ok   {name} ({time.perf_counter() - t:.1f} s)", flush=True)
+        except Exception as e:  # noqa: BLE001 - reported, and the exit status says so
+            failed += 1
+            print(f"FAIL {name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
