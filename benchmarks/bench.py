@@ -317,8 +317,9 @@ def main(argv=None) -> int:
             del eng
             gc.collect()
             torch.cuda.empty_cache()
-    from engine.kernels import linear_choices
+    from engine.kernels import calibration, linear_choices
     results["linear_choices"] = linear_choices()
+    results["calibration"] = calibration()  # every engine of this run: shapes timed, seconds (compiles included)
     results["memory_per_session_GB"] = kv_slot / 1e9
     results["sessions_that_fit_full_context"] = int((total_mem - weights_gb * 1e9 - (4 << 30)) // kv_slot)
     del lm, mimi
@@ -354,6 +355,10 @@ def print_table(results: dict) -> None:
     if p:
         print(f"prompt phase ({p['positions']} positions): uncached {p['uncached_ms']:.1f} ms, "
               f"cached {p['cached_ms']:.2f} ms")
+    c = results.get("calibration")
+    if c:
+        print(f"kernel calibration: {c['products']} product shapes and {c['fused']} with a prologue timed in "
+              f"{c['seconds']:.1f} s, Triton's compilation included")
     ref = results.get("reference") or {}
     if "lm_step_ms" in ref:
         print("reference (moshi 0.2.13, same GPU): LM step " +

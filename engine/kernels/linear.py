@@ -14,6 +14,7 @@ too, against the separate kernels, per shape and prologue.
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,7 @@ SMALL_ROWS = 64  # rows up to which the Triton kernels are candidates
 _choice: dict[tuple, int] = {}  # shape -> -1 for cuBLAS, else an index into _CONFIGS
 # (shape, prologue kind, has delta, has ids) -> -1 for the separate kernels, else an index into _CONFIGS
 _fused_choice: dict[tuple, int] = {}
+_calibrated = {"products": 0, "fused": 0, "seconds": 0.0}  # what the choices above cost (`calibration`)
 
 
 def linear_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -120,7 +122,10 @@ def _kernel(rows: int, K: int, w: torch.Tensor, scale, like: torch.Tensor):
         if torch.cuda.is_current_stream_capturing():
             return ("rows", (32, 256, 4, 3)) if fp8 else None
         x = torch.randn(rows, K, device=like.device, dtype=like.dtype)
+        t0 = time.perf_counter()
         c = _choice[key] = _pick(x, w, key, scale)
+        _calibrated["products"] += 1
+        _calibrated["seconds"] += time.perf_counter() - t0
     return _CONFIGS[c] if c >= 0 else None
 
 
@@ -160,7 +165,10 @@ def _fused(x: torch.Tensor, K: int, w: torch.Tensor, scale, pro, unfused, block_
             # first met inside a capture: the plain pick's shape when it is a candidate
             i = _CONFIGS.index(plain) if plain in [_CONFIGS[j] for j in ok] else -1
         elif i is None:
+            t0 = time.perf_counter()
             i = _fused_choice[key] = _pick_fused(x, w, scale, pro, unfused, ok, key)
+            _calibrated["fused"] += 1
+            _calibrated["seconds"] += time.perf_counter() - t0
         c = _CONFIGS[i] if i >= 0 else None
     if c is None:
         return None
@@ -198,6 +206,13 @@ def _pick_fused(x, w, scale, pro, unfused, candidates: list[int], key) -> int:
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     c = _kernel(x.numel() // x.shape[-1], x.shape[-1], w, None, x)
     return F.linear(x, w) if c is None else _run_kernel(c, x, w, None)
+
+
+def calibration() -> dict:
+    """How many product shapes ('products') and one-row products with a prologue ('fused') the
+    calibration has timed in this process, and the seconds that took, Triton's compilation of
+    each candidate included ('seconds')."""
+    return dict(_calibrated)
 
 
 def linear_choices() -> dict:
