@@ -110,6 +110,7 @@ class Engine:
         self.slots: dict[int, _Slot] = {}
         self._free = list(range(max_slots))
         self._user_streams = user_streams(cfg.lm, self.device)
+        self._user_delays = self.lm_state.delays[self._user_streams]
         # Mimi's encoder runs beside the language model (see `tick`); cuDNN picks its
         # convolution algorithms by timing them during the warm-up.
         self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -324,7 +325,8 @@ class Engine:
         off = self.lm_state.offset[slots]
 
         def encode_user():
-            write_streams(self.lm_state, slots, self._user_streams, self.mimi.encode(pcm, self.mimi_state, slots), off)
+            write_streams(self.lm_state, slots, self._user_streams, self.mimi.encode(pcm, self.mimi_state, slots), off,
+                          self._user_delays)
 
         # The user's codes of this frame land at entries the LM step neither reads nor writes
         # (it reads them first in the next frame, `lm_tick`), so on a GPU the encoder runs on a

@@ -333,7 +333,7 @@ def test_fused_pick_takes_the_separate_kernels_only_when_they_win_clearly(monkey
         return times[len(ran) - 1]
 
     monkeypatch.setattr(L, "_time", fake_time)
-    pick = L._pick_fused(x, w, None, lambda P: P(1, None, None, alpha, 1e-5),
+    pick = L._pick_fused(x, w, None, K.Prologue(1, None, None, alpha, 1e-5),
                          lambda w_, s_: (x, L.product(rms_norm_ref(x, alpha, 1e-5), w_)), cands, "key")
     assert len(ran) == 4
     assert pick == (cands[0] if fused else -1)

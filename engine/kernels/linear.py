@@ -155,10 +155,10 @@ def _fused(x: torch.Tensor, K: int, w: torch.Tensor, scale, pro, unfused, block_
             w.dtype not in (torch.bfloat16, torch.float16, torch.float32) or x.dtype != w.dtype)):
         return None
     ok = [i for i in _candidates(1) if _CONFIGS[i][0] == "gemv" and _CONFIGS[i][1][1] % block_k_multiple == 0]
+    p = pro(triton_ops.Prologue)
     if not x.is_cuda:  # the interpreter: the plain pick, so tests exercise the fused kernel
-        c = plain if plain is not None and plain[0] == "gemv" and plain[1][1] % block_k_multiple == 0 else None
+        i = _CONFIGS.index(plain) if plain in [_CONFIGS[j] for j in ok] else -1
     else:
-        p = pro(triton_ops.Prologue)
         key = (rows, *w.shape, w.dtype, p.kind, p.delta is not None, p.ids is not None)
         i = _fused_choice.get(key)
         if i is None and torch.cuda.is_current_stream_capturing():
@@ -166,17 +166,14 @@ def _fused(x: torch.Tensor, K: int, w: torch.Tensor, scale, pro, unfused, block_
             i = _CONFIGS.index(plain) if plain in [_CONFIGS[j] for j in ok] else -1
         elif i is None:
             t0 = time.perf_counter()
-            i = _fused_choice[key] = _pick_fused(x, w, scale, pro, unfused, ok, key)
+            i = _fused_choice[key] = _pick_fused(x, w, scale, p, unfused, ok, key)
             _calibrated["fused"] += 1
             _calibrated["seconds"] += time.perf_counter() - t0
-        c = _CONFIGS[i] if i >= 0 else None
-    if c is None:
-        return None
-    return triton_ops.gemv(x, w, scale, c[1], pro(triton_ops.Prologue))
+    return triton_ops.gemv(x, w, scale, _CONFIGS[i][1], p) if i >= 0 else None
 
 
 def _pick_fused(x, w, scale, pro, unfused, candidates: list[int], key) -> int:
-    """The fastest of the one-row kernel's block shapes with the prologue, or -1 for
+    """The fastest of the one-row kernel's block shapes with the prologue `pro`, or -1 for
     `unfused(w, scale)` where that is faster by more than `_EXTRA_LAUNCH_MS`, timed as `_pick`
     times products (weights cycled past the L2 cache). The prologue's writes (x + delta, the
     depformer's k and v) are those the call itself then makes."""
@@ -188,7 +185,7 @@ def _pick_fused(x, w, scale, pro, unfused, candidates: list[int], key) -> int:
     for i in candidates:
         cfg = _CONFIGS[i][1]
         try:
-            times[i] = _time(lambda j: triton_ops.gemv(x, ws[j % n], ss[j % n], cfg, pro(triton_ops.Prologue)), calls)
+            times[i] = _time(lambda j: triton_ops.gemv(x, ws[j % n], ss[j % n], cfg, pro), calls)
         except Exception:  # a configuration the GPU cannot run
             continue
     fused = min((i for i in times if i >= 0), key=times.get, default=-1)
@@ -280,8 +277,11 @@ def silu_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = N
 def add_linear(x: torch.Tensor, delta: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None):
     """(x + delta) @ W^T, the add in the activation dtype: one launch for one row where the one-row
     kernel is this shape's pick."""
-    out = _fused(x, x.shape[-1], w, scale, lambda P: P(3, delta), lambda w, scale: product(x + delta, w, scale))
-    return out[1] if out is not None else product(x + delta, w, scale)
+    def unfused(w, scale):
+        return product(x + delta, w, scale)
+
+    out = _fused(x, x.shape[-1], w, scale, lambda P: P(3, delta), unfused)
+    return out[1] if out is not None else unfused(w, scale)
 
 
 def attention_linear(qkv: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, step: int, w: torch.Tensor,

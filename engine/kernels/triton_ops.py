@@ -717,8 +717,8 @@ def rows_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = N
     M, N = x2.shape[0], w.shape[0]
     assert M <= SMALL_LINEAR_MAX_M and w.stride(1) == 1 and x2.stride(1) == 1 and w.shape[1] == K
     assert scale is None or scale.is_contiguous()
-    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     assert not fma or M <= FEW_ROWS
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     BLOCK_N, BLOCK_K, warps, stages = config
     _rows_linear_kernel[(triton.cdiv(N, BLOCK_N),)](
         x2, w, scale if scale is not None else y, y, M, N, K, x2.stride(0), w.stride(0), y.stride(0),
