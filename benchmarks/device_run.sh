@@ -25,8 +25,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 if [ "${TESTS:-}" != "" ]; then
   # TESTS is pytest's arguments as one would type them: TESTS="tests/test_gpu.py -k 'golden or 7b'"
-  # (-v: each test is named as it ends, so a run stopped by the timeout shows where it was)
-  eval "timeout \"\${TEST_TIMEOUT:-420}\" python3 -m pytest -v -x --durations=10 $TESTS" 2>&1 | tee "$OUT/gpu_tests.log"
+  # (-v: each test is named as it ends, so a run stopped by the timeout shows where it was;
+  # a test still running after FAULT_AFTER seconds prints every thread's stack)
+  eval "timeout \"\${TEST_TIMEOUT:-420}\" python3 -m pytest -v -x --durations=10 \
+      -o faulthandler_timeout=\${FAULT_AFTER:-150} $TESTS" 2>&1 | tee "$OUT/gpu_tests.log"
 fi
 # PROFILE=1,32 profiles those batch sizes; PROFILE_FP8=1 profiles them with FP8 weights and KV
 # too; STAGE_TOP=N lists each stage's N largest kernels

@@ -46,10 +46,18 @@ _EXTRA_LAUNCH_MS = 0.5e-3  # (`_pick_fused`)
 _COLD_BYTES = 192 << 20  # cycled weight copies: well past an H100's 50 MB L2
 
 
+class _Unrunnable(Exception):
+    """A kernel configuration the GPU cannot run (too much shared memory, say)."""
+
+
 def _time(fn, n: int) -> float:
     """Milliseconds per call of fn(i) for i in range(n), as a CUDA graph replays them, which is
-    how the tick runs: eager timing would measure the host's launch overhead instead."""
-    fn(0)  # compiles outside the capture
+    how the tick runs: eager timing would measure the host's launch overhead instead. fn(0)
+    runs first, outside the capture (it compiles); what it raises is `_Unrunnable`."""
+    try:
+        fn(0)
+    except Exception as e:
+        raise _Unrunnable(str(e)) from e
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
@@ -97,7 +105,7 @@ def _pick(x, w, key, scale=None) -> int:
     for i in _candidates(key[0]):
         try:
             times[i] = _time(lambda j: _run(i, x, ws[j % n], ss[j % n]), calls)
-        except Exception:  # a configuration the GPU cannot run
+        except _Unrunnable:  # (a failed capture is an error, not a slow candidate)
             continue
     best = min(times, key=times.get)
     log.debug("linear %s: best %s %.1f us of %s", key, best, times[best] * 1e3,
@@ -121,7 +129,9 @@ def _kernel(rows: int, K: int, w: torch.Tensor, scale, like: torch.Tensor):
     if c is None:
         if torch.cuda.is_current_stream_capturing():
             return ("rows", (32, 256, 4, 3)) if fp8 else None
-        x = torch.randn(rows, K, device=like.device, dtype=like.dtype)
+        # (a private generator: calibration leaves torch's own random state as it was)
+        gen = torch.Generator(like.device).manual_seed(0)
+        x = torch.randn(rows, K, device=like.device, dtype=like.dtype, generator=gen)
         t0 = time.perf_counter()
         c = _choice[key] = _pick(x, w, key, scale)
         _calibrated["products"] += 1
@@ -186,7 +196,7 @@ def _pick_fused(x, w, scale, pro, unfused, candidates: list[int], key) -> int:
         cfg = _CONFIGS[i][1]
         try:
             times[i] = _time(lambda j: triton_ops.gemv(x, ws[j % n], ss[j % n], cfg, pro), calls)
-        except Exception:  # a configuration the GPU cannot run
+        except _Unrunnable:  # (a failed capture is an error, not a slow candidate)
             continue
     fused = min((i for i in times if i >= 0), key=times.get, default=-1)
     # The separate kernels must win by more than an extra launch costs in the tick beyond what
