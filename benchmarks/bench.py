@@ -358,7 +358,8 @@ def print_table(results: dict) -> None:
     c = results.get("calibration")
     if c:
         print(f"kernel calibration: {c['products']} product shapes and {c['fused']} with a prologue timed in "
-              f"{c['seconds']:.1f} s, Triton's compilation included")
+              f"{c['seconds']:.1f} s, Triton's compilation included; {c.get('from_cache', 0)} choices read from "
+              f"disk (PPX_KERNEL_CACHE)")
     ref = results.get("reference") or {}
     if "lm_step_ms" in ref:
         print("reference (moshi 0.2.13, same GPU): LM step " +

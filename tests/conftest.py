@@ -5,6 +5,9 @@ import os
 
 import torch
 
+# Kernel choices are timed afresh in every test run, never read from or kept on disk.
+os.environ["PPX_KERNEL_CACHE"] = "0"
+
 if not torch.cuda.is_available():
     # Triton kernels run on the CPU through the interpreter (set before triton is imported).
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -66,8 +66,9 @@ class TickGraphs:
         dt = time.monotonic() - t0
         cal = calibration()
         log.info("captured CUDA graphs for batch buckets %s in %.1f s (of which %.1f s timing the kernels for %d "
-                 "products and %d with a prologue, their compilation included)", self.buckets, dt,
-                 cal["seconds"] - cal0["seconds"], cal["products"] - cal0["products"], cal["fused"] - cal0["fused"])
+                 "products and %d with a prologue, their compilation included; %d choices read from disk)",
+                 self.buckets, dt, cal["seconds"] - cal0["seconds"], cal["products"] - cal0["products"],
+                 cal["fused"] - cal0["fused"], cal["from_cache"] - cal0["from_cache"])
         return dt
 
     def bucket(self, n: int) -> int:

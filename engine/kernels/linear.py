@@ -9,7 +9,8 @@ only. Float32 products (Mimi) run in full float32 in all, as cuBLAS runs them by
 For one row, `norm_linear`, `silu_linear`, `add_linear` and `attention_linear` may run what
 comes before the product (the RMSNorm after the residual add or an embedding lookup, the gated
 SiLU, the add, the depformer's in-frame attention) in the same launch: that choice is timed
-too, against the separate kernels, per shape and prologue.
+too, against the separate kernels, per shape and prologue. The choices are kept on disk
+(`choice_cache`), so a restart on the same GPU and software times only shapes it has not met.
 """
 from __future__ import annotations
 
@@ -35,7 +36,37 @@ SMALL_ROWS = 64  # rows up to which the Triton kernels are candidates
 _choice: dict[tuple, int] = {}  # shape -> -1 for cuBLAS, else an index into _CONFIGS
 # (shape, prologue kind, has delta, has ids) -> -1 for the separate kernels, else an index into _CONFIGS
 _fused_choice: dict[tuple, int] = {}
-_calibrated = {"products": 0, "fused": 0, "seconds": 0.0}  # what the choices above cost (`calibration`)
+_calibrated = {"products": 0, "fused": 0, "seconds": 0.0, "from_cache": 0}  # (`calibration`)
+_disk = {"path": None, "context": None, "read": False}  # the choices kept on disk (`choice_cache`)
+
+
+def _read_kept_choices(device: torch.device) -> None:
+    """Once per process, before the first shape is timed: the choices kept on disk for this GPU
+    and software (`choice_cache`)."""
+    from pathlib import Path
+
+    from . import choice_cache
+
+    _disk["read"] = True
+    path = choice_cache.cache_file()
+    if path is None:
+        return
+    here = Path(__file__).parent
+    _disk["path"] = path
+    _disk["context"] = choice_cache.context(device, choice_cache.sources_digest(here / "linear.py",
+                                                                                here / "triton_ops.py"))
+    n = choice_cache.load(path, _disk["context"], {"products": _choice, "fused": _fused_choice}, len(_CONFIGS))
+    _calibrated["from_cache"] += n
+    if n:
+        log.info("kernel choices: %d read from %s (%s=0 times every shape afresh)", n, path, choice_cache.ENV)
+
+
+def _keep_choices() -> None:
+    from . import choice_cache
+
+    if _disk["path"] is not None and not choice_cache.save(_disk["path"], _disk["context"],
+                                                           {"products": _choice, "fused": _fused_choice}):
+        _disk["path"] = None  # (warned once)
 
 
 def linear_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -126,6 +157,9 @@ def _kernel(rows: int, K: int, w: torch.Tensor, scale, like: torch.Tensor):
         return ("gemv", (8, 256, 4, 3)) if rows == 1 else ("rows", (32, 256, 4, 3) if fp8 else (16, 256, 4, 3))
     key = (rows, *w.shape, w.dtype)
     c = _choice.get(key)
+    if c is None and not _disk["read"]:
+        _read_kept_choices(like.device)
+        c = _choice.get(key)
     if c is None:
         if torch.cuda.is_current_stream_capturing():
             return ("rows", (32, 256, 4, 3)) if fp8 else None
@@ -136,6 +170,7 @@ def _kernel(rows: int, K: int, w: torch.Tensor, scale, like: torch.Tensor):
         c = _choice[key] = _pick(x, w, key, scale)
         _calibrated["products"] += 1
         _calibrated["seconds"] += time.perf_counter() - t0
+        _keep_choices()
     return _CONFIGS[c] if c >= 0 else None
 
 
@@ -179,6 +214,7 @@ def _fused(x: torch.Tensor, K: int, w: torch.Tensor, scale, pro, unfused, block_
             i = _fused_choice[key] = _pick_fused(x, w, scale, p, unfused, ok, key)
             _calibrated["fused"] += 1
             _calibrated["seconds"] += time.perf_counter() - t0
+            _keep_choices()
     return triton_ops.gemv(x, w, scale, _CONFIGS[i][1], p) if i >= 0 else None
 
 
@@ -218,7 +254,8 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def calibration() -> dict:
     """How many product shapes ('products') and one-row products with a prologue ('fused') the
     calibration has timed in this process, and the seconds that took, Triton's compilation of
-    each candidate included ('seconds')."""
+    each candidate included ('seconds'); how many choices it read from disk instead
+    ('from_cache', `choice_cache`)."""
     return dict(_calibrated)
 
 
