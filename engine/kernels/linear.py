@@ -157,7 +157,7 @@ def _kernel(rows: int, K: int, w: torch.Tensor, scale, like: torch.Tensor):
         return ("gemv", (8, 256, 4, 3)) if rows == 1 else ("rows", (32, 256, 4, 3) if fp8 else (16, 256, 4, 3))
     key = (rows, *w.shape, w.dtype)
     c = _choice.get(key)
-    if c is None and not _disk["read"]:
+    if c is None and not _disk["read"] and not torch.cuda.is_current_stream_capturing():
         _read_kept_choices(like.device)
         c = _choice.get(key)
     if c is None:
