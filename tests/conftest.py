@@ -83,3 +83,15 @@ def user_frames(trace, n: int, start: int = 0) -> np.ndarray:
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+def forget_kernel_choices(monkeypatch):
+    """The linear calibration's state as a new process starts with it (restored after the test)."""
+    import importlib
+
+    lin = importlib.import_module("engine.kernels.linear")  # (the package exports a function of that name)
+    monkeypatch.setattr(lin, "_choice", {})
+    monkeypatch.setattr(lin, "_fused_choice", {})
+    monkeypatch.setattr(lin, "_disk", {"path": None, "context": None, "read": False})
+    monkeypatch.setattr(lin, "_calibrated", {"products": 0, "fused": 0, "seconds": 0.0, "from_cache": 0})
+    return lin

@@ -10,6 +10,8 @@ import torch
 
 from engine.kernels import choice_cache
 
+from conftest import forget_kernel_choices
+
 linear = importlib.import_module("engine.kernels.linear")  # (the package exports a function of that name)
 
 PRODUCTS = {(1, 4096, 4096, torch.bfloat16): 5, (8, 11264, 4096, torch.float8_e4m3fn): -1}
@@ -91,10 +93,7 @@ def test_the_linear_calibration_keeps_and_rereads_its_choices(monkeypatch, tmp_p
     monkeypatch.setattr(choice_cache, "context", lambda device, digest: f"test GPU {digest}")
 
     def fresh_process():
-        monkeypatch.setattr(linear, "_choice", {})
-        monkeypatch.setattr(linear, "_fused_choice", {})
-        monkeypatch.setattr(linear, "_disk", {"path": None, "context": None, "read": False})
-        monkeypatch.setattr(linear, "_calibrated", {"products": 0, "fused": 0, "seconds": 0.0, "from_cache": 0})
+        forget_kernel_choices(monkeypatch)
 
     fresh_process()
     linear._read_kept_choices(torch.device("cpu"))

@@ -13,7 +13,7 @@ from engine.kernels import use_triton
 from engine.random_weights import random_engine, random_voice
 from engine.tick import lm_tick, teacher_force, user_mask
 
-from conftest import GOLDEN, GREEDY, TINY, gpu, make_tiny_engine
+from conftest import GOLDEN, GREEDY, TINY, forget_kernel_choices, gpu, make_tiny_engine
 
 pytestmark = gpu
 TOKENIZER = TINY / "tokenizer.model"
@@ -237,26 +237,16 @@ def test_7b_batch_rows_equal_single_slot_runs(seven_b_pair):
 def test_a_restart_takes_the_kernel_choices_kept_on_disk(monkeypatch, tmp_path):
     """The first product of a shape is timed and its choice written to PPX_KERNEL_CACHE; a
     process starting afresh on the same GPU reads it back instead of timing it again."""
-    import importlib
-
     from engine.kernels import choice_cache
 
-    lin = importlib.import_module("engine.kernels.linear")
     monkeypatch.setenv(choice_cache.ENV, str(tmp_path))
-
-    def fresh_process():
-        monkeypatch.setattr(lin, "_choice", {})
-        monkeypatch.setattr(lin, "_fused_choice", {})
-        monkeypatch.setattr(lin, "_disk", {"path": None, "context": None, "read": False})
-        monkeypatch.setattr(lin, "_calibrated", {"products": 0, "fused": 0, "seconds": 0.0, "from_cache": 0})
-
     x = torch.randn(3, 1024, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(768, 1024, device="cuda", dtype=torch.bfloat16)
-    fresh_process()
+    lin = forget_kernel_choices(monkeypatch)
     y = lin.linear(x, w)
     assert lin.calibration()["products"] == 1 and (tmp_path / choice_cache.FILE).exists()
     chosen = dict(lin._choice)
-    fresh_process()
+    lin = forget_kernel_choices(monkeypatch)
     torch.testing.assert_close(lin.linear(x, w), y)
     assert lin.calibration()["products"] == 0 and lin.calibration()["from_cache"] == 1
     assert lin._choice == chosen

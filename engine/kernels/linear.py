@@ -55,7 +55,7 @@ def _read_kept_choices(device: torch.device) -> None:
     _disk["path"] = path
     _disk["context"] = choice_cache.context(device, choice_cache.sources_digest(here / "linear.py",
                                                                                 here / "triton_ops.py"))
-    n = choice_cache.load(path, _disk["context"], {"products": _choice, "fused": _fused_choice}, len(_CONFIGS))
+    n = choice_cache.load(path, _disk["context"], _choice_tables(), len(_CONFIGS))
     _calibrated["from_cache"] += n
     if n:
         log.info("kernel choices: %d read from %s (%s=0 times every shape afresh)", n, path, choice_cache.ENV)
@@ -64,9 +64,12 @@ def _read_kept_choices(device: torch.device) -> None:
 def _keep_choices() -> None:
     from . import choice_cache
 
-    if _disk["path"] is not None and not choice_cache.save(_disk["path"], _disk["context"],
-                                                           {"products": _choice, "fused": _fused_choice}):
+    if _disk["path"] is not None and not choice_cache.save(_disk["path"], _disk["context"], _choice_tables()):
         _disk["path"] = None  # (warned once)
+
+
+def _choice_tables() -> dict[str, dict]:
+    return {"products": _choice, "fused": _fused_choice}
 
 
 def linear_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
