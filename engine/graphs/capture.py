@@ -8,9 +8,11 @@ slot, so they change no session. The graphs replay exactly the code the eager pa
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +26,25 @@ def graphs_enabled(flag: bool | None = None) -> bool:
     if flag is not None:
         return flag
     return os.environ.get("PPX_CUDA_GRAPHS", "1") not in ("0", "false", "no")
+
+
+@contextmanager
+def capturing(graph: torch.cuda.CUDAGraph, pool=None, collect: bool = True):
+    """`torch.cuda.graph` with Python's garbage collector held off. A collection that runs
+    inside a capture may free what an unreachable cycle held (a dropped engine's graphs, its
+    memory), which CUDA forbids while a stream captures: the capture fails ("operation not
+    permitted when stream is capturing"). torch no longer collects before a capture by
+    default; with `collect`, this does, so that what dead cycles hold is free for the graph."""
+    enabled = gc.isenabled()
+    if collect:
+        gc.collect()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 @dataclass
@@ -59,7 +80,7 @@ class TickGraphs:
                     eng.tick(slots, pcm)
             torch.cuda.current_stream().wait_stream(stream)
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool), torch.no_grad():
+            with capturing(g, pool), torch.no_grad():
                 outputs = eng.tick(slots, pcm)
             self.graphs[b] = _Graph(g, slots, pcm, outputs)
         torch.cuda.synchronize()

@@ -92,9 +92,11 @@ def _time(fn, n: int) -> float:
         fn(0)
     except Exception as e:
         raise _Unrunnable(str(e)) from e
+    from ..graphs.capture import capturing
+
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    with capturing(g, collect=False):  # (a collection per timed candidate would cost seconds in all)
         for i in range(n):
             fn(i)
     g.replay()
