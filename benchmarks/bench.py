@@ -140,21 +140,46 @@ def long_session(engine, voice, frames: int) -> dict:
 
 
 def prompt_timings(engine, n: int = 10) -> dict:
+    """The prompt phase of a new slot, uncached and cached (median of n); and four uncached
+    prompts opened together, as the engine runs them (with prefill graphs: a replay each)
+    and as one eager batched pass."""
     from engine.random_weights import random_voice
+
+    def timed(requests) -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        slots = engine.open_many(requests)
+        torch.cuda.synchronize()
+        dt = (time.perf_counter() - t0) * 1e3
+        for s in slots:
+            engine.close(s)
+        return dt
 
     out = {"uncached_ms": [], "cached_ms": []}
     for i in range(n):
         voice = random_voice(engine.cfg.lm, seed=1000 + i)
         for kind in ("uncached_ms", "cached_ms"):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            s = engine.open(voice, PROMPT_100)
-            torch.cuda.synchronize()
-            out[kind].append((time.perf_counter() - t0) * 1e3)
-            engine.close(s)
+            out[kind].append(timed([(voice, PROMPT_100, None)]))
     plan_positions = voice.frames + 12 + len(engine.tokenizer.encode_prompt(PROMPT_100))
-    return {"positions": plan_positions, "uncached_ms": float(np.median(out["uncached_ms"])),
-            "cached_ms": float(np.median(out["cached_ms"])), "runs": n}
+    pg = engine.prefill_graphs
+    res = {"positions": plan_positions, "uncached_ms": float(np.median(out["uncached_ms"])),
+           "cached_ms": float(np.median(out["cached_ms"])), "runs": n,
+           "prefill_graph_buckets": pg.buckets if pg is not None else [],
+           "prefill_capture_s": pg.seconds if pg is not None else 0.0}
+    if engine.max_slots >= 4:
+        together = {"graphs": [], "eager": []}
+        graphs = engine.prefill_graphs
+        for i in range(max(3, n // 2)):
+            for kind in ("graphs", "eager") if graphs is not None else ("eager",):
+                engine.prefill_graphs = graphs if kind == "graphs" else None
+                try:
+                    reqs = [(random_voice(engine.cfg.lm, seed=2000 + 10 * i + j + (5 if kind == "eager" else 0)),
+                             PROMPT_100, None) for j in range(4)]
+                    together[kind].append(timed(reqs))
+                finally:
+                    engine.prefill_graphs = graphs
+        res["four_together_ms"] = {k: float(np.median(v)) for k, v in together.items() if v}
+    return res
 
 
 def run_reference(batches: list[int]) -> dict | None:
@@ -282,7 +307,7 @@ def main(argv=None) -> int:
                 continue
             eng = Engine(PERSONAPLEX_7B, lm, mimi, tok, max_slots=B, kv_window=window, checkpoint_id="bench",
                          kv_cache_dtype=kv_dtype)
-            cap_s = eng.enable_graphs(buckets=(B,))
+            cap_s = eng.enable_graphs(buckets=(B,), prefill_buckets=())  # (the prompt phase: `prompt_timings`)
             slots = prepare_slots(eng, B, voice, full=(ctx == "full"))
             torch.cuda.reset_peak_memory_stats()
             ms = time_ticks(eng, slots, args.ticks)
@@ -307,16 +332,20 @@ def main(argv=None) -> int:
                     eng.close(s)
                 results["long_session"] = long_session(eng, voice, args.long_session)
                 print(f"one session of {args.long_session} frames: {results['long_session']}", flush=True)
-            if B == batches[0] and ctx == "short":
-                for s in slots:
-                    eng.close(s)
-                results["prompt_phase"] = prompt_timings(eng)
-                print(f"prompt phase ({results['prompt_phase']['positions']} positions): "
-                      f"{results['prompt_phase']['uncached_ms']:.1f} ms uncached, "
-                      f"{results['prompt_phase']['cached_ms']:.2f} ms cached", flush=True)
             del eng
             gc.collect()
             torch.cuda.empty_cache()
+    # the prompt phase on an engine of 4 slots (prompts opened together too), its prefill graphs captured
+    eng = Engine(PERSONAPLEX_7B, lm, mimi, tok, max_slots=4, kv_window=512, checkpoint_id="bench",
+                 kv_cache_dtype=kv_dtype)
+    eng.enable_graphs(buckets=(1,))
+    results["prompt_phase"] = prompt_timings(eng)
+    p = results["prompt_phase"]
+    print(f"prompt phase ({p['positions']} positions): {p['uncached_ms']:.1f} ms uncached, "
+          f"{p['cached_ms']:.2f} ms cached; four opened together {p.get('four_together_ms')}", flush=True)
+    del eng
+    gc.collect()
+    torch.cuda.empty_cache()
     from engine.kernels import calibration, linear_choices
     results["linear_choices"] = linear_choices()
     results["calibration"] = calibration()  # every engine of this run: shapes timed, seconds (compiles included)
@@ -353,8 +382,11 @@ def print_table(results: dict) -> None:
               f"{ls['end']['memory_GB']:.2f} GB")
     p = results.get("prompt_phase")
     if p:
+        four = p.get("four_together_ms", {})
         print(f"prompt phase ({p['positions']} positions): uncached {p['uncached_ms']:.1f} ms, "
-              f"cached {p['cached_ms']:.2f} ms")
+              f"cached {p['cached_ms']:.2f} ms" + (f"; four uncached opened together {four.get('graphs', 0):.1f} ms "
+                                                  f"as graph replays, {four.get('eager', 0):.1f} ms as one eager pass"
+                                                  if four else ""))
     c = results.get("calibration")
     if c:
         print(f"kernel calibration: {c['products']} product shapes and {c['fused']} with a prologue timed in "

@@ -117,6 +117,7 @@ class Engine:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         self.graphs = None
+        self.prefill_graphs = None
         if prompt_cache_bytes is None:
             prompt_cache_bytes = (2 << 30) if self.device.type == "cuda" else (256 << 20)
         self.prompt_cache = PromptCache(prompt_cache_bytes)
@@ -287,14 +288,22 @@ class Engine:
             if plan.embedding_rows:
                 x = torch.cat([voice.embeddings.to(self.device, x.dtype), x], dim=0)
             rows.append(x)
+        if self.prefill_graphs is not None and self.prefill_graphs.takes([r.shape[0] for r in rows]):
+            for slot, r in zip(slots, rows):
+                self.prefill_graphs.run(slot, r)
+        else:
+            self._prefill_eager(slots, rows)
+        for slot, plan in zip(slots, plans):
+            self.lm_state.load_ring(slot, plan.tokens, plan.provided, plan.offset)
+
+    def _prefill_eager(self, slots: list[int], rows: list[torch.Tensor]) -> None:
+        """One batched pass over the prompts' input rows (each [n, dim]), padded to the longest."""
+        lm = self.lm
         T = max(r.shape[0] for r in rows)
         x = torch.zeros(len(rows), T, rows[0].shape[1], device=self.device, dtype=self.dtype)
         for i, r in enumerate(rows):
             x[i, : r.shape[0]] = r
-        lengths = torch.tensor([r.shape[0] for r in rows], device=self.device)
-        lm.temporal_prefill(x, self.lm_state.kv, torch.tensor(slots, device=self.device), lengths)
-        for slot, plan in zip(slots, plans):
-            self.lm_state.load_ring(slot, plan.tokens, plan.provided, plan.offset)
+        lm.temporal_prefill(x, self.lm_state.kv, torch.tensor(slots, device=self.device), [r.shape[0] for r in rows])
 
     def _snapshot(self, slot: int, plan: PromptPlan) -> PromptState:
         kv = self.lm_state.kv
@@ -346,14 +355,20 @@ class Engine:
         audio = self.mimi.decode(out.tokens[:, 1:1 + cfg.agent_codebooks], self.mimi_state, slots)
         return audio, out.tokens, out.text_logits, out.audio_logits
 
-    def enable_graphs(self, buckets=None) -> float:
-        """Captures the tick as CUDA graphs (one per batch bucket); returns seconds taken."""
-        from .graphs import DEFAULT_BUCKETS, TickGraphs
+    def enable_graphs(self, buckets=None, prefill_buckets=None) -> float:
+        """Captures the tick as CUDA graphs (one per batch bucket) and the prompt's prefill
+        (one per prompt-length bucket); returns seconds taken."""
+        from .graphs import DEFAULT_BUCKETS, PREFILL_BUCKETS, PrefillGraphs, TickGraphs
 
         if self.device.type != "cuda":
             return 0.0
         self.graphs = TickGraphs(self, buckets or DEFAULT_BUCKETS)
-        return self.graphs.capture()
+        dt = self.graphs.capture()
+        prefill = PrefillGraphs(self, PREFILL_BUCKETS if prefill_buckets is None else prefill_buckets)
+        if prefill.buckets:
+            dt += prefill.capture()
+            self.prefill_graphs = prefill
+        return dt
 
     @torch.no_grad()
     def step_tensors(self, slots: torch.Tensor, pcm: torch.Tensor):

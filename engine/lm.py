@@ -162,30 +162,35 @@ class LM(nn.Module):
             delta = layer.ffn_out.after_silu(f)
         return add_rms_norm(x, delta, self.out_norm, t.norm_eps)[1]
 
-    def temporal_prefill(self, x: torch.Tensor, kv, slots: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def temporal_prefill(self, x: torch.Tensor, kv, slots: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         """A whole prompt per slot, from position 0. x: [B, T, dim] (rows past lengths[b] are
-        padding). Leaves in each slot's KV rings exactly what stepping the prompt would, and
-        returns out_norm(h) [B, T, dim]."""
+        padding; lengths are host integers, so a prefill can be captured as a CUDA graph).
+        Leaves in each slot's KV rings exactly what stepping the prompt would, and returns
+        out_norm(h) [B, T, dim]. When T is within the window, padding rows may be counted in
+        lengths: the entries they write are written again by stepping before any query reads
+        them."""
         t = self.cfg.temporal
         B, T, _ = x.shape
         H, D, C = t.num_heads, t.head_dim, kv.window
         pos = torch.arange(T, device=x.device).repeat(B)
-        # When no prompt outgrows the window (the usual case) and the rings hold the activation
-        # dtype, each layer's rope kernel writes k and v straight into the rings (row t of
-        # prompt b at entry t; padding rows write entries that stepping writes again before
-        # any query reads them) and attention reads them back from there.
-        direct = causal_suffices(T, C) and not kv.quantized
-        if direct:
+        # When no prompt outgrows the window (the usual case), row t of prompt b goes to entry t
+        # (padding rows write entries that stepping writes again before any query reads them),
+        # and with rings in the activation dtype each layer's rope kernel writes k and v
+        # straight into them and attention reads them back from there.
+        fits = causal_suffices(T, C)
+        direct = fits and not kv.quantized
+        keep = mask = None
+        if fits:
             w_slots, w_idx = slots.repeat_interleave(T), pos
         else:
             # Stepping keeps the last min(len, C) positions of each prompt, at p mod C. The rows
             # to keep are found once, on the host (lengths are known there), not per layer.
-            lens = lengths.tolist()
+            lens = [int(n) for n in lengths]
             keep = torch.tensor([b * T + p for b, n in enumerate(lens) for p in range(max(0, n - C), n)],
                                 device=x.device)
             w_slots = slots.repeat_interleave(torch.tensor([min(n, C) for n in lens], device=x.device))
             w_idx = pos.index_select(0, keep) % C
-            mask = None if causal_suffices(T, C) else prefill_mask(B, T, C, lengths, x.device)
+            mask = prefill_mask(B, T, C, torch.tensor(lens, device=x.device), x.device)
         delta = None
         # (as few launches per layer as the decode step: a prefill is launched eagerly, so each
         # op's host cost counts)
@@ -200,7 +205,9 @@ class LM(nn.Module):
             else:
                 q, k, v = rope_qkv(qkv, pos, t.max_period)
                 a = prefill_attention_ref(q.view(B, T, H, D), k.view(B, T, H, D), v.view(B, T, H, D), C, mask=mask)
-                kv.write(i, w_slots, w_idx, k.index_select(0, keep), v.index_select(0, keep))
+                if keep is not None:
+                    k, v = k.index_select(0, keep), v.index_select(0, keep)
+                kv.write(i, w_slots, w_idx, k, v)
             x, h = add_rms_norm(x, layer.attn_out(a.reshape(B, T, H * D)), layer.norm2, t.norm_eps)
             delta = layer.ffn_out(silu_mul(layer.ffn_in(h)))
         return add_rms_norm(x, delta, self.out_norm, t.norm_eps)[1]

@@ -33,7 +33,8 @@ def tiny_files():
                 mimi_weight=TINY / "mimi.safetensors", tokenizer=TINY / "tokenizer.model")
 
 
-def make_tiny_engine(max_slots: int = 1, device: str = "cpu", dtype=torch.float32, window: int | None = None) -> Engine:
+def make_tiny_engine(max_slots: int = 1, device: str = "cpu", dtype=torch.float32, window: int | None = None,
+                     **load_kw) -> Engine:
     """The golden tiny model; `window` replaces its temporal KV window (19 frames: context - 1)."""
     files = tiny_files()
     if window is not None:
@@ -42,7 +43,7 @@ def make_tiny_engine(max_slots: int = 1, device: str = "cpu", dtype=torch.float3
         cfg = load_config(files["config"])
         files["config"] = dataclasses.replace(cfg, lm=dataclasses.replace(
             cfg.lm, temporal=dataclasses.replace(cfg.lm.temporal, context=window + 1)))
-    return Engine.load(**files, device=device, dtype=dtype, max_slots=max_slots)
+    return Engine.load(**files, device=device, dtype=dtype, max_slots=max_slots, **load_kw)
 
 
 @pytest.fixture(scope="session")

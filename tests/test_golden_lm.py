@@ -160,6 +160,32 @@ def test_prompts_opened_together_equal_prompts_opened_alone(trace, golden_voice,
     np.testing.assert_array_equal(_live(eng, b, codes), _live(solo, s1, codes))
 
 
+@pytest.mark.parametrize("kv_cache_dtype", [None, "fp8"])
+def test_a_prompt_padded_to_its_graph_bucket_leaves_the_state_of_its_own_length(trace, golden_voice, golden_prompt,
+                                                                              kv_cache_dtype):
+    """The prefill graphs run a prompt padded with zero rows to their bucket's length and write
+    every row to the rings (here their same code runs eagerly): the prompt's entries, and what
+    the session then does, equal an unpadded prefill's."""
+    from engine.graphs import PrefillGraphs
+
+    padded = make_tiny_engine(max_slots=3, window=250, kv_cache_dtype=kv_cache_dtype)
+    padded.prefill_graphs = PrefillGraphs(padded, buckets=(40, 64, 200, 256, 300))
+    padded.prefill_graphs.capture()
+    assert padded.prefill_graphs.buckets == [40, 64, 200]  # (none past the window)
+    plain = make_tiny_engine(max_slots=3, window=250, kv_cache_dtype=kv_cache_dtype)
+    codes = user_frames(trace, 20)
+    for voice, text in [(None, "Be brief."), (None, "You are a pirate. Speak only about ships and the sea."),
+                        (golden_voice, golden_prompt)]:
+        a, b = padded.open(voice, text, GREEDY), plain.open(voice, text, GREEDY)
+        n = int(padded.lm_state.offset[a]) - 1
+        assert padded.prefill_graphs.bucket(n) > n  # (29, 57, 194 positions: each padded)
+        kv_a, kv_b = padded.lm_state.kv, plain.lm_state.kv
+        for ring in ("k", "v") + (("k_scale", "v_scale") if kv_cache_dtype else ()):
+            torch.testing.assert_close(getattr(kv_a, ring)[:, a, :, :n].float(), getattr(kv_b, ring)[:, b, :, :n].float(),
+                                       rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(_live(padded, a, codes), _live(plain, b, codes))
+
+
 class _Touches(TorchDispatchMode):
     """Records the entries of the watched tensors that indexing reads and index_put writes
     (as (name, i, j, k)), whatever value a write puts there."""

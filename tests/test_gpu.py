@@ -65,6 +65,37 @@ def test_golden_run_through_the_graphs_in_float32(no_tf32, trace, golden_voice, 
     np.testing.assert_allclose(np.stack(audio), trace["pcm"], atol=1e-4)
 
 
+@pytest.mark.parametrize("kv_cache_dtype", [None, "fp8"])
+def test_the_prefill_graphs_leave_what_the_eager_prefill_leaves(no_tf32, golden_voice, golden_prompt, kv_cache_dtype):
+    """float32, TF32 off, a KV window that the prompts fit: prompts prefilled by their bucket's
+    CUDA graph leave the rings the eager prefill leaves, and the sessions then give the same
+    tokens."""
+    from engine.audio import first_channel, frames, read_audio
+
+    graphed = make_tiny_engine(max_slots=2, device="cuda", window=250, kv_cache_dtype=kv_cache_dtype)
+    eager = make_tiny_engine(max_slots=2, device="cuda", window=250, kv_cache_dtype=kv_cache_dtype,
+                             cuda_graphs=False)
+    pg = graphed.prefill_graphs
+    assert pg is not None and pg.buckets[-1] <= 249 and eager.prefill_graphs is None
+    replays = []
+    run = pg.run
+    pg.run = lambda slot, rows: (replays.append(rows.shape[0]), run(slot, rows))
+    pcm = frames(first_channel(read_audio(TINY / "input.wav", 24000)), 1920)[:20]
+    for voice, text in [(golden_voice, golden_prompt), (None, "Be brief.")]:
+        a, b = graphed.open(voice, text, GREEDY), eager.open(voice, text, GREEDY)
+        n = int(graphed.lm_state.offset[a]) - 1
+        assert replays[-1] == n and pg.bucket(n) > n
+        kv_a, kv_b = graphed.lm_state.kv, eager.lm_state.kv
+        for ring in ("k", "v") + (("k_scale", "v_scale") if kv_cache_dtype else ()):
+            torch.testing.assert_close(getattr(kv_a, ring)[:, a, :, :n].float(), getattr(kv_b, ring)[:, b, :, :n].float(),
+                                       rtol=1e-5, atol=1e-5)
+        ta = np.stack([graphed.step({a: f})[a].tokens for f in pcm])
+        tb = np.stack([eager.step({b: f})[b].tokens for f in pcm])
+        np.testing.assert_array_equal(ta, tb)
+        graphed.close(a)
+        eager.close(b)
+
+
 def test_a_collection_during_a_capture_frees_nothing_there():
     """A CUDA graph dropped in a reference cycle is freed by the next garbage collection. One
     that ran inside another capture used to fail that capture (an engine dropped by one test
@@ -134,7 +165,7 @@ def _ref7b_run(dtype, n_frames):
     state = LMState(cfg, 1, "cuda", dtype)
     with torch.no_grad():
         x = torch.cat([voice.embeddings.cuda().to(dtype), lm.embed(plan.columns.cuda())])[None]
-        lm.temporal_prefill(x, state.kv, torch.tensor([0], device="cuda"), torch.tensor([x.shape[1]], device="cuda"))
+        lm.temporal_prefill(x, state.kv, torch.tensor([0], device="cuda"), [x.shape[1]])
         state.load_ring(0, plan.tokens, plan.provided, plan.offset)
         state.set_sampling(0, seed=0, temp_text=0.7, temp_audio=0.8, topk_text=25, topk_audio=250, greedy=True)
         toks, tls, als = [], [], []
