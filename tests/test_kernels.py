@@ -373,9 +373,11 @@ def test_norm_linear_with_an_embedding(M):
 FP8_ACT = torch.bfloat16 if CUDA else torch.float16
 
 
-@pytest.mark.parametrize("M,N,KD", ([(1, 22528, 4096), (8, 4096, 11264), (64, 3072, 1024)] if CUDA else [])
-                         + [(1, 40, 64), (3, 33, 130), (20, 70, 96)])
+@pytest.mark.parametrize("M,N,KD", ([(1, 22528, 4096), (8, 4096, 11264), (64, 3072, 1024), (160, 22528, 4096),
+                                     (136, 4096, 11264)] if CUDA else [])
+                         + [(1, 40, 64), (3, 33, 130), (20, 70, 96), (150, 40, 96)])
 def test_fp8_linear(M, N, KD):
+    """(Past 64 rows, a prefill's products: blocks of 64 rows side by side.)"""
     from engine.kernels import linear_fp8_ref
     from engine.quant import quantize_rows
 

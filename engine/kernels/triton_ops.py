@@ -468,7 +468,7 @@ def _rows_linear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, sxm, swn, sym,
     # cores instead of `tl.dot`, whose tiles pad the rows to 16 (and in full float32 are slow).
     # PDL: as in `_gemv_kernel`, the first tile of W is loaded before waiting for the kernel before
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mm = tl.arange(0, BLOCK_M)
+    mm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # (one block of rows but for a prefill)
     k_first = tl.arange(0, BLOCK_K)
     w_first = tl.load(w_ptr + n[:, None] * swn + k_first[None, :], mask=(n[:, None] < N) & (k_first[None, :] < K),
                       other=0.0)
@@ -711,18 +711,20 @@ def rows_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = N
     """y = x W^T (times a per-output scale for an e4m3 W) for up to 64 rows: one launch streaming W
     once, where cuBLAS splits K and adds a reduction kernel. config: BLOCK_N, BLOCK_K, warps,
     stages. Float32 rows and W multiply in full float32. fma: for up to FEW_ROWS rows, without
-    `tl.dot` (`_rows_linear_kernel`'s FMA)."""
+    `tl.dot` (`_rows_linear_kernel`'s FMA). More rows (a prefill's, against an e4m3 W) run in
+    blocks of 64, side by side, so each tile of W comes from memory about once."""
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
     M, N = x2.shape[0], w.shape[0]
-    assert M <= SMALL_LINEAR_MAX_M and w.stride(1) == 1 and x2.stride(1) == 1 and w.shape[1] == K
+    assert w.stride(1) == 1 and x2.stride(1) == 1 and w.shape[1] == K
     assert scale is None or scale.is_contiguous()
     assert not fma or M <= FEW_ROWS
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     BLOCK_N, BLOCK_K, warps, stages = config
-    _rows_linear_kernel[(triton.cdiv(N, BLOCK_N),)](
+    block_m = min(SMALL_LINEAR_MAX_M, _pow2(M) if fma else max(16, _pow2(M)))
+    _rows_linear_kernel[(triton.cdiv(N, BLOCK_N), triton.cdiv(M, block_m))](
         x2, w, scale if scale is not None else y, y, M, N, K, x2.stride(0), w.stride(0), y.stride(0),
-        BLOCK_M=_pow2(M) if fma else max(16, _pow2(M)), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SCALED=scale is not None,
+        BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SCALED=scale is not None,
         IEEE=x.dtype == torch.float32, FMA=fma, num_warps=warps, num_stages=stages, **_pdl_kw(x2))
     return y.view(*x.shape[:-1], N)
 
@@ -733,7 +735,7 @@ def small_linear(x: torch.Tensor, w: torch.Tensor, config=(16, 256, 4, 3)) -> to
 
 
 def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, config=(32, 256, 4, 3)) -> torch.Tensor:
-    """y = (x W8^T) * scale for up to 64 rows and an e4m3 W with one scale per output channel."""
+    """y = (x W8^T) * scale for an e4m3 W with one scale per output channel."""
     return rows_linear(x, w8, scale, config)
 
 
