@@ -186,6 +186,18 @@ def test_a_prompt_padded_to_its_graph_bucket_leaves_the_state_of_its_own_length(
         np.testing.assert_array_equal(_live(padded, a, codes), _live(plain, b, codes))
 
 
+def test_which_prompts_the_prefill_graphs_take():
+    """Prompts that fit a bucket replay its graph, up to four opened together (one with e4m3
+    weights, where one batched pass is faster); longer ones, or more, run the eager pass."""
+    from engine.graphs import PrefillGraphs
+
+    pg = PrefillGraphs(make_tiny_engine(window=100), buckets=(40, 64, 128))
+    assert pg.buckets == [40, 64] and pg.bucket(30) == 40 and pg.bucket(41) == 64 and pg.bucket(65) is None
+    assert pg.takes([30]) and pg.takes([30, 64, 1, 2]) and not pg.takes([30] * 5) and not pg.takes([30, 65])
+    pg8 = PrefillGraphs(make_tiny_engine(window=100, quantize="fp8"), buckets=(40, 64))
+    assert pg8.takes([30]) and not pg8.takes([30, 30])
+
+
 class _Touches(TorchDispatchMode):
     """Records the entries of the watched tensors that indexing reads and index_put writes
     (as (name, i, j, k)), whatever value a write puts there."""
