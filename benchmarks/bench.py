@@ -169,16 +169,15 @@ def prompt_timings(engine, n: int = 10) -> dict:
            "prefill_capture_s": pg.seconds if pg is not None else 0.0}
     if engine.max_slots >= 4:
         together = {"graphs": [], "eager": []}
-        graphs = engine.prefill_graphs
         for i in range(max(3, n // 2)):
-            for kind in ("graphs", "eager") if graphs is not None else ("eager",):
-                engine.prefill_graphs = graphs if kind == "graphs" else None
+            for kind in ("graphs", "eager") if pg is not None else ("eager",):
+                engine.prefill_graphs = pg if kind == "graphs" else None
                 try:
                     reqs = [(random_voice(engine.cfg.lm, seed=2000 + 10 * i + j + (5 if kind == "eager" else 0)),
                              PROMPT_100, None) for j in range(4)]
                     together[kind].append(timed(reqs))
                 finally:
-                    engine.prefill_graphs = graphs
+                    engine.prefill_graphs = pg
         res["four_together_ms"] = {k: float(np.median(v)) for k, v in together.items() if v}
     return res
 

@@ -47,6 +47,20 @@ def capturing(graph: torch.cuda.CUDAGraph, pool=None, collect: bool = True):
             gc.enable()
 
 
+def warm_and_capture(fn, pool, stream: torch.cuda.Stream, warmups: int = 1):
+    """(graph, fn's outputs): fn run `warmups` times on `stream` (compiling and picking kernels
+    outside the capture), then captured into a new graph sharing `pool`."""
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    g = torch.cuda.CUDAGraph()
+    with capturing(g, pool), torch.no_grad():
+        out = fn()
+    return g, out
+
+
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
@@ -74,14 +88,7 @@ class TickGraphs:
         for b in sorted(self.buckets, reverse=True):
             slots = torch.full((b,), eng.lm_state.scratch, dtype=torch.long, device=eng.device)
             pcm = torch.zeros(b, eng.frame_size, device=eng.device)
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream), torch.no_grad():
-                for _ in range(2):  # compile and autotune outside the capture
-                    eng.tick(slots, pcm)
-            torch.cuda.current_stream().wait_stream(stream)
-            g = torch.cuda.CUDAGraph()
-            with capturing(g, pool), torch.no_grad():
-                outputs = eng.tick(slots, pcm)
+            g, outputs = warm_and_capture(lambda: eng.tick(slots, pcm), pool, stream, warmups=2)
             self.graphs[b] = _Graph(g, slots, pcm, outputs)
         torch.cuda.synchronize()
         dt = time.monotonic() - t0

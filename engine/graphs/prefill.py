@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..quant import FP8
-from .capture import capturing
+from .capture import warm_and_capture
 
 log = logging.getLogger("ppx.graphs")
 
@@ -61,15 +61,7 @@ class PrefillGraphs:
         for T in sorted(self.buckets, reverse=True):
             x = torch.zeros(1, T, dim, device=eng.device, dtype=eng.dtype)
             slot = torch.full((1,), eng.lm_state.scratch, dtype=torch.long, device=eng.device)
-            g = None
-            if cuda:
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream), torch.no_grad():
-                    self._body(x, slot)  # compile, pick the kernels, outside the capture
-                torch.cuda.current_stream().wait_stream(stream)
-                g = torch.cuda.CUDAGraph()
-                with capturing(g, pool), torch.no_grad():
-                    self._body(x, slot)
+            g = warm_and_capture(lambda: self._body(x, slot), pool, stream)[0] if cuda else None
             self.graphs[T] = _Graph(g, x, slot)
         if cuda:
             torch.cuda.synchronize()
