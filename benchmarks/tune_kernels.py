@@ -62,9 +62,11 @@ def ring(B: int, out: dict) -> None:
     slots = torch.arange(B, device="cuda")
     end = torch.full((B,), 1000, device="cuda")
     rows = []
-    for block, warps in itertools.product((16, 32, 64, 128, 256), (1, 2, 4, 8)):
-        rows.append((f"BLOCK_W={block} warps={warps}",
-                     _time_us(lambda: K.ring_chunk_attention(q, k, v, slots, end, config=(block, warps)))))
+    for block, warps, splits in itertools.product((16, 32, 64, 128, 256), (1, 2, 4, 8), (1, 2, 4, 8)):
+        if splits > 1 and block * splits > 2 * W:
+            continue
+        rows.append((f"BLOCK_W={block} warps={warps} splits={splits}",
+                     _time_us(lambda: K.ring_chunk_attention(q, k, v, slots, end, config=(block, warps, splits)))))
     out[f"ring_chunk_attention B={B}"] = _report(f"Mimi ring attention B={B}", rows, 2 * B * T * H * W * D * 4)
 
 

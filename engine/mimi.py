@@ -19,10 +19,25 @@ import torch.nn.functional as F
 
 from .config import MimiConfig, MimiTransformerConfig
 from .kernels import elu, linear, qkv_rope_write, ring_chunk_attention, scale_add_layer_norm
+from .kernels.codec import codebook_sum, conv_input, overlap_add, rvq_step
 
 
 def _p(*shape, device=None, dtype=None) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape, device=device, dtype=dtype), requires_grad=False)
+
+
+def _derived(module: nn.Module, name: str, sources: tuple[torch.Tensor, ...], make):
+    """make(), a tensor (or tuple of them) derived from the weights `sources`, kept on `module`
+    while those are unchanged (the same storage and version). Made while a CUDA graph is
+    captured, it is recorded into the graph instead and not kept."""
+    key = tuple((t.data_ptr(), t._version) for t in sources)
+    kept = getattr(module, name, None)
+    if kept is not None and kept[0] == key:
+        return kept[1]
+    out = make()
+    if not (out[0] if isinstance(out, tuple) else out).is_cuda or not torch.cuda.is_current_stream_capturing():
+        setattr(module, name, (key, out))
+    return out
 
 
 class Conv(nn.Module):
@@ -35,11 +50,14 @@ class Conv(nn.Module):
         self.stride, self.dilation = stride, dilation
         self.tail = (kernel - 1) * dilation + 1 - stride
 
-    def forward(self, x: torch.Tensor, tail: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [B, C, T] with T a multiple of the stride; tail: [B, C, self.tail]."""
-        xx = torch.cat([tail, x], dim=-1) if self.tail else x
-        y = F.conv1d(xx, self.weight, self.bias, stride=self.stride, dilation=self.dilation)
-        return y, (xx[..., xx.shape[-1] - self.tail:] if self.tail else tail)
+    def forward(self, x: torch.Tensor, tails: torch.Tensor, slots: torch.Tensor, act: bool = False) -> torch.Tensor:
+        """The convolution of [kept tail | elu(x) if act else x]; x: [B, C, T] with T a multiple
+        of the stride; tails: [S, C, self.tail], the rows of `slots` advanced in place."""
+        if self.tail:
+            xx = conv_input(x, tails, slots, act)
+        else:
+            xx = elu(x) if act else x
+        return F.conv1d(xx, self.weight, self.bias, stride=self.stride, dilation=self.dilation)
 
 
 def _conv_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -64,34 +82,24 @@ def _conv_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class ConvTr(nn.Module):
-    """Causal transposed convolution; keeps the last `kernel - stride` outputs (the partial sum
-    that the next input still adds to), bias included."""
+    """Causal transposed convolution with kernel = 2 x stride; keeps the last `stride` outputs
+    (the partial sum that the next input still adds to), bias included."""
 
-    def __init__(self, cin, cout, kernel, stride, groups=1, bias=True, device=None, dtype=None):
+    def __init__(self, cin, cout, kernel, stride, bias=True, device=None, dtype=None):
         super().__init__()
-        self.weight = _p(cin, cout // groups, kernel, device=device, dtype=dtype)
+        assert kernel == 2 * stride, "Mimi's transposed convolutions have kernel 2 x stride"
+        self.weight = _p(cin, cout, kernel, device=device, dtype=dtype)
         self.bias = _p(cout, device=device, dtype=dtype) if bias else None
-        self.stride, self.groups = stride, groups
+        self.stride = stride
         self.tail = kernel - stride
 
-    def forward(self, x: torch.Tensor, partial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [B, cin, T]; partial: [B, cout, kernel - stride] -> (out [B, cout, T * stride], partial)."""
-        K, s = self.weight.shape[-1], self.stride
-        if self.groups == 1 and K == 2 * s and self.bias is not None:
-            return self._overlap_add(x, partial)
-        y = F.conv_transpose1d(x, self.weight, self.bias, stride=self.stride, groups=self.groups)
-        head = y[..., :self.tail] + (partial - self.bias.view(1, -1, 1) if self.bias is not None else partial)
-        n = x.shape[-1] * self.stride
-        out = torch.cat([head, y[..., self.tail:n]], dim=-1)
-        return out, y[..., n:]
-
-    def _overlap_add(self, x: torch.Tensor, partial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The same for kernel = 2 * stride as one product and an overlap-add (a transposed
-        convolution of a few frames is slow through cuDNN): input frame t writes output frames t
-        (first half of its kernel) and t + 1 (second half)."""
+    def forward(self, x: torch.Tensor, partials: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """x: [B, cin, T]; partials: [S, cout, stride], the rows of `slots` advanced in place ->
+        [B, cout, T * stride]. One product and an overlap-add (a transposed convolution of a
+        few frames is slow through cuDNN): input frame t writes output frames t (first half of
+        its kernel) and t + 1 (second half)."""
         B, cin, T = x.shape
         cout, K = self.weight.shape[1], self.weight.shape[-1]
-        s = self.stride
         xt = x.transpose(1, 2)
         if T <= 16:
             # A few frames: rows copied contiguous first. On an H100 the product of the transposed
@@ -99,13 +107,11 @@ class ConvTr(nn.Module):
             # the view is as fast or faster.
             xt = xt.contiguous()
         y = _conv_matmul(xt, self.weight.view(cin, cout * K)).view(B, T, cout, K)
-        late = y[..., s:] + self.bias.view(1, 1, cout, 1)          # frame t's part in frame t + 1
-        prev = torch.cat([partial.unsqueeze(1), late[:, :T - 1]], dim=1)
-        out = (y[..., :s] + prev).permute(0, 2, 1, 3).reshape(B, cout, T * s)
-        return out, late[:, T - 1]
+        bias = self.bias if self.bias is not None else y.new_zeros(cout)
+        return overlap_add(y, partials, slots, bias)
 
     def fresh_partial(self, batch: int, device) -> torch.Tensor:
-        cout = self.weight.shape[1] * self.groups
+        cout = self.weight.shape[1]
         if self.bias is None:
             return torch.zeros(batch, cout, self.tail, device=device, dtype=self.weight.dtype)
         return self.bias.detach().view(1, -1, 1).expand(batch, cout, self.tail).clone()
@@ -146,22 +152,19 @@ class SeanetEncoder(nn.Module):
         out.append(self.convs[-1])
         return out
 
-    def forward(self, x: torch.Tensor, tails: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, x: torch.Tensor, tails: list[torch.Tensor], slots: torch.Tensor) -> torch.Tensor:
+        """x: [B, 1, T]; tails: the state's rows (`state_convs` order), advanced in place."""
         it = iter(tails)
-        new: list[torch.Tensor] = []
 
-        def run(conv, inp):
-            y, t = conv(inp, next(it))
-            new.append(t)
-            return y
+        def run(conv, inp, act=True):
+            return conv(inp, next(it), slots, act)
 
-        x = run(self.convs[0], x)
+        x = run(self.convs[0], x, act=False)
         for n, blocks in enumerate(self.res):
             for b in blocks:
-                x = x + run(b.conv2, elu(run(b.conv1, elu(x))))
-            x = run(self.convs[n + 1], elu(x))
-        x = run(self.convs[-1], elu(x))
-        return x, new
+                x = x + run(b.conv2, run(b.conv1, x))
+            x = run(self.convs[n + 1], x)
+        return run(self.convs[-1], x)
 
 
 class SeanetDecoder(nn.Module):
@@ -190,23 +193,20 @@ class SeanetDecoder(nn.Module):
         out.append(self.conv_out)
         return out
 
-    def forward(self, x, tails, partials):
+    def forward(self, x: torch.Tensor, tails: list[torch.Tensor], partials: list[torch.Tensor],
+                slots: torch.Tensor) -> torch.Tensor:
+        """x: [B, C, T]; tails, partials: the state's rows, advanced in place."""
         it = iter(tails)
-        new_tails, new_partials = [], []
 
-        def run(conv, inp):
-            y, t = conv(inp, next(it))
-            new_tails.append(t)
-            return y
+        def run(conv, inp, act=True):
+            return conv(inp, next(it), slots, act)
 
-        x = run(self.conv_in, x)
+        x = run(self.conv_in, x, act=False)
         for up, blocks, partial in zip(self.ups, self.res, partials):
-            x, p = up(elu(x), partial)
-            new_partials.append(p)
+            x = up(elu(x), partial, slots)
             for b in blocks:
-                x = x + run(b.conv2, elu(run(b.conv1, elu(x))))
-        x = run(self.conv_out, elu(x))
-        return x, new_tails, new_partials
+                x = x + run(b.conv2, run(b.conv1, x))
+        return run(self.conv_out, x)
 
 
 class MimiLayer(nn.Module):
@@ -281,37 +281,40 @@ class Quantizer(nn.Module):
         self.rest_out = _p(q.output_dimension, q.dimension, **kw)
         self.rest_codebooks = _p(n_rest, q.bins, q.dimension, **kw)
 
+    def _norms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """|e|^2 of every centroid ([codebooks, bins], first and rest), computed once per set
+        of weights (`_derived`)."""
+        def make():
+            return tuple(torch.stack([(cb * cb).sum(-1) for cb in books.float()])
+                         for books in (self.first_codebooks, self.rest_codebooks))
+        return _derived(self, "_norms_kept", (self.first_codebooks, self.rest_codebooks), make)
+
     @staticmethod
-    def _encode(x: torch.Tensor, codebooks: torch.Tensor) -> list[torch.Tensor]:
-        codes = []
+    def _encode(x: torch.Tensor, codebooks: torch.Tensor, norms: torch.Tensor, codes: torch.Tensor) -> None:
+        """Writes the codes of x ([B, dim]) in `codebooks` to the columns of `codes`."""
         x = x.float()
-        for cb in codebooks.float():
+        for i, cb in enumerate(codebooks.float()):
             # argmin |x - e|^2 = argmin (|e|^2 - 2 x.e)
-            d = (cb * cb).sum(-1).view(1, -1) - 2 * x @ cb.t()
-            c = d.argmin(dim=-1)
-            codes.append(c)
-            x = x - cb[c]
-        return codes
+            x = rvq_step(x, x @ cb.t(), norms[i], cb, codes[:, i])
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, dim] latent -> codes [B, num_codebooks]."""
-        first = self._encode(F.linear(x, self.first_in), self.first_codebooks)
-        rest = self._encode(F.linear(x, self.rest_in), self.rest_codebooks)
-        return torch.stack(first + rest, dim=1)
-
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes: [B, num_codebooks] -> [B, dim]. Codes outside the codebooks (the LM's
-        initial token, in the scratch row's garbage) are clamped rather than read past the end."""
-        bins = self.first_codebooks.shape[1]
-        codes = codes.clamp(0, bins - 1)
         nf = self.first_codebooks.shape[0]
+        codes = torch.empty(x.shape[0], nf + self.rest_codebooks.shape[0], dtype=torch.long, device=x.device)
+        first, rest = self._norms()
+        self._encode(F.linear(x, self.first_in), self.first_codebooks, first, codes[:, :nf])
+        self._encode(F.linear(x, self.rest_in), self.rest_codebooks, rest, codes[:, nf:])
+        return codes
 
-        def lookup(books, c):  # every codebook's centroid in one gather, summed over codebooks
-            ids = c + bins * torch.arange(books.shape[0], device=c.device)
-            return F.embedding(ids, books.view(-1, books.shape[-1])).sum(dim=1)
-
-        return (F.linear(lookup(self.first_codebooks, codes[:, :nf]), self.first_out)
-                + F.linear(lookup(self.rest_codebooks, codes[:, nf:]), self.rest_out))
+    def tables(self) -> torch.Tensor:
+        """[num_codebooks, bins, output_dimension]: each centroid through its group's output
+        projection, so that a frame's latent is a sum of looked-up rows (`codec.codebook_sum`),
+        computed once per set of weights. (The projection of the sum, as the reference
+        computes it, rounds differently: within 1e-6 relative.)"""
+        return _derived(self, "_tables_kept", (self.first_codebooks, self.first_out, self.rest_codebooks,
+                                               self.rest_out),
+                        lambda: torch.cat([F.linear(self.first_codebooks, self.first_out),
+                                           F.linear(self.rest_codebooks, self.rest_out)]))
 
 
 class Mimi(nn.Module):
@@ -336,21 +339,14 @@ class Mimi(nn.Module):
     def encode(self, pcm: torch.Tensor, state: "MimiState", slots: torch.Tensor) -> torch.Tensor:
         """pcm: [B, frame_size] float -> codes [B, num_codebooks]; advances the encoder rows."""
         B = pcm.shape[0]
-        x = pcm.to(self.dtype).view(B, 1, -1)
-        tails = [t[slots] for t in state.enc_tails]
-        x, tails = self.encoder(x, tails)
-        for dst, t in zip(state.enc_tails, tails):
-            dst[slots] = t
+        x = self.encoder(pcm.to(self.dtype).view(B, 1, -1), state.enc_tails, slots)
         x = self.encoder_transformer(x, state.enc_k, state.enc_v, slots, state.enc_pos[slots])
         state.enc_pos[slots] += x.shape[-1]
         # Downsampling: the reference pads its first call by replicating the first sample.
         st = self.cfg.downsample_stride
-        fresh = state.enc_fresh[slots].view(B, 1, 1)
-        tail = torch.where(fresh, x[..., :1].expand(-1, -1, st), state.down_tail[slots])
-        xx = torch.cat([tail, x], dim=-1)
+        xx = conv_input(x, state.down_tail, slots, False, fresh=state.enc_fresh)
         y = F.conv1d(xx, self.downsample, stride=st)
-        state.down_tail[slots] = xx[..., xx.shape[-1] - st:]
-        state.enc_fresh[slots] = torch.zeros_like(fresh.view(B))  # no host scalar inside a graph
+        state.enc_fresh.index_fill_(0, slots, False)
         return self.quantizer.encode(y[..., 0])
 
     def decode(self, codes: torch.Tensor, state: "MimiState", slots: torch.Tensor) -> torch.Tensor:
@@ -358,19 +354,15 @@ class Mimi(nn.Module):
         B = codes.shape[0]
         st = self.cfg.downsample_stride
         d = self.cfg.seanet.dimension
-        x = self.quantizer.decode(codes).view(B, d, 1)
-        y = x * self.upsample.view(1, d, 2 * st)   # the channel-wise transposed convolution of one frame
-        x = y[..., :st] + state.up_partial[slots]   # kernel 2 * stride: half overlaps the next frame
-        state.up_partial[slots] = y[..., st:]
+        # the latent, through the channel-wise transposed convolution of one frame (kernel
+        # 2 x stride, no bias), half of which overlaps the next frame. Codes outside the
+        # codebooks (the LM's initial token, in the scratch row's garbage) are clamped.
+        y = codebook_sum(codes, self.quantizer.tables(), self.upsample.view(d, 2 * st)).view(B, 1, d, 2 * st)
+        zero = _derived(self, "_zero_bias", (self.upsample,), lambda: self.upsample.new_zeros(d))
+        x = overlap_add(y, state.up_partial, slots, zero)
         x = self.decoder_transformer(x, state.dec_k, state.dec_v, slots, state.dec_pos[slots])
         state.dec_pos[slots] += x.shape[-1]
-        tails = [t[slots] for t in state.dec_tails]
-        partials = [p[slots] for p in state.dec_partials]
-        out, tails, partials = self.decoder(x, tails, partials)
-        for dst, t in zip(state.dec_tails, tails):
-            dst[slots] = t
-        for dst, p in zip(state.dec_partials, partials):
-            dst[slots] = p
+        out = self.decoder(x, state.dec_tails, state.dec_partials, slots)
         return out.view(B, -1).float()
 
 

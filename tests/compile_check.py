@@ -47,6 +47,30 @@ def _sample(logits="*bf16", block=2048, passes=8, forced=False, pdl=True):
     return K._sample_kernel, sig, const, (K.sample_warps(block), 1)
 
 
+def _codec(name, act=True, fresh=False):
+    i32 = "i32"
+    if name == "conv input":
+        sig = dict(x_ptr="*fp32", tail_ptr="*fp32", slot_ptr="*i64", fresh_ptr="*i1", xx_ptr="*fp32", C=i32, T=i32,
+                   TAIL=i32, sxb=i32, sxc=i32, sxt=i32, sts=i32, stc=i32, sxxb=i32, sxxc=i32)
+        return K._conv_input_kernel, sig, dict(ACT=act, FRESH=fresh, BLOCK_C=2, BLOCK_T=1024, TAIL_P=8), (4, 1)
+    if name == "overlap-add":
+        sig = dict(y_ptr="*fp32", part_ptr="*fp32", slot_ptr="*i64", bias_ptr="*fp32", out_ptr="*fp32", C=i32, T=i32,
+                   S=i32, syb=i32, syt=i32, syc=i32, sps=i32, spc=i32, sob=i32, soc=i32)
+        return K._overlap_add_kernel, sig, dict(BLOCK_C=16, BLOCK_T=128, S_P=8), (4, 1)
+    if name == "codebook sum":
+        sig = dict(code_ptr="*i64", tab_ptr="*fp32", sc_ptr="*fp32", out_ptr="*fp32", NCB=i32, BINS=i32, D=i32, K=i32,
+                   scb=i32, sck=i32)
+        return K._codebook_sum_kernel, sig, dict(BLOCK_D=128, K_P=4), (4, 1)
+    if name == "ring attention":
+        sig = dict(q_ptr="*fp32", k_ring="*fp32", v_ring="*fp32", slot_ptr="*i64", end_ptr="*i64", o_ptr="*fp32",
+                   po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32", sq_b=i32, sq_t=i32, sq_h=i32, sr_slot=i32,
+                   sr_h=i32, sr_w=i32, W=i32, H=i32, T=i32, CHUNK=i32, scale="fp32")
+        return K._ring_chunk_attn_kernel, sig, dict(D=64, BLOCK_W=32, NSPLIT=8), (2, 1)
+    sig = dict(x_ptr="*fp32", s_ptr="*fp32", n_ptr="*fp32", cb_ptr="*fp32", xo_ptr="*fp32", code_ptr="*i64", N=i32,
+               D=i32, sx=i32, ss=i32, sxo=i32, scode=i32)
+    return K._rvq_step_kernel, sig, dict(BLOCK_N=2048, BLOCK_D=256), (8, 1)
+
+
 VARIANTS = {
     "gemv plain": _gemv(),
     "gemv plain, no PDL": _gemv(pdl=False),
@@ -65,6 +89,12 @@ VARIANTS = {
     "sampler, audio": _sample(),
     "sampler, text": _sample(block=32768),
     "sampler, float32 teacher-forced": _sample("*fp32", block=2048, passes=16, forced=True, pdl=False),
+    "Mimi's convolution input": _codec("conv input"),
+    "Mimi's downsampling input, fresh streams": _codec("conv input", act=False, fresh=True),
+    "Mimi's overlap-add": _codec("overlap-add"),
+    "Mimi's residual VQ step": _codec("rvq"),
+    "Mimi's ring attention, split": _codec("ring attention"),
+    "Mimi's codebook sum": _codec("codebook sum"),
 }
 
 

@@ -198,8 +198,10 @@ def test_ring_chunk_attention(B, T, H, D, W, end, dtype):
     ref = ring_chunk_attention_ref(q, k, v, slots, end)
     ref64 = ring_chunk_attention_ref(q.double(), k.double(), v.double(), slots, end)
     _check(K.ring_chunk_attention(q, k, v, slots, end), ref, ref64, dtype)
-    # the ring read in blocks, some holding no key a query may see (online softmax)
-    _check(K.ring_chunk_attention(q, k, v, slots, end, config=(4, 1)), ref, ref64, dtype)
+    # the ring read in blocks, some holding no key a query may see (online softmax), by one
+    # program per query and head, and split over several, combined after
+    for config in ((4, 1, 1), (4, 1, 4), (8, 2, 2)):
+        _check(K.ring_chunk_attention(q, k, v, slots, end, config=config), ref, ref64, dtype)
 
 
 @pytest.mark.parametrize("M,N,KD", ([(1, 3072, 1024), (8, 5632, 1024), (16, 1024, 2816), (1, 1024, 4096),
@@ -480,3 +482,67 @@ def test_the_kernels_compile_for_hopper():
     assert r.returncode == 0, r.stdout + r.stderr[-2000:]
     assert r.stdout.count("ok ") >= 17, r.stdout
 
+
+
+@pytest.mark.parametrize("B,N,D", ([(1, 2048, 256), (16, 2048, 256)] if CUDA else []) + [(3, 37, 8), (2, 64, 5)])
+def test_rvq_step_picks_the_first_nearest_centroid(B, N, D):
+    # Mimi's residual VQ step: the same codes and residuals as the reference, bit for bit
+    # (codes feed the LM exactly), and of two equal centroids the first, as torch's argmin
+    from engine.kernels.codec import rvq_step_ref
+
+    g = torch.Generator().manual_seed(N + D)
+    cb = _randn(N, D, dtype=torch.float32, g=g)
+    cb[N // 2] = cb[1]
+    x = _randn(B, D, dtype=torch.float32, g=g)
+    x[0] = cb[1]
+    norms, scores = (cb * cb).sum(-1), x @ cb.t()
+    codes, ref_codes = torch.full((B, 3), -1, device=DEV), torch.full((B, 3), -1, device=DEV)
+    out = K.rvq_step(x, scores, norms, cb, codes[:, 1])
+    ref = rvq_step_ref(x, scores, norms, cb, ref_codes[:, 1])
+    assert torch.equal(codes, ref_codes) and torch.equal(out, ref)
+    assert codes[0, 1].item() == 1 and (codes[:, [0, 2]] == -1).all()
+
+
+@pytest.mark.parametrize("B,C,T,tail,act,fresh", ([(1, 64, 1920, 2, True, False), (4, 512, 2, 2, False, True)]
+                                                  if CUDA else [])
+                         + [(2, 3, 8, 2, True, False), (3, 5, 1, 6, True, False), (3, 4, 2, 2, False, True)])
+def test_conv_input_reads_and_advances_the_slots_tails(B, C, T, tail, act, fresh):
+    # Mimi's streaming convolution input: [kept tail | elu(x)], the slot's tail advanced in
+    # place (a fresh slot's tail: x's first column repeated); x may be a transposed view
+    from engine.kernels.codec import conv_input_ref
+
+    g = torch.Generator().manual_seed(C * T + tail)
+    S = B + 2
+    x = _randn(B, T, C, dtype=torch.float32, g=g).transpose(1, 2)
+    tails = _randn(S, C, tail, dtype=torch.float32, g=g)
+    slots = torch.randperm(S, generator=g)[:B].to(DEV)
+    flags = (torch.arange(S) % 2 == 0).to(DEV) if fresh else None
+    t_ref = tails.clone()
+    out = K.conv_input(x, tails, slots, act, flags)
+    ref = conv_input_ref(x, t_ref, slots, act, flags)
+    if act:
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)  # (exp - 1 against torch's expm1)
+        torch.testing.assert_close(tails, t_ref, rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(out, ref) and torch.equal(tails, t_ref)
+    others = [s for s in range(S) if s not in slots.tolist()]
+    assert torch.equal(tails[others], t_ref[others])
+
+
+@pytest.mark.parametrize("B,n,bins,D,width", ([(1, 8, 2048, 512, 4), (32, 8, 2048, 512, 4)] if CUDA else [])
+                         + [(2, 3, 10, 6, 4), (3, 8, 16, 130, 3)])
+def test_codebook_sum_of_strided_codes(B, n, bins, D, width):
+    # Mimi's decoder input: the codes' projected centroids summed, times the upsampling kernel;
+    # codes are a strided column block of the sampled tokens, and out-of-range ones clamp
+    from engine.kernels.codec import codebook_sum_ref
+
+    g = torch.Generator().manual_seed(n * bins + D)
+    tables = _randn(n, bins, D, dtype=torch.float32, g=g)
+    scale = _randn(D, width, dtype=torch.float32, g=g)
+    tokens = torch.randint(0, bins, (B, n + 3), generator=g).to(DEV)
+    tokens[0, 1] = bins + 5  # (the LM's initial token, past the codebooks)
+    codes = tokens[:, 1:1 + n]
+    ref = codebook_sum_ref(codes, tables, scale)
+    torch.testing.assert_close(K.codebook_sum(codes, tables, scale), ref, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(ref[0, :, 0], (tables[0, bins - 1] + sum(tables[k, codes[0, k]] for k in range(1, n)))
+                               * scale[:, 0], rtol=1e-5, atol=1e-5)

@@ -69,9 +69,10 @@ def test_reset_makes_a_slot_fresh(tiny_cfg, trace):
 
 
 @pytest.mark.parametrize("T", [1, 2, 5])
-def test_transposed_convolution_streams_as_the_whole_signal(T):
+def test_transposed_convolution_streams_as_the_whole_signal(T, kernels):
     """The overlap-add form of a streaming transposed convolution (kernel 2 x stride) gives, chunk
-    by chunk, what one transposed convolution of the whole signal gives."""
+    by chunk, what one transposed convolution of the whole signal gives; each slot's kept
+    partial advances alone."""
     from engine.mimi import ConvTr
 
     g = torch.Generator().manual_seed(T)
@@ -80,9 +81,34 @@ def test_transposed_convolution_streams_as_the_whole_signal(T):
     conv.bias.copy_(torch.randn(conv.bias.shape, generator=g))
     x = torch.randn(2, 6, 4 * T, generator=g)
     whole = torch.nn.functional.conv_transpose1d(x, conv.weight, conv.bias, stride=4)
-    partial, outs = conv.fresh_partial(2, "cpu"), []
-    for i in range(4):
-        y, partial = conv(x[..., i * T:(i + 1) * T], partial)
-        outs.append(y)
+    partials, slots, outs = conv.fresh_partial(4, "cpu"), torch.tensor([2, 0]), []
+    untouched = partials[[1, 3]].clone()
+    with torch.no_grad():
+        for i in range(4):
+            outs.append(conv(x[..., i * T:(i + 1) * T], partials, slots))
     torch.testing.assert_close(torch.cat(outs, dim=-1), whole[..., :16 * T], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(partial, whole[..., 16 * T:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(partials[slots], whole[..., 16 * T:], rtol=1e-5, atol=1e-5)
+    assert torch.equal(partials[[1, 3]], untouched)
+
+
+@pytest.mark.parametrize("T,kernel,stride", [(8, 3, 1), (1, 7, 1), (2, 3, 1), (12, 8, 4)])
+def test_streaming_convolution_runs_as_the_whole_signal(T, kernel, stride, kernels):
+    """A causal convolution fed chunk by chunk (its tail kept per slot, the input through the
+    ELU) gives what one convolution of the left-padded whole signal gives."""
+    from engine.kernels import elu_ref
+    from engine.mimi import Conv
+
+    g = torch.Generator().manual_seed(T * kernel)
+    conv = Conv(5, 3, kernel, stride=stride)
+    conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
+    conv.bias.copy_(torch.randn(conv.bias.shape, generator=g))
+    x = torch.randn(2, 5, 4 * T, generator=g)
+    padded = torch.nn.functional.pad(elu_ref(x), (conv.tail, 0))
+    whole = torch.nn.functional.conv1d(padded, conv.weight, conv.bias, stride=stride)
+    tails, slots = torch.zeros(3, 5, conv.tail), torch.tensor([2, 0])
+    tails[1] = 7.0
+    with torch.no_grad():
+        outs = [conv(x[..., i * T:(i + 1) * T].contiguous(), tails, slots, True) for i in range(4)]
+    torch.testing.assert_close(torch.cat(outs, dim=-1), whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tails[slots], padded[..., padded.shape[-1] - conv.tail:], rtol=1e-6, atol=1e-6)
+    assert (tails[1] == 7.0).all()

@@ -399,9 +399,14 @@ def step_attention(qkv, k_buf, v_buf, step: int):
 
 
 @triton.jit
-def _ring_chunk_attn_kernel(q_ptr, k_ring, v_ring, slot_ptr, end_ptr, o_ptr, sq_b, sq_t, sq_h,
-                            sr_slot, sr_h, sr_w, W, H, T, scale, D: tl.constexpr, BLOCK_W: tl.constexpr):
+def _ring_chunk_attn_kernel(q_ptr, k_ring, v_ring, slot_ptr, end_ptr, o_ptr, po_ptr, pm_ptr, pl_ptr, sq_b, sq_t, sq_h,
+                            sr_slot, sr_h, sr_w, W, H, T, CHUNK, scale, D: tl.constexpr, BLOCK_W: tl.constexpr,
+                            NSPLIT: tl.constexpr):
+    # program (b, t, h) x split: the ring entries [split * CHUNK, (split + 1) * CHUNK); with one
+    # split the output itself, else the split's running max, sum and weighted values for
+    # `_attn_combine_kernel` (row (b * T + t) * H + h)
     pid = tl.program_id(0)
+    sp = tl.program_id(1)
     t = pid % T
     bh = pid // T
     b = bh // H
@@ -416,11 +421,12 @@ def _ring_chunk_attn_kernel(q_ptr, k_ring, v_ring, slot_ptr, end_ptr, o_ptr, sq_
     m_i = tl.zeros([1], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([1], dtype=tl.float32)
     acc = tl.zeros([D], dtype=tl.float32)
-    for w0 in range(0, W, BLOCK_W):
+    stop = tl.minimum(sp * CHUNK + CHUNK, W)
+    for w0 in range(sp * CHUNK, stop, BLOCK_W):
         w = w0 + tl.arange(0, BLOCK_W)
         # the position held at ring index w: the latest p <= end - 1 with p = w (mod W)
         kpos = (end - 1) - (((end - 1) - w) % W + W) % W
-        ok = (w < W) & (kpos >= 0) & (kpos <= qpos)
+        ok = (w < stop) & (kpos >= 0) & (kpos <= qpos)
         k = tl.load(kb + w[:, None] * sr_w + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
         sc = tl.where(ok, tl.sum(k * q[None, :], axis=1), float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, axis=0))
@@ -431,27 +437,50 @@ def _ring_chunk_attn_kernel(q_ptr, k_ring, v_ring, slot_ptr, end_ptr, o_ptr, sq_
         l_i = l_i * alpha + tl.sum(p, axis=0)
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
         m_i = m_new
-    tl.store(o_ptr + b * sq_b + t * sq_t + h * sq_h + d, (acc / l_i).to(o_ptr.dtype.element_ty))
+    if NSPLIT == 1:
+        tl.store(o_ptr + b * sq_b + t * sq_t + h * sq_h + d, (acc / l_i).to(o_ptr.dtype.element_ty))
+    else:
+        row = ((b * T + t) * H + h) * NSPLIT + sp
+        tl.store(po_ptr + row * D + d, acc)
+        tl.store(pm_ptr + row + tl.arange(0, 1), m_i)
+        tl.store(pl_ptr + row + tl.arange(0, 1), l_i)
 
 
-def ring_config(programs: int, device: torch.device) -> tuple[int, int]:
-    """BLOCK_W, num_warps of the ring kernel: with fewer programs than SMs, wide blocks and
-    more warps per program; else narrower ones (`benchmarks/tune_kernels.py` on an H100:
-    10 us at batch 1, 26 us at batch 32)."""
-    return (256, 8) if programs < _num_sms(device) else (128, 4)
+def ring_config(programs: int, window: int, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_W, num_warps, splits) of the ring kernel. Fewer programs than twice the SMs: the
+    ring split over more programs, 32 entries or more each, and a combining launch (at batch 1
+    on an H200 one program per query and head read its 250 entries in 10 us); else one program
+    per query and head, narrower blocks with many programs (`benchmarks/tune_kernels.py` on an
+    H100: 26 us at batch 32)."""
+    sms = _num_sms(device)
+    if programs >= 2 * sms or device.type != "cuda":  # (the interpreter: the fewest programs)
+        return 128, 4, 1
+    splits = min(_pow2(triton.cdiv(2 * sms, programs)), _pow2(triton.cdiv(window, 32)))
+    return (32, 2, splits) if splits > 1 else (256, 8, 1)
 
 
 def ring_chunk_attention(q, k_ring, v_ring, slots, end, config=None):
-    """q: [B, T, H, D] (contiguous); k_ring, v_ring: [S, H, W, D]; end: [B]. Returns [B, T, H, D]."""
+    """q: [B, T, H, D] (contiguous); k_ring, v_ring: [S, H, W, D]; end: [B]. Returns [B, T, H, D].
+    config: (BLOCK_W, num_warps, splits), default `ring_config`."""
     B, T, H, D = q.shape
     W = k_ring.shape[2]
     assert q.is_contiguous() and k_ring.is_contiguous() and v_ring.is_contiguous()
-    block, warps = config or ring_config(B * H * T, q.device)
+    block, warps, nsplit = config or ring_config(B * H * T, W, q.device)
+    assert nsplit == _pow2(nsplit), "splits: a power of 2"
+    block = min(block, _pow2(W))
+    chunk = triton.cdiv(triton.cdiv(W, nsplit), block) * block
     out = torch.empty_like(q)
-    _ring_chunk_attn_kernel[(B * H * T,)](q, k_ring, v_ring, slots, end, out, q.stride(0), q.stride(1),
-                                          q.stride(2), k_ring.stride(0), k_ring.stride(1), k_ring.stride(2), W, H,
-                                          T, 1.0 / math.sqrt(D), D=D, BLOCK_W=min(block, _pow2(W)),
-                                          num_warps=warps)
+    rows = B * T * H * nsplit if nsplit > 1 else 1
+    po = torch.empty(rows, D, device=q.device, dtype=torch.float32)
+    pm = torch.empty(rows, device=q.device, dtype=torch.float32)
+    pl = torch.empty(rows, device=q.device, dtype=torch.float32)
+    _ring_chunk_attn_kernel[(B * H * T, nsplit)](q, k_ring, v_ring, slots, end, out, po, pm, pl, q.stride(0),
+                                                 q.stride(1), q.stride(2), k_ring.stride(0), k_ring.stride(1),
+                                                 k_ring.stride(2), W, H, T, chunk, 1.0 / math.sqrt(D), D=D,
+                                                 BLOCK_W=block, NSPLIT=nsplit, num_warps=warps)
+    if nsplit > 1:
+        # rows (b, t) of H heads: the output [B, T, H, D] viewed as [B * T, H, D]
+        _attn_combine_kernel[(B * T * H,)](po, pm, pl, out, H * D, D, H, D=D, NSPLIT=nsplit, num_warps=1, PDL=False)
     return out
 
 
@@ -874,4 +903,180 @@ def sample_tokens(logits, temperature, top_k, greedy, seed, counter, stream: int
                          forced_mask.stride(0) if has_forced else 0, (stream * 0x85EBCA6B) & 0xFFFFFFFF,
                          BLOCK=BLOCK, FORCED=has_forced, PASSES=8 if logits.dtype == torch.bfloat16 else 16,
                          num_warps=nw, **_pdl_kw(logits))
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Mimi's streaming convolutions and residual VQ (`codec`)
+
+
+@triton.jit
+def _elu_f32(x):
+    return tl.where(x > 0, x, tl.exp(x) - 1.0)
+
+
+@triton.jit
+def _conv_input_kernel(x_ptr, tail_ptr, slot_ptr, fresh_ptr, xx_ptr, C, T, TAIL, sxb, sxc, sxt, sts, stc, sxxb, sxxc,
+                       ACT: tl.constexpr, FRESH: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
+                       TAIL_P: tl.constexpr):
+    b = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    slot = tl.load(slot_ptr + b)
+    tb = tail_ptr + slot * sts + c[:, None] * stc
+    xb = x_ptr + b * sxb + c[:, None] * sxc
+    L = TAIL + T
+    if FRESH:  # a fresh stream's tail: its first input, repeated
+        fresh = tl.load(fresh_ptr + slot) != 0
+        x0 = tl.load(xb, mask=cm[:, None], other=0.0)
+    # the new tail, the last TAIL columns of [tail | act(x)], read before this row is written
+    j = tl.arange(0, TAIL_P)
+    src = T + j
+    jm = cm[:, None] & (j < TAIL)[None, :]
+    nt_t = tl.load(tb + src[None, :], mask=jm & (src < TAIL)[None, :], other=0.0)
+    if FRESH:
+        nt_t = tl.where(fresh, x0, nt_t)
+    nt_x = tl.load(xb + (src - TAIL)[None, :] * sxt, mask=jm & (src >= TAIL)[None, :], other=0.0).to(tl.float32)
+    if ACT:
+        nt_x = _elu_f32(nt_x)
+    nt = tl.where((src < TAIL)[None, :], nt_t, nt_x.to(nt_t.dtype))
+    for t0 in range(0, L, BLOCK_T):
+        i = t0 + tl.arange(0, BLOCK_T)
+        ft = i < TAIL
+        vt = tl.load(tb + i[None, :], mask=cm[:, None] & ft[None, :], other=0.0)
+        if FRESH:
+            vt = tl.where(fresh, x0, vt)
+        vx = tl.load(xb + (i - TAIL)[None, :] * sxt, mask=cm[:, None] & (~ft & (i < L))[None, :],
+                     other=0.0).to(tl.float32)
+        if ACT:
+            vx = _elu_f32(vx)
+        v = tl.where(ft[None, :], vt, vx.to(vt.dtype))
+        tl.store(xx_ptr + b * sxxb + c[:, None] * sxxc + i[None, :], v, mask=cm[:, None] & (i < L)[None, :])
+    tl.debug_barrier()  # every read of the old tail (above, by any thread) before it is overwritten
+    tl.store(tb + j[None, :], nt, mask=jm)
+
+
+def _row_blocks(C: int, L: int, t: torch.Tensor) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_T) for kernels that each own BLOCK_C whole rows of length L (the
+    interpreter on the CPU: few programs of large blocks, which it runs faster)."""
+    bt = min(_pow2(L), 1024)
+    return min(_pow2(C), max(1, (2048 if t.is_cuda else 1 << 16) // bt)), bt
+
+
+def conv_input(x: torch.Tensor, tail: torch.Tensor, slots: torch.Tensor, act: bool,
+               fresh: torch.Tensor | None = None) -> torch.Tensor:
+    """See `codec.conv_input_ref`."""
+    B, C, T = x.shape
+    TAIL = tail.shape[-1]
+    assert tail.stride(-1) == 1 and tail.dtype == x.dtype and TAIL > 0
+    xx = torch.empty(B, C, TAIL + T, device=x.device, dtype=x.dtype)
+    bc, bt = _row_blocks(C, TAIL + T, x)
+    assert not (fresh is not None and act), "a fresh stream repeats its raw first input"
+    _conv_input_kernel[(B, triton.cdiv(C, bc))](x, tail, slots, slots if fresh is None else fresh, xx, C, T, TAIL,
+                                                x.stride(0), x.stride(1), x.stride(2), tail.stride(0), tail.stride(1),
+                                                xx.stride(0), xx.stride(1), ACT=act, FRESH=fresh is not None,
+                                                BLOCK_C=bc, BLOCK_T=bt, TAIL_P=_pow2(TAIL), num_warps=4)
+    return xx
+
+
+@triton.jit
+def _overlap_add_kernel(y_ptr, part_ptr, slot_ptr, bias_ptr, out_ptr, C, T, S, syb, syt, syc, sps, spc, sob, soc,
+                        BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, S_P: tl.constexpr):
+    b = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    slot = tl.load(slot_ptr + b)
+    pb = part_ptr + slot * sps + c[:, None] * spc
+    yb = y_ptr + b * syb + c[:, None] * syc
+    bias = tl.load(bias_ptr + c, mask=cm, other=0.0)[:, None]
+    # the new partial: the last frame's second half, plus the bias
+    j = tl.arange(0, S_P)
+    jm = cm[:, None] & (j < S)[None, :]
+    npart = tl.load(yb + (T - 1) * syt + S + j[None, :], mask=jm, other=0.0) + bias
+    L = T * S
+    for o0 in range(0, L, BLOCK_T):
+        o = o0 + tl.arange(0, BLOCK_T)
+        t = o // S
+        jj = o - t * S
+        om = cm[:, None] & (o < L)[None, :]
+        early = tl.load(yb + t[None, :] * syt + jj[None, :], mask=om, other=0.0)
+        late = tl.load(yb + (t - 1)[None, :] * syt + S + jj[None, :], mask=om & (t > 0)[None, :], other=0.0) + bias
+        old = tl.load(pb + jj[None, :], mask=om & (t == 0)[None, :], other=0.0)
+        tl.store(out_ptr + b * sob + c[:, None] * soc + o[None, :], early + tl.where((t == 0)[None, :], old, late),
+                 mask=om)
+    tl.debug_barrier()  # every read of the old partial before it is overwritten
+    tl.store(pb + j[None, :], npart, mask=jm)
+
+
+def overlap_add(y: torch.Tensor, partial: torch.Tensor, slots: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """See `codec.overlap_add_ref`."""
+    B, T, C, K = y.shape
+    S = K // 2
+    assert y.stride(-1) == 1 and partial.stride(-1) == 1 and partial.shape[-1] == S
+    out = torch.empty(B, C, T * S, device=y.device, dtype=y.dtype)
+    bc, bt = _row_blocks(C, T * S, y)
+    _overlap_add_kernel[(B, triton.cdiv(C, bc))](y, partial, slots, bias, out, C, T, S, y.stride(0), y.stride(1),
+                                                 y.stride(2), partial.stride(0), partial.stride(1), out.stride(0),
+                                                 out.stride(1), BLOCK_C=bc, BLOCK_T=bt, S_P=_pow2(S), num_warps=4)
+    return out
+
+
+@triton.jit
+def _rvq_step_kernel(x_ptr, s_ptr, n_ptr, cb_ptr, xo_ptr, code_ptr, N, D, sx, ss, sxo, scode,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    b = tl.program_id(0)
+    n = tl.arange(0, BLOCK_N)
+    nm = n < N
+    s = tl.load(s_ptr + b * ss + n, mask=nm, other=0.0)
+    d = tl.where(nm, tl.load(n_ptr + n, mask=nm, other=0.0) - 2.0 * s, float("inf"))
+    c = tl.argmin(d, axis=0, tie_break_left=True)
+    tl.store(code_ptr + b * scode, c.to(tl.int64))
+    k = tl.arange(0, BLOCK_D)
+    km = k < D
+    x = tl.load(x_ptr + b * sx + k, mask=km, other=0.0)
+    e = tl.load(cb_ptr + c * D + k, mask=km, other=0.0)
+    tl.store(xo_ptr + b * sxo + k, x - e, mask=km)
+
+
+def rvq_step(x: torch.Tensor, scores: torch.Tensor, norms: torch.Tensor, codebook: torch.Tensor,
+             codes: torch.Tensor) -> torch.Tensor:
+    """See `codec.rvq_step_ref`."""
+    B, D = x.shape
+    N = codebook.shape[0]
+    assert x.stride(-1) == 1 and scores.stride(-1) == 1 and codebook.is_contiguous() and norms.is_contiguous()
+    assert codes.dtype == torch.long and codes.shape == (B,)
+    out = torch.empty_like(x)
+    _rvq_step_kernel[(B,)](x, scores, norms, codebook, out, codes, N, D, x.stride(0), scores.stride(0),
+                           out.stride(0), codes.stride(0), BLOCK_N=_pow2(N), BLOCK_D=_pow2(D),
+                           num_warps=8 if N >= 1024 else 4)
+    return out
+
+
+@triton.jit
+def _codebook_sum_kernel(code_ptr, tab_ptr, sc_ptr, out_ptr, NCB, BINS, D, K, scb, sck,
+                         BLOCK_D: tl.constexpr, K_P: tl.constexpr):
+    b = tl.program_id(0)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dm = d < D
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for k in range(NCB):
+        c = tl.minimum(tl.maximum(tl.load(code_ptr + b * scb + k * sck), 0), BINS - 1)
+        acc += tl.load(tab_ptr + (k * BINS + c) * D + d, mask=dm, other=0.0).to(tl.float32)
+    j = tl.arange(0, K_P)
+    m = dm[:, None] & (j < K)[None, :]
+    sc = tl.load(sc_ptr + d[:, None] * K + j[None, :], mask=m, other=0.0)
+    y = acc.to(sc.dtype)[:, None] * sc
+    tl.store(out_ptr + (b * D + d[:, None]) * K + j[None, :], y, mask=m)
+
+
+def codebook_sum(codes: torch.Tensor, tables: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """See `codec.codebook_sum_ref`."""
+    B, n = codes.shape
+    n2, bins, D = tables.shape
+    K = scale.shape[-1]
+    assert n == n2 and tables.is_contiguous() and scale.is_contiguous() and scale.shape == (D, K)
+    out = torch.empty(B, D, K, device=tables.device, dtype=tables.dtype)
+    block = min(_pow2(D), 128)
+    _codebook_sum_kernel[(B, triton.cdiv(D, block))](codes, tables, scale, out, n, bins, D, K, codes.stride(0),
+                                                      codes.stride(1), BLOCK_D=block, K_P=_pow2(K), num_warps=4)
     return out
