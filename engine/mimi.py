@@ -107,8 +107,7 @@ class ConvTr(nn.Module):
             # the view is as fast or faster.
             xt = xt.contiguous()
         y = _conv_matmul(xt, self.weight.view(cin, cout * K)).view(B, T, cout, K)
-        bias = self.bias if self.bias is not None else y.new_zeros(cout)
-        return overlap_add(y, partials, slots, bias)
+        return overlap_add(y, partials, slots, self.bias)
 
     def fresh_partial(self, batch: int, device) -> torch.Tensor:
         cout = self.weight.shape[1]
@@ -358,8 +357,7 @@ class Mimi(nn.Module):
         # 2 x stride, no bias), half of which overlaps the next frame. Codes outside the
         # codebooks (the LM's initial token, in the scratch row's garbage) are clamped.
         y = codebook_sum(codes, self.quantizer.tables(), self.upsample.view(d, 2 * st)).view(B, 1, d, 2 * st)
-        zero = _derived(self, "_zero_bias", (self.upsample,), lambda: self.upsample.new_zeros(d))
-        x = overlap_add(y, state.up_partial, slots, zero)
+        x = overlap_add(y, state.up_partial, slots, None)
         x = self.decoder_transformer(x, state.dec_k, state.dec_v, slots, state.dec_pos[slots])
         state.dec_pos[slots] += x.shape[-1]
         out = self.decoder(x, state.dec_tails, state.dec_partials, slots)

@@ -56,7 +56,7 @@ def _codec(name, act=True, fresh=False):
     if name == "overlap-add":
         sig = dict(y_ptr="*fp32", part_ptr="*fp32", slot_ptr="*i64", bias_ptr="*fp32", out_ptr="*fp32", C=i32, T=i32,
                    S=i32, syb=i32, syt=i32, syc=i32, sps=i32, spc=i32, sob=i32, soc=i32)
-        return K._overlap_add_kernel, sig, dict(BLOCK_C=16, BLOCK_T=128, S_P=8), (4, 1)
+        return K._overlap_add_kernel, sig, dict(HAS_BIAS=True, BLOCK_C=16, BLOCK_T=128, S_P=8), (4, 1)
     if name == "codebook sum":
         sig = dict(code_ptr="*i64", tab_ptr="*fp32", sc_ptr="*fp32", out_ptr="*fp32", NCB=i32, BINS=i32, D=i32, K=i32,
                    scb=i32, sck=i32)

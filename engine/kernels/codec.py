@@ -45,18 +45,22 @@ def conv_input(x: torch.Tensor, tail: torch.Tensor, slots: torch.Tensor, act: bo
     return conv_input_ref(x, tail, slots, act, fresh)
 
 
-def overlap_add_ref(y: torch.Tensor, partial: torch.Tensor, slots: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def overlap_add_ref(y: torch.Tensor, partial: torch.Tensor, slots: torch.Tensor,
+                    bias: torch.Tensor | None) -> torch.Tensor:
     """y: [B, T, C, 2s], frame t's product with the kernel; partial: [S, C, s], the rows of
-    `slots` read and rewritten. Returns [B, C, T * s]."""
+    `slots` read and rewritten; bias: [C] or None. Returns [B, C, T * s]."""
     B, T, C, K = y.shape
     s = K // 2
-    late = y[..., s:] + bias.view(1, 1, C, 1)          # frame t's part in frame t + 1
+    late = y[..., s:]                                   # frame t's part in frame t + 1
+    if bias is not None:
+        late = late + bias.view(1, 1, C, 1)
     prev = torch.cat([partial[slots].unsqueeze(1), late[:, :T - 1]], dim=1)
     partial[slots] = late[:, T - 1]
     return (y[..., :s] + prev).permute(0, 2, 1, 3).reshape(B, C, T * s)
 
 
-def overlap_add(y: torch.Tensor, partial: torch.Tensor, slots: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def overlap_add(y: torch.Tensor, partial: torch.Tensor, slots: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
     if triton_enabled(y) and y.stride(-1) == 1 and partial.stride(-1) == 1:
         from . import triton_ops
         return triton_ops.overlap_add(y, partial, slots, bias)

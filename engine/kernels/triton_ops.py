@@ -470,10 +470,12 @@ def ring_chunk_attention(q, k_ring, v_ring, slots, end, config=None):
     block = min(block, _pow2(W))
     chunk = triton.cdiv(triton.cdiv(W, nsplit), block) * block
     out = torch.empty_like(q)
-    rows = B * T * H * nsplit if nsplit > 1 else 1
-    po = torch.empty(rows, D, device=q.device, dtype=torch.float32)
-    pm = torch.empty(rows, device=q.device, dtype=torch.float32)
-    pl = torch.empty(rows, device=q.device, dtype=torch.float32)
+    po = pm = pl = out  # (one split: the kernel writes `out` alone)
+    if nsplit > 1:
+        rows = B * T * H * nsplit
+        po = torch.empty(rows, D, device=q.device, dtype=torch.float32)
+        pm = torch.empty(rows, device=q.device, dtype=torch.float32)
+        pl = torch.empty(rows, device=q.device, dtype=torch.float32)
     _ring_chunk_attn_kernel[(B * H * T, nsplit)](q, k_ring, v_ring, slots, end, out, po, pm, pl, q.stride(0),
                                                  q.stride(1), q.stride(2), k_ring.stride(0), k_ring.stride(1),
                                                  k_ring.stride(2), W, H, T, chunk, 1.0 / math.sqrt(D), D=D,
@@ -800,11 +802,15 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def _elu_f32(x):
+    return tl.where(x > 0, x, tl.exp(x) - 1.0)
+
+
+@triton.jit
 def _elu_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
-    x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    y = tl.where(x > 0, x, tl.exp(x) - 1.0)
+    y = _elu_f32(tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32))
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=m)
 
 
@@ -911,11 +917,6 @@ def sample_tokens(logits, temperature, top_k, greedy, seed, counter, stream: int
 
 
 @triton.jit
-def _elu_f32(x):
-    return tl.where(x > 0, x, tl.exp(x) - 1.0)
-
-
-@triton.jit
 def _conv_input_kernel(x_ptr, tail_ptr, slot_ptr, fresh_ptr, xx_ptr, C, T, TAIL, sxb, sxc, sxt, sts, stc, sxxb, sxxc,
                        ACT: tl.constexpr, FRESH: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
                        TAIL_P: tl.constexpr):
@@ -969,9 +970,9 @@ def conv_input(x: torch.Tensor, tail: torch.Tensor, slots: torch.Tensor, act: bo
     B, C, T = x.shape
     TAIL = tail.shape[-1]
     assert tail.stride(-1) == 1 and tail.dtype == x.dtype and TAIL > 0
+    assert not (fresh is not None and act), "a fresh stream repeats its raw first input"
     xx = torch.empty(B, C, TAIL + T, device=x.device, dtype=x.dtype)
     bc, bt = _row_blocks(C, TAIL + T, x)
-    assert not (fresh is not None and act), "a fresh stream repeats its raw first input"
     _conv_input_kernel[(B, triton.cdiv(C, bc))](x, tail, slots, slots if fresh is None else fresh, xx, C, T, TAIL,
                                                 x.stride(0), x.stride(1), x.stride(2), tail.stride(0), tail.stride(1),
                                                 xx.stride(0), xx.stride(1), ACT=act, FRESH=fresh is not None,
@@ -981,18 +982,20 @@ def conv_input(x: torch.Tensor, tail: torch.Tensor, slots: torch.Tensor, act: bo
 
 @triton.jit
 def _overlap_add_kernel(y_ptr, part_ptr, slot_ptr, bias_ptr, out_ptr, C, T, S, syb, syt, syc, sps, spc, sob, soc,
-                        BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, S_P: tl.constexpr):
+                        HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, S_P: tl.constexpr):
     b = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
     slot = tl.load(slot_ptr + b)
     pb = part_ptr + slot * sps + c[:, None] * spc
     yb = y_ptr + b * syb + c[:, None] * syc
-    bias = tl.load(bias_ptr + c, mask=cm, other=0.0)[:, None]
     # the new partial: the last frame's second half, plus the bias
     j = tl.arange(0, S_P)
     jm = cm[:, None] & (j < S)[None, :]
-    npart = tl.load(yb + (T - 1) * syt + S + j[None, :], mask=jm, other=0.0) + bias
+    npart = tl.load(yb + (T - 1) * syt + S + j[None, :], mask=jm, other=0.0)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + c, mask=cm, other=0.0)[:, None]
+        npart += bias
     L = T * S
     for o0 in range(0, L, BLOCK_T):
         o = o0 + tl.arange(0, BLOCK_T)
@@ -1000,7 +1003,9 @@ def _overlap_add_kernel(y_ptr, part_ptr, slot_ptr, bias_ptr, out_ptr, C, T, S, s
         jj = o - t * S
         om = cm[:, None] & (o < L)[None, :]
         early = tl.load(yb + t[None, :] * syt + jj[None, :], mask=om, other=0.0)
-        late = tl.load(yb + (t - 1)[None, :] * syt + S + jj[None, :], mask=om & (t > 0)[None, :], other=0.0) + bias
+        late = tl.load(yb + (t - 1)[None, :] * syt + S + jj[None, :], mask=om & (t > 0)[None, :], other=0.0)
+        if HAS_BIAS:
+            late += bias
         old = tl.load(pb + jj[None, :], mask=om & (t == 0)[None, :], other=0.0)
         tl.store(out_ptr + b * sob + c[:, None] * soc + o[None, :], early + tl.where((t == 0)[None, :], old, late),
                  mask=om)
@@ -1008,16 +1013,19 @@ def _overlap_add_kernel(y_ptr, part_ptr, slot_ptr, bias_ptr, out_ptr, C, T, S, s
     tl.store(pb + j[None, :], npart, mask=jm)
 
 
-def overlap_add(y: torch.Tensor, partial: torch.Tensor, slots: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def overlap_add(y: torch.Tensor, partial: torch.Tensor, slots: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
     """See `codec.overlap_add_ref`."""
     B, T, C, K = y.shape
     S = K // 2
     assert y.stride(-1) == 1 and partial.stride(-1) == 1 and partial.shape[-1] == S
     out = torch.empty(B, C, T * S, device=y.device, dtype=y.dtype)
     bc, bt = _row_blocks(C, T * S, y)
-    _overlap_add_kernel[(B, triton.cdiv(C, bc))](y, partial, slots, bias, out, C, T, S, y.stride(0), y.stride(1),
-                                                 y.stride(2), partial.stride(0), partial.stride(1), out.stride(0),
-                                                 out.stride(1), BLOCK_C=bc, BLOCK_T=bt, S_P=_pow2(S), num_warps=4)
+    _overlap_add_kernel[(B, triton.cdiv(C, bc))](y, partial, slots, y if bias is None else bias, out, C, T, S,
+                                                 y.stride(0), y.stride(1), y.stride(2), partial.stride(0),
+                                                 partial.stride(1), out.stride(0), out.stride(1),
+                                                 HAS_BIAS=bias is not None, BLOCK_C=bc, BLOCK_T=bt, S_P=_pow2(S),
+                                                 num_warps=4)
     return out
 
 
