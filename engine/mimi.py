@@ -18,8 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import MimiConfig, MimiTransformerConfig
-from .kernels import elu, linear, qkv_rope_write, ring_chunk_attention, scale_add_layer_norm
-from .kernels.codec import codebook_sum, conv_input, overlap_add, rvq_step
+from .kernels import elu, gelu_linear, linear, qkv_rope_write, ring_chunk_attention, scale_add_layer_norm
+from .kernels.codec import codebook_sum, conv_columns, conv_input, overlap_add, rvq_step
+from .kernels.dispatch import triton_enabled
 
 
 def _p(*shape, device=None, dtype=None) -> nn.Parameter:
@@ -40,6 +41,37 @@ def _derived(module: nn.Module, name: str, sources: tuple[torch.Tensor, ...], ma
     return out
 
 
+# Convolutions whose columns (`codec.conv_columns`) take at most this many bytes run as one
+# matrix product over them; larger ones (many sessions at once) through cuDNN, which reads its
+# input in place. At batch 1 on an H200 cuDNN spent 2 to 4 launches per convolution (layout
+# conversions of the input, the weights and the output, and a separate bias add).
+COLUMNS_BYTES = 8 << 20
+
+
+def convolve(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tails: torch.Tensor | None,
+             slots: torch.Tensor, act: bool, stride: int = 1, dilation: int = 1,
+             fresh: torch.Tensor | None = None) -> torch.Tensor:
+    """The causal streaming convolution of [kept tail | elu(x) if act else x] (`conv_input`;
+    tails None: a kernel of 1 with no tail). x: [B, C, T], any layout -> [B, out, T / stride].
+    With the Triton kernels and small enough columns, one product over the columns (its
+    output laid out [B, T', out], viewed as [B, out, T']); else cuDNN."""
+    B, C, T = x.shape
+    cout, _, k = weight.shape
+    TO = T // stride
+    if triton_enabled(x) and B * TO * C * k * x.element_size() <= COLUMNS_BYTES:
+        if tails is not None:
+            cols = conv_columns(x, tails, slots, act, k, stride, dilation, fresh)
+        elif act:
+            rows = torch.empty(B, T, C, device=x.device, dtype=x.dtype)
+            elu(x, out=rows.transpose(1, 2))
+            cols = rows.view(B * T, C)
+        else:
+            cols = x.transpose(1, 2).reshape(B * T, C)
+        return _conv_matmul(cols, weight.view(cout, C * k).t(), bias).view(B, TO, cout).transpose(1, 2)
+    xx = conv_input(x, tails, slots, act, fresh) if tails is not None else elu(x) if act else x
+    return F.conv1d(xx, weight, bias, stride=stride, dilation=dilation)
+
+
 class Conv(nn.Module):
     """Causal 1-d convolution that keeps a tail of `(kernel - 1) * dilation + 1 - stride` inputs."""
 
@@ -52,31 +84,33 @@ class Conv(nn.Module):
 
     def forward(self, x: torch.Tensor, tails: torch.Tensor, slots: torch.Tensor, act: bool = False) -> torch.Tensor:
         """The convolution of [kept tail | elu(x) if act else x]; x: [B, C, T] with T a multiple
-        of the stride; tails: [S, C, self.tail], the rows of `slots` advanced in place."""
-        if self.tail:
-            xx = conv_input(x, tails, slots, act)
-        else:
-            xx = elu(x) if act else x
-        return F.conv1d(xx, self.weight, self.bias, stride=self.stride, dilation=self.dilation)
+        of the stride; tails: [S, C, self.tail], the rows of `slots` advanced in place
+        (`convolve`)."""
+        return convolve(x, self.weight, self.bias, tails if self.tail else None, slots, act, self.stride,
+                        self.dilation)
 
 
-def _conv_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b for a product that stands in for a convolution, at the precision cuDNN gives a
-    float32 convolution on the GPU: TF32 while torch.backends.cudnn.allow_tf32 holds (torch's
-    default, under which the reference's transposed convolutions run), full float32 when it
-    is off, and always on the CPU. At batch 32 on an H100 two of the decoder's products took
-    0.64 ms of the tick in full float32 (one thread runs the engine, so the flag's brief
-    change is safe)."""
+def _conv_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b (plus bias, one per column, for 2-d a) for a product that stands in for a
+    convolution, at the precision cuDNN gives a float32 convolution on the GPU: TF32 while
+    torch.backends.cudnn.allow_tf32 holds (torch's default, under which the reference's
+    convolutions run), full float32 when it is off, and always on the CPU. At batch 32 on an
+    H100 two of the decoder's products took 0.64 ms of the tick in full float32 (one thread
+    runs the engine, so the flag's brief change is safe)."""
     m = torch.backends.cuda.matmul
     try:
         tf32 = a.is_cuda and a.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not m.allow_tf32
     except RuntimeError:  # TF32 set through torch's newer precision API: leave it as set
         tf32 = False
+
+    def product():
+        return torch.matmul(a, b) if bias is None else torch.addmm(bias, a, b)
+
     if not tf32:
-        return torch.matmul(a, b)
+        return product()
     m.allow_tf32 = True
     try:
-        return torch.matmul(a, b)
+        return product()
     finally:
         m.allow_tf32 = False
 
@@ -94,18 +128,20 @@ class ConvTr(nn.Module):
         self.tail = kernel - stride
 
     def forward(self, x: torch.Tensor, partials: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """x: [B, cin, T]; partials: [S, cout, stride], the rows of `slots` advanced in place ->
-        [B, cout, T * stride]. One product and an overlap-add (a transposed convolution of a
-        few frames is slow through cuDNN): input frame t writes output frames t (first half of
-        its kernel) and t + 1 (second half)."""
+        """elu(x) transposed-convolved; x: [B, cin, T]; partials: [S, cout, stride], the rows of
+        `slots` advanced in place -> [B, cout, T * stride]. One product and an overlap-add (a
+        transposed convolution of a few frames is slow through cuDNN): input frame t writes
+        output frames t (first half of its kernel) and t + 1 (second half)."""
         B, cin, T = x.shape
         cout, K = self.weight.shape[1], self.weight.shape[-1]
-        xt = x.transpose(1, 2)
         if T <= 16:
-            # A few frames: rows copied contiguous first. On an H100 the product of the transposed
-            # view took 369 us at batch 32 (T = 2, 1024 channels), 15 us copied; at T >= 96
-            # the view is as fast or faster.
-            xt = xt.contiguous()
+            # A few frames: the rows contiguous, written so by the ELU. On an H100 the product of
+            # the transposed view took 369 us at batch 32 (T = 2, 1024 channels), 15 us copied;
+            # at T >= 96 the view is as fast or faster.
+            xt = torch.empty(B, T, cin, device=x.device, dtype=x.dtype)
+            elu(x, out=xt.transpose(1, 2))
+        else:
+            xt = elu(x).transpose(1, 2)
         y = _conv_matmul(xt, self.weight.view(cin, cout * K)).view(B, T, cout, K)
         return overlap_add(y, partials, slots, self.bias)
 
@@ -202,7 +238,7 @@ class SeanetDecoder(nn.Module):
 
         x = run(self.conv_in, x, act=False)
         for up, blocks, partial in zip(self.ups, self.res, partials):
-            x = up(elu(x), partial, slots)
+            x = up(x, partial, slots)
             for b in blocks:
                 x = x + run(b.conv2, run(b.conv1, x))
         return run(self.conv_out, x)
@@ -237,28 +273,28 @@ class MimiTransformer(nn.Module):
         self.layers = nn.ModuleList([MimiLayer(c, device=device, dtype=dtype) for _ in range(c.num_layers)])
 
     def forward(self, x: torch.Tensor, k_ring: torch.Tensor, v_ring: torch.Tensor, slots: torch.Tensor,
-                pos: torch.Tensor):
+                positions: torch.Tensor):
         """x: [B, C, T] (conv layout); k_ring, v_ring: [layers, slots, H, W, D], the rows of
-        `slots` read and written in place; pos: [B] positions already written. Returns [B, C, T]."""
+        `slots` read and written in place; positions: [slots], each slot's count of positions
+        written, advanced by T for `slots`. Returns [B, C, T]."""
         c = self.cfg
         B, C, T = x.shape
-        H, D, W = c.num_heads, c.head_dim, k_ring.shape[3]
+        H, D = c.num_heads, c.head_dim
         x = x.transpose(1, 2).contiguous()
-        qpos = (pos.view(B, 1) + torch.arange(T, device=x.device).view(1, T)).view(-1)   # [B * T]
+        pos = positions[slots]
         end = pos + T
-        widx = qpos % W
-        s_idx = slots.repeat_interleave(T)  # (contiguous: the kernel reads it by row)
+        positions[slots] = end
         eps = c.norm_eps
         h = scale_add_layer_norm(x, None, None, self.layers[0].norm1.weight, self.layers[0].norm1.bias, eps)[1]
         next_norms = [layer.norm1 for layer in self.layers[1:]] + [None]
         for i, (layer, nxt) in enumerate(zip(self.layers, next_norms)):
             # rotate q and k, and write k and v at each position's ring entry, in one launch
-            q = qkv_rope_write(linear(h, layer.attn_in).view(B * T, 3, H, D), qpos, c.max_period, s_idx, widx,
-                               k_ring[i], v_ring[i])
+            q = qkv_rope_write(linear(h, layer.attn_in).view(B * T, 3, H, D), pos, c.max_period, slots, None,
+                               k_ring[i], v_ring[i], per=T)
             a = ring_chunk_attention(q.view(B, T, H, D), k_ring[i], v_ring[i], slots, end)
             x, h = scale_add_layer_norm(x, linear(a.reshape(B, T, C), layer.attn_out), layer.scale1,
                                         layer.norm2.weight, layer.norm2.bias, eps)
-            x, h = scale_add_layer_norm(x, linear(F.gelu(linear(h, layer.linear1)), layer.linear2), layer.scale2,
+            x, h = scale_add_layer_norm(x, linear(gelu_linear(h, layer.linear1), layer.linear2), layer.scale2,
                                         nxt.weight if nxt is not None else None,
                                         nxt.bias if nxt is not None else None, eps)
         return x.transpose(1, 2)
@@ -339,12 +375,10 @@ class Mimi(nn.Module):
         """pcm: [B, frame_size] float -> codes [B, num_codebooks]; advances the encoder rows."""
         B = pcm.shape[0]
         x = self.encoder(pcm.to(self.dtype).view(B, 1, -1), state.enc_tails, slots)
-        x = self.encoder_transformer(x, state.enc_k, state.enc_v, slots, state.enc_pos[slots])
-        state.enc_pos[slots] += x.shape[-1]
+        x = self.encoder_transformer(x, state.enc_k, state.enc_v, slots, state.enc_pos)
         # Downsampling: the reference pads its first call by replicating the first sample.
         st = self.cfg.downsample_stride
-        xx = conv_input(x, state.down_tail, slots, False, fresh=state.enc_fresh)
-        y = F.conv1d(xx, self.downsample, stride=st)
+        y = convolve(x, self.downsample, None, state.down_tail, slots, False, stride=st, fresh=state.enc_fresh)
         state.enc_fresh.index_fill_(0, slots, False)
         return self.quantizer.encode(y[..., 0])
 
@@ -357,9 +391,8 @@ class Mimi(nn.Module):
         # 2 x stride, no bias), half of which overlaps the next frame. Codes outside the
         # codebooks (the LM's initial token, in the scratch row's garbage) are clamped.
         y = codebook_sum(codes, self.quantizer.tables(), self.upsample.view(d, 2 * st)).view(B, 1, d, 2 * st)
-        x = overlap_add(y, state.up_partial, slots, None)
-        x = self.decoder_transformer(x, state.dec_k, state.dec_v, slots, state.dec_pos[slots])
-        state.dec_pos[slots] += x.shape[-1]
+        x = overlap_add(y, state.up_partial, slots, None, channels_last=True)  # (the transformer's rows)
+        x = self.decoder_transformer(x, state.dec_k, state.dec_v, slots, state.dec_pos)
         out = self.decoder(x, state.dec_tails, state.dec_partials, slots)
         return out.view(B, -1).float()
 

@@ -32,10 +32,11 @@ def _gemv(w="*bf16", scaled=False, pro=0, delta=0, d=1, steps=1, pdl=True, cfg=(
     return K._gemv_kernel, sig, const, cfg[2:]
 
 
-def _rows(x="*bf16", w="*bf16", fma=False, m=16, scaled=False, pdl=True, cfg=(16, 256, 4, 3)):
+def _rows(x="*bf16", w="*bf16", fma=False, m=16, scaled=False, pdl=True, gelu=False, cfg=(16, 256, 4, 3)):
     sig = dict(x_ptr=x, w_ptr=w, s_ptr="*fp32" if scaled else x, y_ptr=x, M="i32", N="i32", K="i32", sxm="i32",
                swn="i32", sym="i32")
-    const = dict(BLOCK_M=m, BLOCK_N=cfg[0], BLOCK_K=cfg[1], SCALED=scaled, IEEE=x == "*fp32", FMA=fma, PDL=pdl)
+    const = dict(BLOCK_M=m, BLOCK_N=cfg[0], BLOCK_K=cfg[1], SCALED=scaled, IEEE=x == "*fp32", FMA=fma, GELU=gelu,
+                 PDL=pdl)
     return K._rows_linear_kernel, sig, const, cfg[2:]
 
 
@@ -47,28 +48,43 @@ def _sample(logits="*bf16", block=2048, passes=8, forced=False, pdl=True):
     return K._sample_kernel, sig, const, (K.sample_warps(block), 1)
 
 
-def _codec(name, act=True, fresh=False):
+def _codec(name, act=True, fresh=False, ks=1):
     i32 = "i32"
     if name == "conv input":
-        sig = dict(x_ptr="*fp32", tail_ptr="*fp32", slot_ptr="*i64", fresh_ptr="*i1", xx_ptr="*fp32", C=i32, T=i32,
-                   TAIL=i32, sxb=i32, sxc=i32, sxt=i32, sts=i32, stc=i32, sxxb=i32, sxxc=i32)
-        return K._conv_input_kernel, sig, dict(ACT=act, FRESH=fresh, BLOCK_C=2, BLOCK_T=1024, TAIL_P=8), (4, 1)
+        sig = dict(x_ptr="*fp32", tail_ptr="*fp32", slot_ptr="*i64", fresh_ptr="*i1", out_ptr="*fp32", C=i32, T=i32,
+                   TAIL=i32, NU=i32, STRIDE=i32, DIL=i32, sxb=i32, sxc=i32, sxt=i32, sts=i32, stc=i32, sob=i32, sou=i32,
+                   soc=i32)
+        const = dict(ACT=act, FRESH=fresh, KS=ks, BLOCK_C=8, BLOCK_T=64, TAIL_P=8, PDL=True)
+        return K._conv_input_kernel, sig, const, (4, 1)
     if name == "overlap-add":
         sig = dict(y_ptr="*fp32", part_ptr="*fp32", slot_ptr="*i64", bias_ptr="*fp32", out_ptr="*fp32", C=i32, T=i32,
-                   S=i32, syb=i32, syt=i32, syc=i32, sps=i32, spc=i32, sob=i32, soc=i32)
-        return K._overlap_add_kernel, sig, dict(HAS_BIAS=True, BLOCK_C=16, BLOCK_T=128, S_P=8), (4, 1)
+                   S=i32, syb=i32, syt=i32, syc=i32, sps=i32, spc=i32, sob=i32, soc=i32, sot=i32)
+        return K._overlap_add_kernel, sig, dict(HAS_BIAS=True, BLOCK_C=16, BLOCK_T=128, S_P=8, PDL=True), (4, 1)
     if name == "codebook sum":
         sig = dict(code_ptr="*i64", tab_ptr="*fp32", sc_ptr="*fp32", out_ptr="*fp32", NCB=i32, BINS=i32, D=i32, K=i32,
                    scb=i32, sck=i32)
-        return K._codebook_sum_kernel, sig, dict(BLOCK_D=128, K_P=4), (4, 1)
+        return K._codebook_sum_kernel, sig, dict(BLOCK_D=128, K_P=4, PDL=True), (4, 1)
     if name == "ring attention":
         sig = dict(q_ptr="*fp32", k_ring="*fp32", v_ring="*fp32", slot_ptr="*i64", end_ptr="*i64", o_ptr="*fp32",
                    po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32", sq_b=i32, sq_t=i32, sq_h=i32, sr_slot=i32,
                    sr_h=i32, sr_w=i32, W=i32, H=i32, T=i32, CHUNK=i32, scale="fp32")
-        return K._ring_chunk_attn_kernel, sig, dict(D=64, BLOCK_W=32, NSPLIT=8), (2, 1)
+        return K._ring_chunk_attn_kernel, sig, dict(D=64, BLOCK_W=32, NSPLIT=8, PDL=True), (2, 1)
+    if name == "elu":
+        sig = dict(x_ptr="*fp32", y_ptr="*fp32", n=i32, C=i32, T=i32, sxb=i32, sxc=i32, sxt=i32, syb=i32, syc=i32,
+                   syt=i32)
+        return K._elu_kernel, sig, dict(BLOCK=1024, PDL=True), (4, 1)
+    if name == "rope":
+        sig = dict(qkv_ptr="*fp32", pos_ptr="*i64", slot_ptr="*i64", ridx_ptr="*i64", q_ptr="*fp32", k_ring="*fp32",
+                   v_ring="*fp32", freq_ptr="*fp32", ks_ptr="*fp32", vs_ptr="*fp32", s_b=i32, s_h=i32, sq_b=i32,
+                   sq_h=i32, sr_slot=i32, sr_h=i32, sr_w=i32, ss_slot=i32, ss_h=i32, HD=i32, PER=i32, W=i32)
+        return K._qkv_rope_write_kernel, sig, dict(HALF=32, QUANT=False, RIDX=False, PDL=True), (1, 1)
+    if name == "layer norm":
+        sig = dict(x_ptr="*fp32", d_ptr="*fp32", s_ptr="*fp32", w_ptr="*fp32", b_ptr="*fp32", xo_ptr="*fp32",
+                   y_ptr="*fp32", N=i32, eps="fp32", sx=i32, sd=i32, sxo=i32, sy=i32)
+        return K._scale_add_ln_kernel, sig, dict(HAS_DELTA=True, NORM=True, BLOCK=512, RN_MUL=True, PDL=True), (4, 1)
     sig = dict(x_ptr="*fp32", s_ptr="*fp32", n_ptr="*fp32", cb_ptr="*fp32", xo_ptr="*fp32", code_ptr="*i64", N=i32,
                D=i32, sx=i32, ss=i32, sxo=i32, scode=i32)
-    return K._rvq_step_kernel, sig, dict(BLOCK_N=2048, BLOCK_D=256), (8, 1)
+    return K._rvq_step_kernel, sig, dict(BLOCK_N=2048, BLOCK_D=256, PDL=True), (8, 1)
 
 
 VARIANTS = {
@@ -91,10 +107,16 @@ VARIANTS = {
     "sampler, float32 teacher-forced": _sample("*fp32", block=2048, passes=16, forced=True, pdl=False),
     "Mimi's convolution input": _codec("conv input"),
     "Mimi's downsampling input, fresh streams": _codec("conv input", act=False, fresh=True),
+    "Mimi's convolution columns": _codec("conv input", ks=7),
+    "Mimi's downsampling columns, fresh streams": _codec("conv input", act=False, fresh=True, ks=4),
     "Mimi's overlap-add": _codec("overlap-add"),
     "Mimi's residual VQ step": _codec("rvq"),
     "Mimi's ring attention, split": _codec("ring attention"),
     "Mimi's codebook sum": _codec("codebook sum"),
+    "Mimi's feed-forward input with its GELU": _rows("*fp32", "*fp32", fma=True, m=2, gelu=True, cfg=(4, 512, 4, 3)),
+    "Mimi's ELU, strided": _codec("elu"),
+    "Mimi's rope and ring write, chunks of positions": _codec("rope"),
+    "Mimi's scale-add LayerNorm": _codec("layer norm"),
 }
 
 

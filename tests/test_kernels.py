@@ -3,6 +3,8 @@ shapes everywhere (on the CPU through the Triton interpreter). Tolerances, as re
 error against the reference computed in float64 where the op is continuous: float32 1e-5,
 bfloat16 within 2x of the torch bfloat16 reference's own error (plus 1e-3)."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -90,6 +92,28 @@ def test_qkv_rope_write(B, H, D, W, dtype):
     assert torch.equal(rings[1], rings[3])  # v is copied
 
 
+@pytest.mark.parametrize("B,T,H,D,W", ([(1, 2, 8, 64, 250), (32, 2, 8, 64, 250)] if CUDA else [])
+                         + [(1, 2, 2, 16, 5), (3, 3, 2, 8, 7)])
+def test_qkv_rope_write_of_chunks(B, T, H, D, W):
+    # Mimi's transformer: T new positions per slot from the slot's position, ring entry = position
+    # mod W, the same as the rows spelt out one by one
+    g = torch.Generator().manual_seed(B * T + W)
+    S = B + 2
+    qkv = _randn(B * T, 3, H, D, dtype=torch.float32, g=g)
+    pos = torch.randint(0, 1000, (B,), generator=g).to(DEV)
+    slots = torch.randperm(S, generator=g)[:B].to(DEV)
+    rows_pos = (pos.view(B, 1) + torch.arange(T, device=DEV)).view(-1)
+    rings = [torch.zeros(S, H, W, D, device=DEV) for _ in range(6)]
+    q = K.qkv_rope_write(qkv, pos, 10000.0, slots, None, rings[0], rings[1], per=T)
+    qr = qkv_rope_write_ref(qkv, pos, 10000.0, slots, None, rings[2], rings[3], per=T)
+    qe = qkv_rope_write_ref(qkv, rows_pos, 10000.0, slots.repeat_interleave(T), rows_pos % W, rings[4], rings[5])
+    assert torch.equal(qr, qe) and torch.equal(rings[2], rings[4]) and torch.equal(rings[3], rings[5])
+    torch.testing.assert_close(q, qr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rings[0], rings[2], rtol=1e-5, atol=1e-5)
+    assert torch.equal(rings[1], rings[3])
+    assert int((rings[1] != 0).any(-1).sum()) == B * T * H  # every row's v landed in its own entry
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,H,D,W", ATTN_SHAPES)
 def test_decode_attention(B, H, D, W, dtype):
@@ -126,6 +150,12 @@ def test_elu(shape, dtype):
     g = torch.Generator().manual_seed(1)
     x = _randn(*shape, dtype=dtype, g=g)
     _check(K.elu(x), elu_ref(x), elu_ref(x.double()), dtype)
+    # into a transposed output (the transposed convolution's rows), and from a transposed view
+    B, C, T = shape
+    out = torch.full((B, T, C), float("nan"), device=DEV, dtype=dtype)
+    assert K.elu(x, out=out.transpose(1, 2)).data_ptr() == out.data_ptr()
+    assert torch.equal(out.transpose(1, 2), K.elu(x))
+    assert torch.equal(K.elu(out.transpose(1, 2)), K.elu(K.elu(x)))
 
 
 @pytest.mark.parametrize("B,V,k", ([(1, 32000, 25), (8, 2048, 250), (32, 2048, 250)] if CUDA else [])
@@ -241,6 +271,23 @@ def test_few_rows_linear_without_dot(M, N, KD, config, dtype):
         assert _rel(K.rows_linear(x, w8, s, config, fma=True), linear_fp8_ref(x, w8, s)) < 8e-3
 
 
+@pytest.mark.parametrize("M,N,KD,kind,config", ([(2, 2048, 512, "few", (4, 512, 4, 3)),
+                                                 (16, 2048, 512, "rows", (16, 256, 4, 3))] if CUDA else [])
+                         + [(2, 40, 64, "few", (8, 256, 4, 3)), (3, 33, 130, "rows", (16, 128, 4, 3)),
+                            (1, 17, 40, "gemv", (8, 256, 4, 3))])
+def test_gelu_linear(M, N, KD, kind, config):
+    # Mimi's feed-forward input in float32: the product's GELU in the same launch matches F.gelu
+    # of the product; the one-row kernel, which has no GELU, applies it after
+    L = importlib.import_module("engine.kernels.linear")
+    g = torch.Generator().manual_seed(M * N + KD + 7)
+    x = _randn(M, KD, dtype=torch.float32, g=g)
+    w = (torch.randn(N, KD, generator=g) / KD ** 0.5).to(DEV)
+    out = L._run_kernel((kind, config), x, w, None, gelu=True)
+    ref64 = torch.nn.functional.gelu(torch.nn.functional.linear(x.double(), w.double()))
+    assert _rel(out, ref64) < 1e-5
+    assert _rel(out, torch.nn.functional.gelu(torch.nn.functional.linear(x, w))) < 1e-5
+
+
 # (the interpreter rounds to bfloat16 by truncation, so half precision is float16 there)
 @pytest.mark.parametrize("dtype", DTYPES if CUDA else [torch.float32, torch.float16])
 @pytest.mark.parametrize("N,KD,config", ([(3072, 1024, (8, 256, 4, 3)), (1024, 2816, (4, 512, 4, 3)),
@@ -317,8 +364,6 @@ def test_fused_pick_takes_the_separate_kernels_only_when_they_win_clearly(monkey
     # The calibration of a one-row product with a prologue times the separate kernels and each
     # block shape of the one-launch kernel (each run once here); the separate kernels are kept
     # only when they are faster by more than an extra launch's hidden cost (0.5 us).
-    import importlib
-
     L = importlib.import_module("engine.kernels.linear")
     from engine.kernels import rms_norm_ref
 
@@ -505,7 +550,8 @@ def test_rvq_step_picks_the_first_nearest_centroid(B, N, D):
 
 @pytest.mark.parametrize("B,C,T,tail,act,fresh", ([(1, 64, 1920, 2, True, False), (4, 512, 2, 2, False, True)]
                                                   if CUDA else [])
-                         + [(2, 3, 8, 2, True, False), (3, 5, 1, 6, True, False), (3, 4, 2, 2, False, True)])
+                         + [(2, 3, 8, 2, True, False), (3, 5, 1, 6, True, False), (3, 4, 2, 2, False, True),
+                            (1, 2, 1100, 2, True, False)])
 def test_conv_input_reads_and_advances_the_slots_tails(B, C, T, tail, act, fresh):
     # Mimi's streaming convolution input: [kept tail | elu(x)], the slot's tail advanced in
     # place (a fresh slot's tail: x's first column repeated); x may be a transposed view
@@ -527,6 +573,68 @@ def test_conv_input_reads_and_advances_the_slots_tails(B, C, T, tail, act, fresh
         assert torch.equal(out, ref) and torch.equal(tails, t_ref)
     others = [s for s in range(S) if s not in slots.tolist()]
     assert torch.equal(tails[others], t_ref[others])
+
+
+@pytest.mark.parametrize("B,C,T,kernel,stride,dil,act,fresh",
+                         ([(1, 64, 1920, 3, 1, 1, True, False), (1, 512, 2, 7, 1, 1, False, False),
+                           (2, 256, 16, 12, 6, 1, True, False), (4, 512, 2, 4, 2, 1, False, True)] if CUDA else [])
+                         + [(2, 3, 8, 3, 1, 1, True, False), (3, 5, 4, 3, 1, 2, True, False),
+                            (2, 4, 6, 6, 3, 1, True, False), (3, 4, 2, 4, 2, 1, False, True),
+                            (1, 1, 12, 7, 1, 1, False, False), (1, 2, 1100, 3, 1, 1, True, False)])
+def test_conv_columns_make_the_convolution_one_product(B, C, T, kernel, stride, dil, act, fresh):
+    # a streaming convolution's input as the product's columns, written from the slot's tail and
+    # x (a transposed view) with the tail advanced as `conv_input` advances it: cols @ W^T is
+    # the convolution of [tail | elu(x)]
+    from engine.kernels.codec import conv_columns_ref, conv_input_ref
+
+    g = torch.Generator().manual_seed(C * T + kernel + dil)
+    S = B + 2
+    tail = (kernel - 1) * dil + 1 - stride
+    x = _randn(B, T, C, dtype=torch.float32, g=g).transpose(1, 2)
+    tails = _randn(S, C, tail, dtype=torch.float32, g=g)
+    slots = torch.randperm(S, generator=g)[:B].to(DEV)
+    flags = (torch.arange(S) % 2 == 0).to(DEV) if fresh else None
+    t_ref, t_in = tails.clone(), tails.clone()
+    cols = K.conv_columns(x, tails, slots, act, kernel, stride, dil, flags)
+    ref = conv_columns_ref(x, t_ref, slots, act, kernel, stride, dil, flags)
+    assert cols.shape == (B * (T // stride), C * kernel)
+    torch.testing.assert_close(cols, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(tails, t_ref, rtol=1e-6, atol=1e-6)
+    w = _randn(5, C, kernel, dtype=torch.float32, g=g)
+    conv = torch.nn.functional.conv1d(conv_input_ref(x, t_in, slots, act, flags).double(), w.double(), stride=stride,
+                                      dilation=dil)
+    prod = (ref.double() @ w.view(5, -1).double().t()).view(B, T // stride, 5).transpose(1, 2)
+    torch.testing.assert_close(prod, conv, rtol=1e-9, atol=1e-9)
+    others = [s for s in range(S) if s not in slots.tolist()]
+    assert torch.equal(tails[others], t_ref[others])
+
+
+@pytest.mark.parametrize("B,T,C,S,bias,channels_last", ([(1, 2, 512, 8, True, False), (1, 1, 512, 2, False, True)]
+                                                         if CUDA else [])
+                         + [(2, 3, 5, 4, True, False), (3, 1, 6, 2, False, True), (2, 2, 3, 3, True, True)])
+def test_overlap_add_advances_the_slots_partials(B, T, C, S, bias, channels_last):
+    # a transposed convolution's overlap-add (kernel 2 x stride): frame t's first half plus frame
+    # t - 1's second half, the slot's kept partial standing in for frame -1 and replaced;
+    # channels_last: the output laid out [B, T * S, C] (the decoder transformer's rows)
+    from engine.kernels.codec import overlap_add_ref
+
+    g = torch.Generator().manual_seed(B * T * C + S)
+    slots_n = B + 2
+    y = _randn(B, T, C, 2 * S, dtype=torch.float32, g=g)
+    part = _randn(slots_n, C, S, dtype=torch.float32, g=g)
+    b = _randn(C, dtype=torch.float32, g=g) if bias else None
+    slots = torch.randperm(slots_n, generator=g)[:B].to(DEV)
+    p_old, p_ref = part.clone(), part.clone()
+    out = K.overlap_add(y, part, slots, b, channels_last)
+    ref = overlap_add_ref(y, p_ref, slots, b, channels_last)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(part, p_ref, rtol=1e-6, atol=1e-6)
+    assert (out.stride(1) == 1) == channels_last and (ref.stride(1) == 1) == channels_last
+    torch.testing.assert_close(out[..., :S], y[:, 0, :, :S] + p_old[slots], rtol=1e-6, atol=1e-6)
+    last = y[:, T - 1, :, S:] + (b.view(1, C, 1) if bias else 0)
+    torch.testing.assert_close(part[slots], last, rtol=1e-6, atol=1e-6)
+    others = [i for i in range(slots_n) if i not in slots.tolist()]
+    assert torch.equal(part[others], p_old[others])
 
 
 @pytest.mark.parametrize("B,n,bins,D,width", ([(1, 8, 2048, 512, 4), (32, 8, 2048, 512, 4)] if CUDA else [])

@@ -11,7 +11,7 @@ from .layer_norm import scale_add_layer_norm, scale_add_layer_norm_ref  # noqa: 
 from .rope import qkv_rope_write, qkv_rope_write_ref, rope_qkv, rope_ref  # noqa: F401
 from .attention import (causal_suffices, decode_attention, decode_attention_ref, prefill_attention_ref,  # noqa: F401
                         prefill_mask, ring_chunk_attention, ring_chunk_attention_ref, step_attention, step_attention_ref)
-from .linear import (add_linear, attention_linear, calibration, embedding_ref, linear, linear_choices, linear_fp8,  # noqa: F401
-                     linear_fp8_ref, linear_ref, norm_linear, product, silu_linear)
+from .linear import (add_linear, attention_linear, calibration, embedding_ref, gelu_linear, linear,  # noqa: F401
+                     linear_choices, linear_fp8, linear_fp8_ref, linear_ref, norm_linear, product, silu_linear)
 from .activations import elu, elu_ref, silu_mul, silu_mul_ref  # noqa: F401
 from .sampling import sample_tokens, sample_tokens_ref, uniform_noise  # noqa: F401

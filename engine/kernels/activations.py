@@ -25,8 +25,9 @@ def elu_ref(x: torch.Tensor) -> torch.Tensor:
     return F.elu(x)
 
 
-def elu(x: torch.Tensor) -> torch.Tensor:
-    if triton_enabled(x) and x.is_contiguous():
+def elu(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """elu(x), written into `out` (x's shape, any layout: a transposed view, say) when given."""
+    if triton_enabled(x) and x.dim() <= 3:
         from . import triton_ops
-        return triton_ops.elu(x)
-    return elu_ref(x)
+        return triton_ops.elu(x, out)
+    return elu_ref(x) if out is None else out.copy_(elu_ref(x))

@@ -5,6 +5,8 @@ batch sizes.
 - `conv_input`: a causal convolution's input, [tail | act(x)], with the slot's kept tail read
   (or, for a fresh stream, its first input repeated) and its new tail (the last `tail`
   columns) written back in place.
+- `conv_columns`: the same input as a product's columns (each output's taps in a row), so that
+  the convolution is one matrix product (`mimi.Conv`), without cuDNN's layout conversions.
 - `overlap_add`: a transposed convolution with kernel 2 x stride from its per-frame product:
   frame t's first half plus frame t - 1's second half (and the bias), the slot's kept partial
   standing in for frame -1 and replaced by the last frame's second half.
@@ -45,10 +47,32 @@ def conv_input(x: torch.Tensor, tail: torch.Tensor, slots: torch.Tensor, act: bo
     return conv_input_ref(x, tail, slots, act, fresh)
 
 
+def conv_columns_ref(x: torch.Tensor, tail: torch.Tensor, slots: torch.Tensor, act: bool, kernel: int, stride: int,
+                     dilation: int, fresh: torch.Tensor | None = None) -> torch.Tensor:
+    """The causal convolution's input `conv_input_ref(x, tail, slots, act, fresh)` as the
+    product's columns: [B * T', C * kernel] with row b * T' + t holding, channel by channel, the
+    kernel's taps of output t (input t * stride + k * dilation), T' = T / stride outputs. The
+    convolution is then cols @ W.view(out, C * kernel)^T."""
+    B, C, T = x.shape
+    xx = conv_input_ref(x, tail, slots, act, fresh)
+    span = (kernel - 1) * dilation + 1
+    win = xx.unfold(2, span, stride)[..., ::dilation]            # [B, C, T', kernel]
+    return win.permute(0, 2, 1, 3).reshape(B * win.shape[2], C * kernel)
+
+
+def conv_columns(x: torch.Tensor, tail: torch.Tensor, slots: torch.Tensor, act: bool, kernel: int, stride: int,
+                 dilation: int, fresh: torch.Tensor | None = None) -> torch.Tensor:
+    if triton_enabled(x) and tail.stride(-1) == 1:
+        from . import triton_ops
+        return triton_ops.conv_columns(x, tail, slots, act, kernel, stride, dilation, fresh)
+    return conv_columns_ref(x, tail, slots, act, kernel, stride, dilation, fresh)
+
+
 def overlap_add_ref(y: torch.Tensor, partial: torch.Tensor, slots: torch.Tensor,
-                    bias: torch.Tensor | None) -> torch.Tensor:
+                    bias: torch.Tensor | None, channels_last: bool = False) -> torch.Tensor:
     """y: [B, T, C, 2s], frame t's product with the kernel; partial: [S, C, s], the rows of
-    `slots` read and rewritten; bias: [C] or None. Returns [B, C, T * s]."""
+    `slots` read and rewritten; bias: [C] or None. Returns [B, C, T * s] (channels_last: laid
+    out [B, T * s, C] in memory)."""
     B, T, C, K = y.shape
     s = K // 2
     late = y[..., s:]                                   # frame t's part in frame t + 1
@@ -56,15 +80,16 @@ def overlap_add_ref(y: torch.Tensor, partial: torch.Tensor, slots: torch.Tensor,
         late = late + bias.view(1, 1, C, 1)
     prev = torch.cat([partial[slots].unsqueeze(1), late[:, :T - 1]], dim=1)
     partial[slots] = late[:, T - 1]
-    return (y[..., :s] + prev).permute(0, 2, 1, 3).reshape(B, C, T * s)
+    out = (y[..., :s] + prev).permute(0, 2, 1, 3).reshape(B, C, T * s)
+    return out.transpose(1, 2).contiguous().transpose(1, 2) if channels_last else out
 
 
 def overlap_add(y: torch.Tensor, partial: torch.Tensor, slots: torch.Tensor,
-                bias: torch.Tensor | None) -> torch.Tensor:
+                bias: torch.Tensor | None, channels_last: bool = False) -> torch.Tensor:
     if triton_enabled(y) and y.stride(-1) == 1 and partial.stride(-1) == 1:
         from . import triton_ops
-        return triton_ops.overlap_add(y, partial, slots, bias)
-    return overlap_add_ref(y, partial, slots, bias)
+        return triton_ops.overlap_add(y, partial, slots, bias, channels_last)
+    return overlap_add_ref(y, partial, slots, bias, channels_last)
 
 
 def rvq_step_ref(x: torch.Tensor, scores: torch.Tensor, norms: torch.Tensor, codebook: torch.Tensor,

@@ -52,9 +52,21 @@ def rope_qkv(qkv: torch.Tensor, pos: torch.Tensor, max_period: float):
     return q, k, qkv[:, 2]
 
 
-def qkv_rope_write_ref(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring, k_scale=None, v_scale=None):
+def _rows_of(pos, slots, ring_idx, per: int, window: int):
+    """Each row's (position, slot, ring index) when pos and slots are given per `per` rows (row r:
+    position pos[r // per] + r % per) and the ring index is the position mod the window."""
+    if per > 1:
+        pos = (pos.view(-1, 1) + torch.arange(per, device=pos.device).view(1, per)).view(-1)
+        slots = slots.repeat_interleave(per)
+    return pos, slots, (pos % window if ring_idx is None else ring_idx)
+
+
+def qkv_rope_write_ref(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring, k_scale=None, v_scale=None, per=1):
     """qkv: [B, 3, H, D]; k_ring, v_ring: [S, H, W, D] of one layer. Returns rotated q [B, H, D].
-    With scales ([S, H, W]), the rings are e4m3: each stored vector is quantized with its own."""
+    With scales ([S, H, W]), the rings are e4m3: each stored vector is quantized with its own.
+    ring_idx None: each row's position mod W. per > 1: pos and slots hold one entry per `per`
+    consecutive rows, row r at position pos[r // per] + r % per (a chunk of positions per slot)."""
+    pos, slots, ring_idx = _rows_of(pos, slots, ring_idx, per, k_ring.shape[2])
     q, k = rope_ref(qkv[:, 0], qkv[:, 1], pos, max_period)
     v = qkv[:, 2]
     if k_scale is not None:
@@ -67,8 +79,9 @@ def qkv_rope_write_ref(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring, k_
     return q
 
 
-def qkv_rope_write(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring, k_scale=None, v_scale=None):
+def qkv_rope_write(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring, k_scale=None, v_scale=None, per=1):
     if triton_enabled(qkv):
         from . import triton_ops
-        return triton_ops.qkv_rope_write(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring, k_scale, v_scale)
-    return qkv_rope_write_ref(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring, k_scale, v_scale)
+        return triton_ops.qkv_rope_write(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring, k_scale, v_scale,
+                                         per)
+    return qkv_rope_write_ref(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring, k_scale, v_scale, per)

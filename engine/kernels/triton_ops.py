@@ -117,7 +117,9 @@ def rms_norm(x: torch.Tensor, alpha: torch.Tensor, eps: float) -> torch.Tensor:
 
 @triton.jit
 def _scale_add_ln_kernel(x_ptr, d_ptr, s_ptr, w_ptr, b_ptr, xo_ptr, y_ptr, N, eps, sx, sd, sxo, sy,
-                         HAS_DELTA: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr, RN_MUL: tl.constexpr):
+                         HAS_DELTA: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr, RN_MUL: tl.constexpr,
+                         PDL: tl.constexpr):
+    _pdl_start(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     m = offs < N
@@ -156,7 +158,7 @@ def scale_add_layer_norm(x, delta, scale, weight, bias, eps: float):
     _scale_add_ln_kernel[(x2.shape[0],)](x2, d2, scale if delta is not None else x2, weight if norm else x2,
                                          bias if norm else x2, xo, y, N, eps, x2.stride(0), d2.stride(0),
                                          xo.stride(0), y.stride(0), HAS_DELTA=delta is not None, NORM=norm,
-                                         BLOCK=_pow2(N), RN_MUL=x.is_cuda, num_warps=nw)
+                                         BLOCK=_pow2(N), RN_MUL=x.is_cuda, num_warps=nw, **_pdl_kw(x2))
     return xo.view(x.shape), (y.view(x.shape) if norm else None)
 
 
@@ -166,13 +168,16 @@ def scale_add_layer_norm(x, delta, scale, weight, bias, eps: float):
 
 @triton.jit
 def _qkv_rope_write_kernel(qkv_ptr, pos_ptr, slot_ptr, ridx_ptr, q_ptr, k_ring, v_ring, freq_ptr, ks_ptr, vs_ptr,
-                           s_b, s_h, sq_b, sq_h, sr_slot, sr_h, sr_w, ss_slot, ss_h, HD,
-                           HALF: tl.constexpr, QUANT: tl.constexpr, PDL: tl.constexpr):
+                           s_b, s_h, sq_b, sq_h, sr_slot, sr_h, sr_w, ss_slot, ss_h, HD, PER, W,
+                           HALF: tl.constexpr, QUANT: tl.constexpr, RIDX: tl.constexpr, PDL: tl.constexpr):
+    # row b: position pos[b // PER] + b % PER of slot slots[b // PER]; its ring entry ridx[b]
+    # (RIDX), else the position mod W
     _pdl_start(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     i = tl.arange(0, HALF)
-    pos = tl.load(pos_ptr + b).to(tl.float32)
+    p = tl.load(pos_ptr + b // PER) + b % PER
+    pos = p.to(tl.float32)
     # the same float32 angle as the reference: far into a session (p ~ 1e4) one ulp of a
     # frequency would already move it by 1e-3 rad
     ang = pos * tl.load(freq_ptr + i)
@@ -188,8 +193,11 @@ def _qkv_rope_write_kernel(qkv_ptr, pos_ptr, slot_ptr, ridx_ptr, q_ptr, k_ring, 
     qo = q_ptr + b * sq_b + h * sq_h
     tl.store(qo + 2 * i, (qa * c - qb * s).to(q_ptr.dtype.element_ty))
     tl.store(qo + 2 * i + 1, (qa * s + qb * c).to(q_ptr.dtype.element_ty))
-    slot = tl.load(slot_ptr + b)
-    r = tl.load(ridx_ptr + b)
+    slot = tl.load(slot_ptr + b // PER)
+    if RIDX:
+        r = tl.load(ridx_ptr + b)
+    else:
+        r = p % W
     off = slot * sr_slot + h * sr_h + r * sr_w
     # k is rounded to the activation dtype first, as the reference's rope returns it
     kra = (ka * c - kb * s).to(q_ptr.dtype.element_ty).to(tl.float32)
@@ -223,9 +231,9 @@ def rope_freqs(D: int, max_period: float, device) -> torch.Tensor:
     return _FREQS[key]
 
 
-def qkv_rope_write(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring, k_scale=None, v_scale=None):
+def qkv_rope_write(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring, k_scale=None, v_scale=None, per=1):
     """qkv: [B, 3, H, D]; k_ring, v_ring: [S, H, W, D] (one layer; e4m3 with scales [S, H, W]
-    when given). Returns rotated q [B, H, D]."""
+    when given). Returns rotated q [B, H, D]. ring_idx None and per: see `rope.qkv_rope_write_ref`."""
     B, three, H, D = qkv.shape
     assert three == 3 and qkv.stride(-1) == 1 and qkv.stride(2) == D and qkv.stride(1) == H * D
     assert k_ring.is_contiguous() and v_ring.is_contiguous() and k_ring.shape == v_ring.shape
@@ -233,14 +241,17 @@ def qkv_rope_write(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring, k_scal
     if quant:
         assert k_scale.is_contiguous() and v_scale.is_contiguous()
     # read by row: a stride-0 view (an expanded slot index) would be read past its storage
-    pos, slots, ring_idx = pos.contiguous(), slots.contiguous(), ring_idx.contiguous()
+    assert B % per == 0 and pos.numel() == slots.numel() == B // per
+    pos, slots = pos.contiguous(), slots.contiguous()
+    ridx = ring_idx is not None
+    ring_idx = ring_idx.contiguous() if ridx else pos
     q = torch.empty(B, H, D, device=qkv.device, dtype=qkv.dtype)
     ks, vs = (k_scale, v_scale) if quant else (q, q)
     _qkv_rope_write_kernel[(B, H)](
         qkv, pos, slots, ring_idx, q, k_ring, v_ring, rope_freqs(D, max_period, qkv.device), ks, vs,
         qkv.stride(0), D, q.stride(0), q.stride(1), k_ring.stride(0), k_ring.stride(1), k_ring.stride(2),
-        ks.stride(0) if quant else 0, ks.stride(1) if quant else 0, H * D, HALF=D // 2, QUANT=quant,
-        num_warps=1, **_pdl_kw(qkv))
+        ks.stride(0) if quant else 0, ks.stride(1) if quant else 0, H * D, per, k_ring.shape[2], HALF=D // 2,
+        QUANT=quant, RIDX=ridx, num_warps=1, **_pdl_kw(qkv))
     return q
 
 
@@ -401,7 +412,8 @@ def step_attention(qkv, k_buf, v_buf, step: int):
 @triton.jit
 def _ring_chunk_attn_kernel(q_ptr, k_ring, v_ring, slot_ptr, end_ptr, o_ptr, po_ptr, pm_ptr, pl_ptr, sq_b, sq_t, sq_h,
                             sr_slot, sr_h, sr_w, W, H, T, CHUNK, scale, D: tl.constexpr, BLOCK_W: tl.constexpr,
-                            NSPLIT: tl.constexpr):
+                            NSPLIT: tl.constexpr, PDL: tl.constexpr):
+    _pdl_start(PDL)
     # program (b, t, h) x split: the ring entries [split * CHUNK, (split + 1) * CHUNK); with one
     # split the output itself, else the split's running max, sum and weighted values for
     # `_attn_combine_kernel` (row (b * T + t) * H + h)
@@ -479,10 +491,11 @@ def ring_chunk_attention(q, k_ring, v_ring, slots, end, config=None):
     _ring_chunk_attn_kernel[(B * H * T, nsplit)](q, k_ring, v_ring, slots, end, out, po, pm, pl, q.stride(0),
                                                  q.stride(1), q.stride(2), k_ring.stride(0), k_ring.stride(1),
                                                  k_ring.stride(2), W, H, T, chunk, 1.0 / math.sqrt(D), D=D,
-                                                 BLOCK_W=block, NSPLIT=nsplit, num_warps=warps)
+                                                 BLOCK_W=block, NSPLIT=nsplit, num_warps=warps, **_pdl_kw(q))
     if nsplit > 1:
         # rows (b, t) of H heads: the output [B, T, H, D] viewed as [B * T, H, D]
-        _attn_combine_kernel[(B * T * H,)](po, pm, pl, out, H * D, D, H, D=D, NSPLIT=nsplit, num_warps=1, PDL=False)
+        _attn_combine_kernel[(B * T * H,)](po, pm, pl, out, H * D, D, H, D=D, NSPLIT=nsplit, num_warps=1,
+                                           **_pdl_kw(q))
     return out
 
 
@@ -493,11 +506,12 @@ def ring_chunk_attention(q, k_ring, v_ring, slots, end, config=None):
 @triton.jit
 def _rows_linear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, sxm, swn, sym,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALED: tl.constexpr,
-                        IEEE: tl.constexpr, FMA: tl.constexpr, PDL: tl.constexpr):
+                        IEEE: tl.constexpr, FMA: tl.constexpr, GELU: tl.constexpr, PDL: tl.constexpr):
     # IEEE: float32 rows and W, multiplied in full float32 (as cuBLAS does by default), not TF32.
     # FMA: for a few rows (BLOCK_M of them, unpadded), products and sums in float32 on the CUDA
     # cores instead of `tl.dot`, whose tiles pad the rows to 16 (and in full float32 are slow).
-    # PDL: as in `_gemv_kernel`, the first tile of W is loaded before waiting for the kernel before
+    # PDL: as in `_gemv_kernel`, the first tile of W is loaded before waiting for the kernel before.
+    # GELU: the exact (erf) GELU of the product, in float32, as torch's gelu computes it.
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # (one block of rows but for a prefill)
     k_first = tl.arange(0, BLOCK_K)
@@ -529,6 +543,8 @@ def _rows_linear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, sxm, swn, sym,
         acc = tl.sum(acc3, axis=2)
     if SCALED:
         acc = acc * tl.load(s_ptr + n, mask=n < N, other=0.0)[None, :]
+    if GELU:
+        acc = (acc * 0.5) * (1.0 + tl.math.erf(acc * 0.7071067811865476))
     tl.store(y_ptr + mm[:, None] * sym + n[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=(mm[:, None] < M) & (n[None, :] < N))
 
@@ -738,12 +754,13 @@ def silu_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = Non
 
 
 def rows_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, config=(16, 256, 4, 3),
-                fma: bool = False):
+                fma: bool = False, gelu: bool = False):
     """y = x W^T (times a per-output scale for an e4m3 W) for up to 64 rows: one launch streaming W
     once, where cuBLAS splits K and adds a reduction kernel. config: BLOCK_N, BLOCK_K, warps,
     stages. Float32 rows and W multiply in full float32. fma: for up to FEW_ROWS rows, without
     `tl.dot` (`_rows_linear_kernel`'s FMA). More rows (a prefill's, against an e4m3 W) run in
-    blocks of 64, side by side, so each tile of W comes from memory about once."""
+    blocks of 64, side by side, so each tile of W comes from memory about once. gelu: y is the
+    exact GELU of the product (a float32 product's, as `F.gelu` of it)."""
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
     M, N = x2.shape[0], w.shape[0]
@@ -756,7 +773,7 @@ def rows_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = N
     _rows_linear_kernel[(triton.cdiv(N, BLOCK_N), triton.cdiv(M, block_m))](
         x2, w, scale if scale is not None else y, y, M, N, K, x2.stride(0), w.stride(0), y.stride(0),
         BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SCALED=scale is not None,
-        IEEE=x.dtype == torch.float32, FMA=fma, num_warps=warps, num_stages=stages, **_pdl_kw(x2))
+        IEEE=x.dtype == torch.float32, FMA=fma, GELU=gelu, num_warps=warps, num_stages=stages, **_pdl_kw(x2))
     return y.view(*x.shape[:-1], N)
 
 
@@ -807,18 +824,27 @@ def _elu_f32(x):
 
 
 @triton.jit
-def _elu_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+def _elu_kernel(x_ptr, y_ptr, n, C, T, sxb, sxc, sxt, syb, syc, syt, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    # element i of [B, C, T]: (i // (C T), i // T mod C, i mod T), at each tensor's strides
+    _pdl_start(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
-    y = _elu_f32(tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32))
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=m)
+    t = offs % T
+    c = (offs // T) % C
+    b = offs // (T * C)
+    y = _elu_f32(tl.load(x_ptr + b * sxb + c * sxc + t * sxt, mask=m, other=0.0).to(tl.float32))
+    tl.store(y_ptr + b * syb + c * syc + t * syt, y.to(y_ptr.dtype.element_ty), mask=m)
 
 
-def elu(x: torch.Tensor) -> torch.Tensor:
-    assert x.is_contiguous()
-    y = torch.empty_like(x)
+def elu(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """elu(x) for x of up to 3 dims, into `out` (any layout of x's shape) when given."""
+    assert x.dim() <= 3 and (out is None or (out.shape == x.shape and out.dtype == x.dtype))
+    y = torch.empty_like(x) if out is None else out
+    x3 = x.view((1,) * (3 - x.dim()) + tuple(x.shape))
+    y3 = y.view((1,) * (3 - y.dim()) + tuple(y.shape)) if y.dim() < 3 else y
     n = x.numel()
-    _elu_kernel[(triton.cdiv(n, 1024),)](x, y, n, BLOCK=1024, num_warps=4)
+    _elu_kernel[(triton.cdiv(n, 1024),)](x3, y3, n, x3.shape[1], x3.shape[2], *x3.stride(), *y3.stride(), BLOCK=1024,
+                                         num_warps=4, **_pdl_kw(x))
     return y
 
 
@@ -917,23 +943,30 @@ def sample_tokens(logits, temperature, top_k, greedy, seed, counter, stream: int
 
 
 @triton.jit
-def _conv_input_kernel(x_ptr, tail_ptr, slot_ptr, fresh_ptr, xx_ptr, C, T, TAIL, sxb, sxc, sxt, sts, stc, sxxb, sxxc,
-                       ACT: tl.constexpr, FRESH: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
-                       TAIL_P: tl.constexpr):
+def _conv_input_kernel(x_ptr, tail_ptr, slot_ptr, fresh_ptr, out_ptr, C, T, TAIL, NU, STRIDE, DIL, sxb, sxc, sxt, sts,
+                       stc, sob, sou, soc, ACT: tl.constexpr, FRESH: tl.constexpr, KS: tl.constexpr,
+                       BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, TAIL_P: tl.constexpr, PDL: tl.constexpr):
+    # xx = [tail | act(x)] (length TAIL + T) of BLOCK_C channels, written as NU units of KS taps:
+    # tap k of unit u is xx[u * STRIDE + k * DIL], stored at out + b sob + u sou + c soc + k (the
+    # input itself: KS 1, STRIDE 1, NU = TAIL + T; a convolution's columns: KS its kernel, NU
+    # its outputs). Program (b, channels, units) writes BLOCK_T units; only the units of block 0
+    # read the kept tail (the launcher checks), so that block alone writes the new one, after
+    # its own reads.
+    _pdl_start(PDL)
     b = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ub = tl.program_id(2)
     cm = c < C
     slot = tl.load(slot_ptr + b)
     tb = tail_ptr + slot * sts + c[:, None] * stc
     xb = x_ptr + b * sxb + c[:, None] * sxc
-    L = TAIL + T
     if FRESH:  # a fresh stream's tail: its first input, repeated
         fresh = tl.load(fresh_ptr + slot) != 0
         x0 = tl.load(xb, mask=cm[:, None], other=0.0)
     # the new tail, the last TAIL columns of [tail | act(x)], read before this row is written
     j = tl.arange(0, TAIL_P)
     src = T + j
-    jm = cm[:, None] & (j < TAIL)[None, :]
+    jm = cm[:, None] & ((j < TAIL) & (j * 0 + ub == 0))[None, :]
     nt_t = tl.load(tb + src[None, :], mask=jm & (src < TAIL)[None, :], other=0.0)
     if FRESH:
         nt_t = tl.where(fresh, x0, nt_t)
@@ -941,18 +974,19 @@ def _conv_input_kernel(x_ptr, tail_ptr, slot_ptr, fresh_ptr, xx_ptr, C, T, TAIL,
     if ACT:
         nt_x = _elu_f32(nt_x)
     nt = tl.where((src < TAIL)[None, :], nt_t, nt_x.to(nt_t.dtype))
-    for t0 in range(0, L, BLOCK_T):
-        i = t0 + tl.arange(0, BLOCK_T)
+    u = ub * BLOCK_T + tl.arange(0, BLOCK_T)
+    um = u < NU
+    for k in tl.static_range(KS):
+        i = u * STRIDE + k * DIL
         ft = i < TAIL
-        vt = tl.load(tb + i[None, :], mask=cm[:, None] & ft[None, :], other=0.0)
+        vt = tl.load(tb + i[None, :], mask=cm[:, None] & (ft & um)[None, :], other=0.0)
         if FRESH:
             vt = tl.where(fresh, x0, vt)
-        vx = tl.load(xb + (i - TAIL)[None, :] * sxt, mask=cm[:, None] & (~ft & (i < L))[None, :],
-                     other=0.0).to(tl.float32)
+        vx = tl.load(xb + (i - TAIL)[None, :] * sxt, mask=cm[:, None] & (~ft & um)[None, :], other=0.0).to(tl.float32)
         if ACT:
             vx = _elu_f32(vx)
         v = tl.where(ft[None, :], vt, vx.to(vt.dtype))
-        tl.store(xx_ptr + b * sxxb + c[:, None] * sxxc + i[None, :], v, mask=cm[:, None] & (i < L)[None, :])
+        tl.store(out_ptr + b * sob + c[:, None] * soc + u[None, :] * sou + k, v, mask=cm[:, None] & um[None, :])
     tl.debug_barrier()  # every read of the old tail (above, by any thread) before it is overwritten
     tl.store(tb + j[None, :], nt, mask=jm)
 
@@ -964,25 +998,47 @@ def _row_blocks(C: int, L: int, t: torch.Tensor) -> tuple[int, int]:
     return min(_pow2(C), max(1, (2048 if t.is_cuda else 1 << 16) // bt)), bt
 
 
-def conv_input(x: torch.Tensor, tail: torch.Tensor, slots: torch.Tensor, act: bool,
-               fresh: torch.Tensor | None = None) -> torch.Tensor:
-    """See `codec.conv_input_ref`."""
+def _conv_input_launch(x, tail, slots, act, fresh, out, nu, ks, stride, dil, sob, sou, soc):
     B, C, T = x.shape
     TAIL = tail.shape[-1]
     assert tail.stride(-1) == 1 and tail.dtype == x.dtype and TAIL > 0
     assert not (fresh is not None and act), "a fresh stream repeats its raw first input"
-    xx = torch.empty(B, C, TAIL + T, device=x.device, dtype=x.dtype)
-    bc, bt = _row_blocks(C, TAIL + T, x)
-    _conv_input_kernel[(B, triton.cdiv(C, bc))](x, tail, slots, slots if fresh is None else fresh, xx, C, T, TAIL,
-                                                x.stride(0), x.stride(1), x.stride(2), tail.stride(0), tail.stride(1),
-                                                xx.stride(0), xx.stride(1), ACT=act, FRESH=fresh is not None,
-                                                BLOCK_C=bc, BLOCK_T=bt, TAIL_P=_pow2(TAIL), num_warps=4)
-    return xx
+    # blocks of units: 64 on a GPU, whole rows in the interpreter (fewer, larger programs)
+    bt = min(_pow2(nu), 64 if x.is_cuda else 1024)
+    bc = min(_pow2(C), max(1, (2048 if x.is_cuda else 1 << 16) // (bt * _pow2(ks))))
+    assert min(nu, triton.cdiv(TAIL, stride)) <= bt, "the units that read the kept tail: all in block 0"
+    grid = (B, triton.cdiv(C, bc), triton.cdiv(nu, bt))
+    _conv_input_kernel[grid](x, tail, slots, slots if fresh is None else fresh, out, C, T, TAIL, nu, stride, dil,
+                             x.stride(0), x.stride(1), x.stride(2), tail.stride(0), tail.stride(1), sob, sou, soc,
+                             ACT=act, FRESH=fresh is not None, KS=ks, BLOCK_C=bc, BLOCK_T=bt, TAIL_P=_pow2(TAIL),
+                             num_warps=4, **_pdl_kw(x))
+    return out
+
+
+def conv_input(x: torch.Tensor, tail: torch.Tensor, slots: torch.Tensor, act: bool,
+               fresh: torch.Tensor | None = None) -> torch.Tensor:
+    """See `codec.conv_input_ref`."""
+    B, C, T = x.shape
+    L = tail.shape[-1] + T
+    xx = torch.empty(B, C, L, device=x.device, dtype=x.dtype)
+    return _conv_input_launch(x, tail, slots, act, fresh, xx, L, 1, 1, 1, xx.stride(0), 1, xx.stride(1))
+
+
+def conv_columns(x: torch.Tensor, tail: torch.Tensor, slots: torch.Tensor, act: bool, kernel: int, stride: int,
+                 dilation: int, fresh: torch.Tensor | None = None) -> torch.Tensor:
+    """See `codec.conv_columns_ref`."""
+    B, C, T = x.shape
+    TO = T // stride
+    cols = torch.empty(B * TO, C * kernel, device=x.device, dtype=x.dtype)
+    return _conv_input_launch(x, tail, slots, act, fresh, cols, TO, kernel, stride, dilation, TO * C * kernel,
+                              C * kernel, kernel)
 
 
 @triton.jit
-def _overlap_add_kernel(y_ptr, part_ptr, slot_ptr, bias_ptr, out_ptr, C, T, S, syb, syt, syc, sps, spc, sob, soc,
-                        HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, S_P: tl.constexpr):
+def _overlap_add_kernel(y_ptr, part_ptr, slot_ptr, bias_ptr, out_ptr, C, T, S, syb, syt, syc, sps, spc, sob, soc, sot,
+                        HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, S_P: tl.constexpr,
+                        PDL: tl.constexpr):
+    _pdl_start(PDL)
     b = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
@@ -1007,31 +1063,35 @@ def _overlap_add_kernel(y_ptr, part_ptr, slot_ptr, bias_ptr, out_ptr, C, T, S, s
         if HAS_BIAS:
             late += bias
         old = tl.load(pb + jj[None, :], mask=om & (t == 0)[None, :], other=0.0)
-        tl.store(out_ptr + b * sob + c[:, None] * soc + o[None, :], early + tl.where((t == 0)[None, :], old, late),
-                 mask=om)
+        tl.store(out_ptr + b * sob + c[:, None] * soc + o[None, :] * sot,
+                 early + tl.where((t == 0)[None, :], old, late), mask=om)
     tl.debug_barrier()  # every read of the old partial before it is overwritten
     tl.store(pb + j[None, :], npart, mask=jm)
 
 
 def overlap_add(y: torch.Tensor, partial: torch.Tensor, slots: torch.Tensor,
-                bias: torch.Tensor | None) -> torch.Tensor:
+                bias: torch.Tensor | None, channels_last: bool = False) -> torch.Tensor:
     """See `codec.overlap_add_ref`."""
     B, T, C, K = y.shape
     S = K // 2
     assert y.stride(-1) == 1 and partial.stride(-1) == 1 and partial.shape[-1] == S
-    out = torch.empty(B, C, T * S, device=y.device, dtype=y.dtype)
+    if channels_last:
+        out = torch.empty(B, T * S, C, device=y.device, dtype=y.dtype).transpose(1, 2)
+    else:
+        out = torch.empty(B, C, T * S, device=y.device, dtype=y.dtype)
     bc, bt = _row_blocks(C, T * S, y)
     _overlap_add_kernel[(B, triton.cdiv(C, bc))](y, partial, slots, y if bias is None else bias, out, C, T, S,
                                                  y.stride(0), y.stride(1), y.stride(2), partial.stride(0),
-                                                 partial.stride(1), out.stride(0), out.stride(1),
+                                                 partial.stride(1), out.stride(0), out.stride(1), out.stride(2),
                                                  HAS_BIAS=bias is not None, BLOCK_C=bc, BLOCK_T=bt, S_P=_pow2(S),
-                                                 num_warps=4)
+                                                 num_warps=4, **_pdl_kw(y))
     return out
 
 
 @triton.jit
 def _rvq_step_kernel(x_ptr, s_ptr, n_ptr, cb_ptr, xo_ptr, code_ptr, N, D, sx, ss, sxo, scode,
-                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    _pdl_start(PDL)
     b = tl.program_id(0)
     n = tl.arange(0, BLOCK_N)
     nm = n < N
@@ -1056,13 +1116,14 @@ def rvq_step(x: torch.Tensor, scores: torch.Tensor, norms: torch.Tensor, codeboo
     out = torch.empty_like(x)
     _rvq_step_kernel[(B,)](x, scores, norms, codebook, out, codes, N, D, x.stride(0), scores.stride(0),
                            out.stride(0), codes.stride(0), BLOCK_N=_pow2(N), BLOCK_D=_pow2(D),
-                           num_warps=8 if N >= 1024 else 4)
+                           num_warps=8 if N >= 1024 else 4, **_pdl_kw(x))
     return out
 
 
 @triton.jit
 def _codebook_sum_kernel(code_ptr, tab_ptr, sc_ptr, out_ptr, NCB, BINS, D, K, scb, sck,
-                         BLOCK_D: tl.constexpr, K_P: tl.constexpr):
+                         BLOCK_D: tl.constexpr, K_P: tl.constexpr, PDL: tl.constexpr):
+    _pdl_start(PDL)
     b = tl.program_id(0)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dm = d < D
@@ -1086,5 +1147,6 @@ def codebook_sum(codes: torch.Tensor, tables: torch.Tensor, scale: torch.Tensor)
     out = torch.empty(B, D, K, device=tables.device, dtype=tables.dtype)
     block = min(_pow2(D), 128)
     _codebook_sum_kernel[(B, triton.cdiv(D, block))](codes, tables, scale, out, n, bins, D, K, codes.stride(0),
-                                                      codes.stride(1), BLOCK_D=block, K_P=_pow2(K), num_warps=4)
+                                                      codes.stride(1), BLOCK_D=block, K_P=_pow2(K), num_warps=4,
+                                                      **_pdl_kw(tables))
     return out
