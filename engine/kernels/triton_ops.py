@@ -840,8 +840,7 @@ def elu(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """elu(x) for x of up to 3 dims, into `out` (any layout of x's shape) when given."""
     assert x.dim() <= 3 and (out is None or (out.shape == x.shape and out.dtype == x.dtype))
     y = torch.empty_like(x) if out is None else out
-    x3 = x.view((1,) * (3 - x.dim()) + tuple(x.shape))
-    y3 = y.view((1,) * (3 - y.dim()) + tuple(y.shape)) if y.dim() < 3 else y
+    x3, y3 = (t.view((1,) * (3 - t.dim()) + tuple(t.shape)) for t in (x, y))
     n = x.numel()
     _elu_kernel[(triton.cdiv(n, 1024),)](x3, y3, n, x3.shape[1], x3.shape[2], *x3.stride(), *y3.stride(), BLOCK=1024,
                                          num_warps=4, **_pdl_kw(x))
@@ -966,6 +965,7 @@ def _conv_input_kernel(x_ptr, tail_ptr, slot_ptr, fresh_ptr, out_ptr, C, T, TAIL
     # the new tail, the last TAIL columns of [tail | act(x)], read before this row is written
     j = tl.arange(0, TAIL_P)
     src = T + j
+    # (block 0 only; `j * 0 + ub` makes the test a tensor, which the interpreter needs in a mask)
     jm = cm[:, None] & ((j < TAIL) & (j * 0 + ub == 0))[None, :]
     nt_t = tl.load(tb + src[None, :], mask=jm & (src < TAIL)[None, :], other=0.0)
     if FRESH:
