@@ -97,9 +97,9 @@ def test_two_sessions_real_time(server, tmp_path):
         assert expected - 3 <= s["frames_received"] <= s["frames_sent"], s
         # the answer to a frame comes after it was sent (the floor is about one 80 ms chunk: the
         # server's Opus decoder waits for the lookahead), and always within the server's 2 s
-        # input queue. (The median is typically 150-400 ms on an idle 2-core host, but that
-        # host running the rest of the suite has pushed it to 1.0-1.1 s, and a run's worst
-        # frame to 1.17 s; keeping up is what frames_received checks.)
+        # input queue. (On a 2-core host the median is about 120-130 ms and the p99 150-550 ms
+        # since the CPU step runs on the core the codec thread leaves; with both cores' torch
+        # threads it ran behind real time, a median of about 1 s and a p99 past 2 s.)
         assert 40 < s["lag_median_ms"] <= s["lag_p99_ms"] < 2000, s
         assert 0 < s["gap_p99_ms"] <= s["gap_max_ms"] < 2000, s
     assert 40 < agg["lag_median_ms"] <= agg["lag_p99_ms"] < 2000
