@@ -652,8 +652,8 @@ def cpu_cores() -> int:
 
 
 def step_threads(args) -> int:
-    """Torch threads for a step on the CPU: the cores the codec threads and the event loop leave
-    (they run beside every tick, and intra-op threads that find no free core spin), at least 1."""
+    """Torch threads for a step on the CPU: the cores the codec threads leave (they run beside
+    every tick, and intra-op threads that find no free core wait on each other), at least 1."""
     if args.cpu_threads is not None:
         if args.cpu_threads < 1:
             raise UserError(f"--cpu-threads must be at least 1 (got {args.cpu_threads})")
