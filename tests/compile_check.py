@@ -32,11 +32,12 @@ def _gemv(w="*bf16", scaled=False, pro=0, delta=0, d=1, steps=1, pdl=True, cfg=(
     return K._gemv_kernel, sig, const, cfg[2:]
 
 
-def _rows(x="*bf16", w="*bf16", fma=False, m=16, scaled=False, pdl=True, gelu=False, cfg=(16, 256, 4, 3)):
-    sig = dict(x_ptr=x, w_ptr=w, s_ptr="*fp32" if scaled else x, y_ptr=x, M="i32", N="i32", K="i32", sxm="i32",
-               swn="i32", sym="i32")
+def _rows(x="*bf16", w="*bf16", fma=False, m=16, scaled=False, pdl=True, gelu=False, cfg=(16, 256, 4, 3),
+          fast8=False, y=None):
+    sig = dict(x_ptr=x, w_ptr=w, s_ptr="*fp32" if scaled else x, y_ptr=y or x, M="i32", N="i32", K="i32", sxm="i32",
+               swn="i32", sym="i32", KC="i32")
     const = dict(BLOCK_M=m, BLOCK_N=cfg[0], BLOCK_K=cfg[1], SCALED=scaled, IEEE=x == "*fp32", FMA=fma, GELU=gelu,
-                 PDL=pdl)
+                 PDL=pdl, FAST8=fast8)
     return K._rows_linear_kernel, sig, const, cfg[2:]
 
 
@@ -100,6 +101,16 @@ VARIANTS = {
     "few rows float32": _rows("*fp32", "*fp32", fma=True, m=2, cfg=(4, 512, 4, 3)),
     "few rows bf16": _rows(fma=True, m=4, cfg=(16, 128, 4, 3)),
     "few rows e4m3": _rows(w="*fp8e4nv", fma=True, m=4, scaled=True, cfg=(8, 256, 4, 3)),
+    "small batch e4m3": _rows(w="*fp8e4nv", m=64, scaled=True, cfg=(64, 128, 4, 3)),
+    "small batch e4m3, decoded by moving bits": _rows(w="*fp8e4nv", m=64, scaled=True, cfg=(64, 128, 4, 3),
+                                                      fast8=True),
+    "small batch e4m3, one row in 16, larger tiles": _rows(w="*fp8e4nv", m=16, scaled=True, cfg=(128, 256, 8, 3),
+                                                           fast8=True),
+    "small batch e4m3, K split: the partial sums": _rows(w="*fp8e4nv", x="*bf16", m=64, cfg=(32, 256, 4, 3),
+                                                         fast8=True, y="*fp32"),
+    "small batch e4m3, K split: their sum": (K._split_sum_kernel, dict(p_ptr="*fp32", s_ptr="*fp32", y_ptr="*bf16",
+                                                                       MN="i32", N="i32"),
+                                             dict(SPLITS=4, SCALED=True, BLOCK=1024, PDL=True), (4, 1)),
     "small batch bf16": _rows(m=32, cfg=(32, 256, 4, 3)),
     "small batch float32": _rows("*fp32", "*fp32", m=16),
     "sampler, audio": _sample(),

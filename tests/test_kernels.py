@@ -373,6 +373,7 @@ def test_fused_pick_takes_the_separate_kernels_only_when_they_win_clearly(monkey
     alpha = (1 + 0.1 * torch.randn(64, generator=g)).to(DEV, dtype)
     w = (torch.randn(40, 64, generator=g) / 8).to(DEV, dtype)
     cands = [i for i in L._candidates(1) if L._CONFIGS[i][0] == "gemv"][:3]
+    L.product(x, w)  # (the plain product's own pick first, on a GPU timed for real, not by fake_time)
     ran, times = [], [10e-3] + [10e-3 + gain_us * 1e-3, 10e-3 + (gain_us + 0.1) * 1e-3, 11e-3]
 
     def fake_time(fn, n):
@@ -424,7 +425,7 @@ FP8_ACT = torch.bfloat16 if CUDA else torch.float16
                                      (136, 4096, 11264)] if CUDA else [])
                          + [(1, 40, 64), (3, 33, 130), (20, 70, 96), (150, 40, 96)])
 def test_fp8_linear(M, N, KD):
-    """(Past 64 rows, a prefill's products: blocks of 64 rows side by side.)"""
+    """(Past 64 rows, a prefill's products: blocks of 64 rows side by side; with K split too.)"""
     from engine.kernels import linear_fp8_ref
     from engine.quant import quantize_rows
 
@@ -433,9 +434,38 @@ def test_fp8_linear(M, N, KD):
     w8, s = quantize_rows((torch.randn(N, KD, generator=g) / KD ** 0.5).to(DEV))
     ref = linear_fp8_ref(x, w8, s)
     outs = [K.fp8_linear(x, w8, s)] + ([K.gemv(x, w8, s)] if M == 1 else [])
+    # K split in 3 (2 for K = 1024), the partial sums added by a second kernel
+    outs.append(K.rows_linear(x, w8, s, (32, 256, 4, 3) if CUDA else (16, 32, 4, 1), splits=3))
     for out in outs:
         # the same products accumulated in float32 in another order, then one rounding
         assert _rel(out, ref) < 1e-2 if not CUDA else _rel(out, ref) < 8e-3
+
+
+def test_every_e4m3_code_decodes_exactly_in_the_products():
+    """Each finite e4m3 code, in each byte of a 4-byte word, multiplies as its exact value in the
+    one-row product (decoded to float32) and the small-batch one (decoded to the activation
+    dtype): one-hot rows read columns of W back, in every decoding the GPU runs."""
+    from engine.quant import FP8
+
+    codes = (torch.arange(256).unsqueeze(1) + torch.arange(64).unsqueeze(0)) % 256  # [N, K]: each column all codes
+    codes[(codes & 0x7F) == 0x7F] = 0  # (e4m3fn's NaN)
+    w8 = codes.to(torch.uint8).view(FP8).to(DEV)
+    one = torch.ones(256, device=DEV)
+    exact = w8.float()
+    assert exact.abs().max() == 448 and (exact.abs() < 2 ** -6).sum() > 0  # (the extremes and subnormals are in)
+    for fast in ([True, False] if CUDA else [False]):
+        K.set_fast_e4m3(fast)
+        try:
+            assert K.fast_e4m3(w8) == fast
+            for j in range(8):
+                x = torch.zeros(1, 64, device=DEV, dtype=FP8_ACT)
+                x[0, j] = 1
+                assert torch.equal(K.gemv(x, w8, one).float()[0], exact[:, j]), (fast, j)
+            eye = torch.eye(64, device=DEV, dtype=FP8_ACT)[:16]
+            assert torch.equal(K.rows_linear(eye, w8, one, (32, 64, 4, 3)).float(), exact[:, :16].T), fast
+            assert torch.equal(K.rows_linear(eye[:4], w8, one, (8, 64, 4, 3), fma=True).float(), exact[:, :4].T), fast
+        finally:
+            K.set_fast_e4m3(True)
 
 
 @pytest.mark.parametrize("B,H,D,W", ATTN_SHAPES)

@@ -26,12 +26,17 @@ from .dispatch import triton_enabled
 log = logging.getLogger("ppx.kernels")
 
 # (kernel, (BLOCK_N, BLOCK_K, warps, stages)); "gemv" only for one row, "few" (the small-batch
-# kernel without tl.dot) for up to triton_ops.FEW_ROWS rows
+# kernel without tl.dot) for up to triton_ops.FEW_ROWS rows, "rows8" (the small-batch kernel's
+# larger tiles, and with a fifth number K split in that many parts) only for an e4m3 W, whose
+# tiles hold half the bytes of a bf16 W's
 _CONFIGS = (("rows", (16, 256, 4, 3)), ("rows", (32, 128, 4, 4)), ("rows", (16, 512, 8, 2)),
             ("rows", (64, 128, 4, 3)), ("rows", (32, 256, 4, 3)), ("gemv", (8, 256, 4, 3)), ("gemv", (4, 512, 4, 3)),
             ("gemv", (8, 512, 8, 3)), ("gemv", (2, 1024, 4, 4)), ("gemv", (4, 1024, 4, 3)),
             ("gemv", (8, 1024, 8, 3)), ("few", (8, 256, 4, 3)), ("few", (4, 512, 4, 3)), ("few", (16, 128, 4, 3)),
-            ("few", (4, 256, 4, 3)))
+            ("few", (4, 256, 4, 3)), ("rows8", (32, 512, 4, 3)), ("rows8", (64, 256, 4, 3)),
+            ("rows8", (16, 1024, 4, 3)), ("rows8", (64, 512, 8, 3)), ("rows8", (128, 256, 8, 3)),
+            ("rows8", (32, 256, 4, 3, 4)), ("rows8", (64, 256, 4, 3, 4)), ("rows8", (32, 512, 4, 3, 2)),
+            ("rows8", (16, 256, 4, 3, 8)))
 SMALL_ROWS = 64  # rows up to which the Triton kernels are candidates
 _choice: dict[tuple, int] = {}  # shape -> -1 for cuBLAS, else an index into _CONFIGS
 # (shape, prologue kind, has delta, has ids) -> -1 for the separate kernels, else an index into _CONFIGS
@@ -114,10 +119,11 @@ def _run(i: int, x, w, scale=None):
     return _run_kernel(_CONFIGS[i], x, w, scale)
 
 
-def _candidates(rows: int) -> list[int]:
+def _candidates(rows: int, fp8: bool = False) -> list[int]:
     from .triton_ops import FEW_ROWS
     return [i for i, (kind, _) in enumerate(_CONFIGS)
-            if kind == "rows" or (kind == "gemv" and rows == 1) or (kind == "few" and rows <= FEW_ROWS)]
+            if kind == "rows" or (kind == "gemv" and rows == 1) or (kind == "few" and rows <= FEW_ROWS)
+            or (kind == "rows8" and fp8)]
 
 
 def _cold_copies(w: torch.Tensor, scale):
@@ -138,7 +144,7 @@ def _pick(x, w, key, scale=None) -> int:
     times = {}
     if scale is None:
         times[-1] = _time(lambda j: F.linear(x, ws[j % n]), calls)
-    for i in _candidates(key[0]):
+    for i in _candidates(key[0], scale is not None):
         try:
             times[i] = _time(lambda j: _run(i, x, ws[j % n], ss[j % n]), calls)
         except _Unrunnable:  # (a failed capture is an error, not a slow candidate)
@@ -186,7 +192,8 @@ def _run_kernel(choice, x, w, scale, gelu: bool = False):
     if kind == "gemv":
         y = triton_ops.gemv(x, w, scale, cfg)
         return F.gelu(y) if gelu else y
-    return triton_ops.rows_linear(x, w, scale, cfg, fma=kind == "few", gelu=gelu)
+    return triton_ops.rows_linear(x, w, scale, cfg[:4], fma=kind == "few", gelu=gelu,
+                                  splits=cfg[4] if len(cfg) > 4 else 1)
 
 
 def _fused(x: torch.Tensor, K: int, w: torch.Tensor, scale, pro, unfused, block_k_multiple: int = 1):

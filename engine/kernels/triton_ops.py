@@ -65,6 +65,55 @@ def _pdl_kw(t: torch.Tensor) -> dict:
 
 
 # ----------------------------------------------------------------------------------------
+# e4m3 values as bfloat16, by moving bits
+#
+# The compiler converts e4m3 to bfloat16 through float16 (cvt e4m3x2 -> f16x2, then f16 ->
+# f32 -> bf16). Moving the bits instead (the sign, exponent and mantissa of an e4m3 value land
+# where a bfloat16's are, the exponent biased by 120 less) and one bf16x2 multiply by 2^120
+# per two values gives the same value exactly, subnormals included (bf16x2 multiplies keep
+# them). The small-batch product over e4m3 weights, which feeds tl.dot, decodes its tiles so:
+# 3 to 28% faster on an H200 at 2 to 64 rows of the 7B's shapes (best block shape each)
+# (`benchmarks/e4m3_products.py`). The one-row product keeps the compiler's conversion to
+# float32 (one cvt per two values, then a half-precision add): a float32 variant of these bit
+# moves (shift, arithmetic shift, mask, a float32 multiply by 2^120) measured 2-16% slower
+# there, and slower in decode attention over e4m3 rings too. The encodings 0x7f and 0xff
+# (e4m3fn's NaN) decode to +-480, never stored by `quant`.
+
+
+@triton.jit
+def _e4m3_bf16(w, FAST: tl.constexpr):
+    """w (e4m3) in bfloat16, exactly; FAST (a Hopper GPU) by moving bits, two values a register
+    (prmt's selectors 0x9180 / 0xB3A2: bytes 0 and 1 / 2 and 3, each sign-extended to 16 bits)."""
+    if FAST:
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .b32 a, b, c;
+            mov.b32 c, 0x7B807B80;
+            prmt.b32 a, $2, 0, 0x9180; shl.b32 a, a, 4; and.b32 a, a, 0x87F087F0; mul.rn.bf16x2 $0, a, c;
+            prmt.b32 b, $2, 0, 0xB3A2; shl.b32 b, b, 4; and.b32 b, b, 0x87F087F0; mul.rn.bf16x2 $1, b, c;
+            }""",
+            "=r,=r,r", [w.to(tl.uint8, bitcast=True)], dtype=tl.bfloat16, is_pure=True, pack=4)
+    else:
+        return w.to(tl.bfloat16)
+
+
+_fast_e4m3 = os.environ.get("PPX_FAST_E4M3", "1") not in ("0", "false", "no")
+
+
+def fast_e4m3(w: torch.Tensor) -> bool:
+    """Whether the small-batch product decodes the e4m3 W by moving bits (`_e4m3_bf16`): on a
+    Hopper or later GPU (bf16x2 multiplies), not in the interpreter; PPX_FAST_E4M3=0 or
+    `set_fast_e4m3(False)` gives the compiler's conversion."""
+    return (_fast_e4m3 and w.dtype == torch.float8_e4m3fn and w.is_cuda
+            and torch.cuda.get_device_capability(w.device)[0] >= 9)
+
+
+def set_fast_e4m3(on: bool) -> None:
+    global _fast_e4m3
+    _fast_e4m3 = bool(on)
+
+
+# ----------------------------------------------------------------------------------------
 # RMSNorm, optionally fused with the residual add before it
 
 
@@ -504,23 +553,39 @@ def ring_chunk_attention(q, k_ring, v_ring, slots, end, config=None):
 
 
 @triton.jit
-def _rows_linear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, sxm, swn, sym,
+def _w_act(w, act: tl.constexpr, FAST8: tl.constexpr):
+    """A tile of W in the rows' dtype (e4m3 -> the activation dtype is exact)."""
+    if FAST8:
+        return _e4m3_bf16(w, True)
+    else:
+        return w.to(act)
+
+
+@triton.jit
+def _rows_linear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, sxm, swn, sym, KC,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALED: tl.constexpr,
-                        IEEE: tl.constexpr, FMA: tl.constexpr, GELU: tl.constexpr, PDL: tl.constexpr):
+                        IEEE: tl.constexpr, FMA: tl.constexpr, GELU: tl.constexpr, PDL: tl.constexpr,
+                        FAST8: tl.constexpr):
     # IEEE: float32 rows and W, multiplied in full float32 (as cuBLAS does by default), not TF32.
     # FMA: for a few rows (BLOCK_M of them, unpadded), products and sums in float32 on the CUDA
     # cores instead of `tl.dot`, whose tiles pad the rows to 16 (and in full float32 are slow).
     # PDL: as in `_gemv_kernel`, the first tile of W is loaded before waiting for the kernel before.
     # GELU: the exact (erf) GELU of the product, in float32, as torch's gelu computes it.
+    # FAST8: W is e4m3 and the rows bfloat16; tl.dot's tiles of W are decoded by moving bits
+    # (`_e4m3_bf16`).
+    # KC: the columns of K each program along axis 2 sums (KC = K but for a split of K: then y is
+    # the float32 partial sums [splits, M, N], unscaled, which `_split_sum_kernel` adds).
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # (one block of rows but for a prefill)
-    k_first = tl.arange(0, BLOCK_K)
-    w_first = tl.load(w_ptr + n[:, None] * swn + k_first[None, :], mask=(n[:, None] < N) & (k_first[None, :] < K),
-                      other=0.0)
+    k_lo = tl.program_id(2) * KC
+    k_hi = tl.minimum(k_lo + KC, K)
+    k_first = k_lo + tl.arange(0, BLOCK_K)
+    w_first = tl.load(w_ptr + n[:, None] * swn + k_first[None, :],
+                      mask=(n[:, None] < N) & (k_first[None, :] < k_hi), other=0.0)
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
-    x = tl.load(x_ptr + mm[:, None] * sxm + k_first[None, :], mask=(mm[:, None] < M) & (k_first[None, :] < K),
+    x = tl.load(x_ptr + mm[:, None] * sxm + k_first[None, :], mask=(mm[:, None] < M) & (k_first[None, :] < k_hi),
                 other=0.0)
     # (e4m3 -> the activation dtype is exact)
     if FMA:
@@ -528,25 +593,42 @@ def _rows_linear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, sxm, swn, sym,
     elif IEEE:
         acc = tl.dot(x, tl.trans(w_first.to(x.dtype)), input_precision="ieee")
     else:
-        acc = tl.dot(x, tl.trans(w_first.to(x.dtype)))
-    for k0 in range(BLOCK_K, K, BLOCK_K):
+        acc = tl.dot(x, tl.trans(_w_act(w_first, x.dtype, FAST8)))
+    for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
-        w = tl.load(w_ptr + n[:, None] * swn + kk[None, :], mask=(n[:, None] < N) & (kk[None, :] < K), other=0.0)
-        x = tl.load(x_ptr + mm[:, None] * sxm + kk[None, :], mask=(mm[:, None] < M) & (kk[None, :] < K), other=0.0)
+        w = tl.load(w_ptr + n[:, None] * swn + kk[None, :], mask=(n[:, None] < N) & (kk[None, :] < k_hi), other=0.0)
+        x = tl.load(x_ptr + mm[:, None] * sxm + kk[None, :], mask=(mm[:, None] < M) & (kk[None, :] < k_hi),
+                    other=0.0)
         if FMA:
             acc3 += x.to(tl.float32)[:, None, :] * w.to(x.dtype).to(tl.float32)[None, :, :]
         elif IEEE:
             acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision="ieee")
         else:
-            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+            acc += tl.dot(x, tl.trans(_w_act(w, x.dtype, FAST8)))
     if FMA:
         acc = tl.sum(acc3, axis=2)
     if SCALED:
         acc = acc * tl.load(s_ptr + n, mask=n < N, other=0.0)[None, :]
     if GELU:
         acc = (acc * 0.5) * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+    y_ptr += tl.program_id(2).to(tl.int64) * M * sym
     tl.store(y_ptr + mm[:, None] * sym + n[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=(mm[:, None] < M) & (n[None, :] < N))
+
+
+@triton.jit
+def _split_sum_kernel(p_ptr, s_ptr, y_ptr, MN, N, SPLITS: tl.constexpr, SCALED: tl.constexpr, BLOCK: tl.constexpr,
+                      PDL: tl.constexpr):
+    """y [M, N] = the sum of the partial products p [SPLITS, M, N] in order (times the scale)."""
+    _pdl_start(PDL)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < MN
+    acc = tl.load(p_ptr + offs, mask=m, other=0.0)
+    for i in tl.static_range(1, SPLITS):
+        acc += tl.load(p_ptr + i * MN + offs, mask=m, other=0.0)
+    if SCALED:
+        acc = acc * tl.load(s_ptr + offs % N, mask=m, other=0.0)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=m)
 
 
 SMALL_LINEAR_MAX_M = 64
@@ -754,26 +836,39 @@ def silu_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = Non
 
 
 def rows_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, config=(16, 256, 4, 3),
-                fma: bool = False, gelu: bool = False):
+                fma: bool = False, gelu: bool = False, splits: int = 1):
     """y = x W^T (times a per-output scale for an e4m3 W) for up to 64 rows: one launch streaming W
     once, where cuBLAS splits K and adds a reduction kernel. config: BLOCK_N, BLOCK_K, warps,
     stages. Float32 rows and W multiply in full float32. fma: for up to FEW_ROWS rows, without
     `tl.dot` (`_rows_linear_kernel`'s FMA). More rows (a prefill's, against an e4m3 W) run in
     blocks of 64, side by side, so each tile of W comes from memory about once. gelu: y is the
-    exact GELU of the product (a float32 product's, as `F.gelu` of it)."""
+    exact GELU of the product (a float32 product's, as `F.gelu` of it). splits: K is split in
+    that many parts, each summed by its own programs into float32 partials that a second kernel
+    adds, so a W of few rows (4096, as the out and down projections') fills the GPU."""
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
     M, N = x2.shape[0], w.shape[0]
     assert w.stride(1) == 1 and x2.stride(1) == 1 and w.shape[1] == K
     assert scale is None or scale.is_contiguous()
     assert not fma or M <= FEW_ROWS
+    assert splits == 1 or not (fma or gelu)
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     BLOCK_N, BLOCK_K, warps, stages = config
     block_m = min(SMALL_LINEAR_MAX_M, _pow2(M) if fma else max(16, _pow2(M)))
-    _rows_linear_kernel[(triton.cdiv(N, BLOCK_N), triton.cdiv(M, block_m))](
-        x2, w, scale if scale is not None else y, y, M, N, K, x2.stride(0), w.stride(0), y.stride(0),
-        BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SCALED=scale is not None,
-        IEEE=x.dtype == torch.float32, FMA=fma, GELU=gelu, num_warps=warps, num_stages=stages, **_pdl_kw(x2))
+    kc = triton.cdiv(triton.cdiv(K, splits), BLOCK_K) * BLOCK_K
+    splits = triton.cdiv(K, kc)
+    out = y if splits == 1 else torch.empty(splits, M, N, device=x.device, dtype=torch.float32)
+    scaled = scale is not None and splits == 1
+    _rows_linear_kernel[(triton.cdiv(N, BLOCK_N), triton.cdiv(M, block_m), splits)](
+        x2, w, scale if scaled else y, out, M, N, K, x2.stride(0), w.stride(0), out.stride(-2), kc,
+        BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SCALED=scaled,
+        IEEE=x.dtype == torch.float32, FMA=fma, GELU=gelu, num_warps=warps, num_stages=stages,
+        FAST8=fast_e4m3(w) and x.dtype == torch.bfloat16 and not fma, **_pdl_kw(x2))
+    if splits > 1:
+        block = 1024
+        _split_sum_kernel[(triton.cdiv(M * N, block),)](out, scale if scale is not None else y, y, M * N, N,
+                                                        SPLITS=splits, SCALED=scale is not None, BLOCK=block,
+                                                        num_warps=4, **_pdl_kw(x2))
     return y.view(*x.shape[:-1], N)
 
 

@@ -1,0 +1,81 @@
+"""How fast the products over e4m3 weights stream them, per kernel and per way of decoding the
+e4m3 values: at the 7B's shapes and 1, 2, 8 and 64 rows, the one-row kernel (`gemv`, the
+compiler's conversion) and the small-batch kernel (`rows_linear`, tl.dot) with the compiler's
+conversion or the bit moves (`triton_ops.fast_e4m3`), over every block shape the calibration
+may pick (`linear._CONFIGS`). Weights are cycled past the L2 cache and each call is timed as a
+CUDA-graph replay, as the calibration times them.
+
+    python -m benchmarks.e4m3_products [--quick] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+import torch
+
+from engine.kernels import triton_ops as K
+from engine.quant import quantize_rows
+
+L = importlib.import_module("engine.kernels.linear")
+
+SHAPES = [(12288, 4096), (22528, 4096), (4096, 11264), (4096, 4096), (32000, 4096), (3072, 1024)]
+ROWS = [1, 2, 8, 64]
+
+
+def _us(fn, w, s) -> float:
+    ws, ss, calls = L._cold_copies(w, s)
+    n = len(ws)
+    return L._time(lambda j: fn(ws[j % n], ss[j % n]), calls) * 1e3
+
+
+def _best(x, w8, s8, kinds) -> tuple[float, str]:
+    best = (float("inf"), "")
+    for i in L._candidates(x.shape[0], True):
+        kind, cfg = L._CONFIGS[i]
+        if kind not in kinds:
+            continue
+        try:
+            us = _us(lambda a, b: L._run_kernel(L._CONFIGS[i], x, a, b), w8, s8)
+        except L._Unrunnable:
+            continue
+        best = min(best, (us, f"{kind} {cfg}"))
+    return best
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="three shapes, 1 and 2 rows")
+    ap.add_argument("--json", help="also write the figures here")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    print(f"# {torch.cuda.get_device_name(0)}: best us per product over the block shapes, and TB/s of W read")
+    out = []
+    for N, Kd in (SHAPES[:3] if args.quick else SHAPES):
+        w8, s8 = quantize_rows(torch.randn(N, Kd, device=dev) / Kd ** 0.5)
+        for M in (ROWS[:2] if args.quick else ROWS):
+            x = torch.randn(M, Kd, device=dev, dtype=torch.bfloat16)
+            row = {"shape": [M, N, Kd]}
+            for name, fast, kinds in (("gemv or few, cvt", False, ("gemv", "few")),
+                                      ("tl.dot, cvt", False, ("rows", "rows8")),
+                                      ("tl.dot, bits", True, ("rows", "rows8"))):
+                K.set_fast_e4m3(fast)
+                us, cfg = _best(x, w8, s8, kinds)
+                if cfg:
+                    row[name] = {"us": round(us, 2), "tbs": round(w8.numel() / us / 1e6, 3), "config": cfg}
+            K.set_fast_e4m3(True)
+            out.append(row)
+            print(f"{M:3d} x {N:5d} x {Kd:5d}: " + "; ".join(
+                f"{k} {v['us']:7.2f} us {v['tbs']:4.2f} TB/s ({v['config']})" for k, v in row.items() if k != "shape"),
+                flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(0), "rows": out}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
