@@ -81,9 +81,10 @@ def _pdl_kw(t: torch.Tensor) -> dict:
 
 
 @triton.jit
-def _e4m3_bf16(w, FAST: tl.constexpr):
-    """w (e4m3) in bfloat16, exactly; FAST (a Hopper GPU) by moving bits, two values a register
-    (prmt's selectors 0x9180 / 0xB3A2: bytes 0 and 1 / 2 and 3, each sign-extended to 16 bits)."""
+def _e4m3_bf16(w, act: tl.constexpr, FAST: tl.constexpr):
+    """w in the dtype act (e4m3 -> bf16 or another activation dtype is exact); FAST (an e4m3 w,
+    act bfloat16, a Hopper GPU) by moving bits, two values a register (prmt's selectors 0x9180
+    / 0xB3A2: bytes 0 and 1 / 2 and 3, each sign-extended to 16 bits)."""
     if FAST:
         return tl.inline_asm_elementwise(
             """{
@@ -94,7 +95,7 @@ def _e4m3_bf16(w, FAST: tl.constexpr):
             }""",
             "=r,=r,r", [w.to(tl.uint8, bitcast=True)], dtype=tl.bfloat16, is_pure=True, pack=4)
     else:
-        return w.to(tl.bfloat16)
+        return w.to(act)
 
 
 _fast_e4m3 = os.environ.get("PPX_FAST_E4M3", "1") not in ("0", "false", "no")
@@ -553,15 +554,6 @@ def ring_chunk_attention(q, k_ring, v_ring, slots, end, config=None):
 
 
 @triton.jit
-def _w_act(w, act: tl.constexpr, FAST8: tl.constexpr):
-    """A tile of W in the rows' dtype (e4m3 -> the activation dtype is exact)."""
-    if FAST8:
-        return _e4m3_bf16(w, True)
-    else:
-        return w.to(act)
-
-
-@triton.jit
 def _rows_linear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, sxm, swn, sym, KC,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALED: tl.constexpr,
                         IEEE: tl.constexpr, FMA: tl.constexpr, GELU: tl.constexpr, PDL: tl.constexpr,
@@ -593,7 +585,7 @@ def _rows_linear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, sxm, swn, sym, KC,
     elif IEEE:
         acc = tl.dot(x, tl.trans(w_first.to(x.dtype)), input_precision="ieee")
     else:
-        acc = tl.dot(x, tl.trans(_w_act(w_first, x.dtype, FAST8)))
+        acc = tl.dot(x, tl.trans(_e4m3_bf16(w_first, x.dtype, FAST8)))
     for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         w = tl.load(w_ptr + n[:, None] * swn + kk[None, :], mask=(n[:, None] < N) & (kk[None, :] < k_hi), other=0.0)
@@ -604,7 +596,7 @@ def _rows_linear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, sxm, swn, sym, KC,
         elif IEEE:
             acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision="ieee")
         else:
-            acc += tl.dot(x, tl.trans(_w_act(w, x.dtype, FAST8)))
+            acc += tl.dot(x, tl.trans(_e4m3_bf16(w, x.dtype, FAST8)))
     if FMA:
         acc = tl.sum(acc3, axis=2)
     if SCALED:
