@@ -1,11 +1,12 @@
 """How fast the products over e4m3 weights stream them, per kernel and per way of decoding the
 e4m3 values: at the 7B's shapes and 1, 2, 8 and 64 rows, the one-row kernel (`gemv`, the
-compiler's conversion) and the small-batch kernel (`rows_linear`, tl.dot) with the compiler's
+compiler's conversion; its columns in runs of 8 or as the compiler finds them,
+`triton_ops.gemv_vec`) and the small-batch kernel (`rows_linear`, tl.dot) with the compiler's
 conversion or the bit moves (`triton_ops.fast_e4m3`), over every block shape the calibration
 may pick (`linear._CONFIGS`). Weights are cycled past the L2 cache and each call is timed as a
 CUDA-graph replay, as the calibration times them.
 
-    python -m benchmarks.e4m3_products [--quick] [--json FILE]
+    python -m benchmarks.e4m3_products [--quick | --one-row] [--json FILE]
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ def _best(x, w8, s8, kinds) -> tuple[float, str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="three shapes, 1 and 2 rows")
+    ap.add_argument("--one-row", action="store_true", help="every shape, one row, the one-row kernel only")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -56,17 +58,20 @@ def main() -> int:
     out = []
     for N, Kd in (SHAPES[:3] if args.quick else SHAPES):
         w8, s8 = quantize_rows(torch.randn(N, Kd, device=dev) / Kd ** 0.5)
-        for M in (ROWS[:2] if args.quick else ROWS):
+        for M in ([1] if args.one_row else ROWS[:2] if args.quick else ROWS):
             x = torch.randn(M, Kd, device=dev, dtype=torch.bfloat16)
             row = {"shape": [M, N, Kd]}
-            for name, fast, kinds in (("gemv or few, cvt", False, ("gemv", "few")),
-                                      ("tl.dot, cvt", False, ("rows", "rows8")),
-                                      ("tl.dot, bits", True, ("rows", "rows8"))):
+            modes = [("gemv or few, cvt", False, False, ("gemv", "few")),
+                     ("gemv or few, cvt, runs of 8", False, True, ("gemv", "few")),
+                     ("tl.dot, cvt", False, True, ("rows", "rows8")), ("tl.dot, bits", True, True, ("rows", "rows8"))]
+            for name, fast, vec8, kinds in modes[:2] if args.one_row else modes:
                 K.set_fast_e4m3(fast)
+                K._gemv_vec8 = vec8
                 us, cfg = _best(x, w8, s8, kinds)
                 if cfg:
                     row[name] = {"us": round(us, 2), "tbs": round(w8.numel() / us / 1e6, 3), "config": cfg}
             K.set_fast_e4m3(True)
+            K._gemv_vec8 = True
             out.append(row)
             print(f"{M:3d} x {N:5d} x {Kd:5d}: " + "; ".join(
                 f"{k} {v['us']:7.2f} us {v['tbs']:4.2f} TB/s ({v['config']})" for k, v in row.items() if k != "shape"),

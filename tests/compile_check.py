@@ -24,11 +24,12 @@ from engine.kernels import triton_ops as K  # noqa: E402
 TARGET = GPUTarget("cuda", 90, 32)
 
 
-def _gemv(w="*bf16", scaled=False, pro=0, delta=0, d=1, steps=1, pdl=True, cfg=(8, 256, 4, 3)):
+def _gemv(w="*bf16", scaled=False, pro=0, delta=0, d=1, steps=1, pdl=True, cfg=(8, 256, 4, 3), vec=0):
     sig = dict(x_ptr="*bf16", w_ptr=w, s_ptr="*fp32" if scaled else "*bf16", y_ptr="*bf16", N="i32", K="i32",
                swn="i32", d_ptr="*bf16", id_ptr="*i64", a_ptr="*bf16", xo_ptr="*bf16", eps="fp32", sdm="i32",
                step="i32")
-    const = dict(BLOCK_N=cfg[0], BLOCK_K=cfg[1], SCALED=scaled, PRO=pro, HAS_DELTA=delta, D=d, STEPS=steps, PDL=pdl)
+    const = dict(BLOCK_N=cfg[0], BLOCK_K=cfg[1], SCALED=scaled, PRO=pro, HAS_DELTA=delta, D=d, STEPS=steps, PDL=pdl,
+                 VEC=vec)
     return K._gemv_kernel, sig, const, cfg[2:]
 
 
@@ -98,6 +99,10 @@ VARIANTS = {
     "gemv add": _gemv(pro=3, delta=1),
     "gemv step attention": _gemv(pro=4, d=64, steps=8, cfg=(4, 1024, 4, 3)),
     "gemv e4m3": _gemv(w="*fp8e4nv", scaled=True, pro=1, delta=1),
+    "gemv e4m3, runs of 8": _gemv(w="*fp8e4nv", scaled=True, pro=1, delta=1, vec=8),
+    "gemv e4m3 silu, runs of 8": _gemv(w="*fp8e4nv", scaled=True, pro=2, cfg=(4, 1024, 4, 3), vec=8),
+    "gemv e4m3 step attention, runs of 8": _gemv(w="*fp8e4nv", scaled=True, pro=4, d=64, steps=8, cfg=(4, 1024, 4, 3),
+                                                 vec=8),
     "few rows float32": _rows("*fp32", "*fp32", fma=True, m=2, cfg=(4, 512, 4, 3)),
     "few rows bf16": _rows(fma=True, m=4, cfg=(16, 128, 4, 3)),
     "few rows e4m3": _rows(w="*fp8e4nv", fma=True, m=4, scaled=True, cfg=(8, 256, 4, 3)),

@@ -691,7 +691,8 @@ def _gemv_chunk(x_ptr, d_ptr, d_on, a_ptr, kk, km, K, rstd, act, sdm, step, eps,
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, swn, d_ptr, id_ptr, a_ptr, xo_ptr, eps, sdm, step,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALED: tl.constexpr, PRO: tl.constexpr,
-                 HAS_DELTA: tl.constexpr, D: tl.constexpr, STEPS: tl.constexpr, PDL: tl.constexpr):
+                 HAS_DELTA: tl.constexpr, D: tl.constexpr, STEPS: tl.constexpr, PDL: tl.constexpr,
+                 VEC: tl.constexpr):
     # The row, made from x in the same launch (`Prologue`): PRO 0, x itself. PRO 1,
     # rms_norm(x + delta) * alpha, as `_add_rms_norm_kernel` rounds it (program 0 also writes
     # x + delta to xo). PRO 2, for x = [a | g] (2K wide), silu(a) * g as `_silu_mul_kernel`
@@ -702,11 +703,17 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, swn, d_ptr, id_ptr, a_ptr, xo
     # PDL: launched as a programmatic dependent of the previous kernel, which may still run: the
     # first tile of W (the weights never depend on it) is loaded before waiting for it, and
     # nothing reads the row or writes anything before the wait.
+    # VEC: the columns are taken as runs of VEC (0: as the compiler finds them), so that each
+    # thread loads VEC values of W where it loads VEC of the row: for an e4m3 W (8-byte loads
+    # beside the row's 16-byte ones) the row then needs no exchange through shared memory, which
+    # otherwise cost barriers in every chunk.
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     nm = n < N
     act = xo_ptr.dtype.element_ty
     k_first = tl.arange(0, BLOCK_K)
+    if VEC > 0:
+        k_first = tl.max_contiguous(tl.multiple_of(k_first, VEC), VEC)
     w_first = tl.load(w_ptr + n[:, None] * swn + k_first[None, :], mask=nm[:, None] & (k_first < K)[None, :],
                       other=0.0)
     if PDL:
@@ -738,6 +745,8 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, swn, d_ptr, id_ptr, a_ptr, xo
     acc = w_first.to(tl.float32) * x[None, :]
     for k0 in range(BLOCK_K, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
+        if VEC > 0:
+            kk = tl.max_contiguous(tl.multiple_of(kk, VEC), VEC)
         km = kk < K
         w = tl.load(w_ptr + n[:, None] * swn + kk[None, :], mask=nm[:, None] & km[None, :], other=0.0)
         x = _gemv_chunk(x_ptr, d_ptr, d_on, a_ptr, kk, km, K, rstd, act, sdm, step, eps, pid == 0,
@@ -794,6 +803,14 @@ class Prologue:
                                                                 "STEPS": 1}, xo
 
 
+_gemv_vec8 = os.environ.get("PPX_GEMV_VEC8", "1") not in ("0", "false", "no")
+
+
+def gemv_vec(w: torch.Tensor, x: torch.Tensor) -> int:
+    """`_gemv_kernel`'s VEC: 8 for an e4m3 W and a 16-bit row (PPX_GEMV_VEC8=0: 0), else 0."""
+    return 8 if _gemv_vec8 and w.dtype == torch.float8_e4m3fn and x.element_size() == 2 else 0
+
+
 def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, config=(8, 256, 4, 3),
          pro: Prologue | None = None):
     """y = x W^T (times a per-output scale when given) for ONE row x: streams W once over many
@@ -810,7 +827,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, co
     a, const, xo = pro0.args(x2)
     _gemv_kernel[(triton.cdiv(N, BLOCK_N),)](
         x2, w, scale if scale is not None else y, y, N, K, w.stride(0), *a, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        SCALED=scale is not None, num_warps=warps, num_stages=stages, **const, **_pdl_kw(x2))
+        SCALED=scale is not None, num_warps=warps, num_stages=stages, VEC=gemv_vec(w, x2), **const, **_pdl_kw(x2))
     y = y.view(*x.shape[:-1], N)
     return y if pro is None else (xo.view(*x.shape[:-1], xo.shape[-1]), y)
 
