@@ -4,9 +4,11 @@ compiler's conversion; its columns in runs of 8 or as the compiler finds them,
 `triton_ops.gemv_vec`) and the small-batch kernel (`rows_linear`, tl.dot) with the compiler's
 conversion or the bit moves (`triton_ops.fast_e4m3`), over every block shape the calibration
 may pick (`linear._CONFIGS`). Weights are cycled past the L2 cache and each call is timed as a
-CUDA-graph replay, as the calibration times them.
+CUDA-graph replay, as the calibration times them. --prefill: a prompt's rows instead (136, the
+usual prompt, and 544, four of them), at the temporal transformer's shapes, each block shape
+the prefill's calibration may pick.
 
-    python -m benchmarks.e4m3_products [--quick | --one-row] [--json FILE]
+    python -m benchmarks.e4m3_products [--quick | --one-row | --prefill] [--json FILE]
 """
 from __future__ import annotations
 
@@ -46,17 +48,39 @@ def _best(x, w8, s8, kinds) -> tuple[float, str]:
     return best
 
 
+def _prefill(dev) -> list[dict]:
+    out = []
+    for N, Kd in SHAPES[:4]:
+        w8, s8 = quantize_rows(torch.randn(N, Kd, device=dev) / Kd ** 0.5)
+        for M in (136, 544):
+            x = torch.randn(M, Kd, device=dev, dtype=torch.bfloat16)
+            row = {"shape": [M, N, Kd]}
+            for i in L._candidates(M, True):
+                try:
+                    us = _us(lambda a, b: L._run_kernel(L._CONFIGS[i], x, a, b), w8, s8)
+                except L._Unrunnable:
+                    continue
+                row[f"{L._CONFIGS[i][0]} {L._CONFIGS[i][1]}"] = {"us": round(us, 1),
+                                                                  "tflops": round(2 * M * N * Kd / us / 1e6, 1)}
+            out.append(row)
+            print(f"{M:3d} x {N:5d} x {Kd:5d}: " + "; ".join(
+                f"{k} {v['us']:.1f} us {v['tflops']:.0f} TFLOP/s" for k, v in row.items() if k != "shape"), flush=True)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="three shapes, 1 and 2 rows")
     ap.add_argument("--one-row", action="store_true", help="every shape, one row, the one-row kernel only")
+    ap.add_argument("--prefill", action="store_true", help="a prompt's rows, each prefill block shape")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
     torch.manual_seed(0)
     dev = torch.device("cuda")
-    print(f"# {torch.cuda.get_device_name(0)}: best us per product over the block shapes, and TB/s of W read")
-    out = []
-    for N, Kd in (SHAPES[:3] if args.quick else SHAPES):
+    print(f"# {torch.cuda.get_device_name(0)}: " + ("us per product per block shape, and TFLOP/s" if args.prefill else
+                                                     "best us per product over the block shapes, and TB/s of W read"))
+    out = _prefill(dev) if args.prefill else []
+    for N, Kd in [] if args.prefill else SHAPES[:3] if args.quick else SHAPES:
         w8, s8 = quantize_rows(torch.randn(N, Kd, device=dev) / Kd ** 0.5)
         for M in ([1] if args.one_row else ROWS[:2] if args.quick else ROWS):
             x = torch.randn(M, Kd, device=dev, dtype=torch.bfloat16)

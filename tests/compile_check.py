@@ -34,11 +34,11 @@ def _gemv(w="*bf16", scaled=False, pro=0, delta=0, d=1, steps=1, pdl=True, cfg=(
 
 
 def _rows(x="*bf16", w="*bf16", fma=False, m=16, scaled=False, pdl=True, gelu=False, cfg=(16, 256, 4, 3),
-          fast8=False, y=None):
+          fast8=False, y=None, m_fast=False):
     sig = dict(x_ptr=x, w_ptr=w, s_ptr="*fp32" if scaled else x, y_ptr=y or x, M="i32", N="i32", K="i32", sxm="i32",
                swn="i32", sym="i32", KC="i32")
     const = dict(BLOCK_M=m, BLOCK_N=cfg[0], BLOCK_K=cfg[1], SCALED=scaled, IEEE=x == "*fp32", FMA=fma, GELU=gelu,
-                 PDL=pdl, FAST8=fast8)
+                 PDL=pdl, FAST8=fast8, M_FAST=m_fast)
     return K._rows_linear_kernel, sig, const, cfg[2:]
 
 
@@ -116,6 +116,8 @@ VARIANTS = {
     "small batch e4m3, K split: their sum": (K._split_sum_kernel, dict(p_ptr="*fp32", s_ptr="*fp32", y_ptr="*bf16",
                                                                        MN="i32", N="i32"),
                                              dict(SPLITS=4, SCALED=True, BLOCK=1024, PDL=True), (4, 1)),
+    "a prefill's rows against e4m3, blocks of 128 rows first": _rows(w="*fp8e4nv", m=128, scaled=True,
+                                                                     cfg=(128, 64, 8, 3), fast8=True, m_fast=True),
     "small batch bf16": _rows(m=32, cfg=(32, 256, 4, 3)),
     "small batch float32": _rows("*fp32", "*fp32", m=16),
     "sampler, audio": _sample(),

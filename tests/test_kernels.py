@@ -438,6 +438,10 @@ def test_fp8_linear(M, N, KD):
         L = importlib.import_module("engine.kernels.linear")
         outs += [K.gemv(x, w8, s, L._CONFIGS[i][1]) for i in L._candidates(1, fp8=True)
                  if L._CONFIGS[i][0] == "gemv"][:None if CUDA else 1]
+    if M > 64:  # a prefill's rows: each block shape its calibration may pick (on the CPU, one)
+        L = importlib.import_module("engine.kernels.linear")
+        outs += [L._run_kernel(L._CONFIGS[i], x, w8, s) for i in L._candidates(M, fp8=True)] if CUDA else \
+            [K.rows_linear(x, w8, s, (16, 32, 4, 1), block_m=32, m_fast=True)]
     # K split in 3 (2 for K = 1024), the partial sums added by a second kernel
     outs.append(K.rows_linear(x, w8, s, (32, 256, 4, 3) if CUDA else (16, 32, 4, 1), splits=3))
     for out in outs:

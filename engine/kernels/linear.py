@@ -28,7 +28,9 @@ log = logging.getLogger("ppx.kernels")
 # (kernel, (BLOCK_N, BLOCK_K, warps, stages)); "gemv" only for one row, "few" (the small-batch
 # kernel without tl.dot) for up to triton_ops.FEW_ROWS rows, "rows8" (the small-batch kernel's
 # larger tiles, and with a fifth number K split in that many parts) only for an e4m3 W, whose
-# tiles hold half the bytes of a bf16 W's
+# tiles hold half the bytes of a bf16 W's; "prefill" (the small-batch kernel over a prefill's
+# rows, more than SMALL_ROWS, against an e4m3 W: the fifth number is the rows a program takes,
+# and the blocks of rows are the grid's first axis)
 _CONFIGS = (("rows", (16, 256, 4, 3)), ("rows", (32, 128, 4, 4)), ("rows", (16, 512, 8, 2)),
             ("rows", (64, 128, 4, 3)), ("rows", (32, 256, 4, 3)), ("gemv", (8, 256, 4, 3)), ("gemv", (4, 512, 4, 3)),
             ("gemv", (8, 512, 8, 3)), ("gemv", (2, 1024, 4, 4)), ("gemv", (4, 1024, 4, 3)),
@@ -36,8 +38,14 @@ _CONFIGS = (("rows", (16, 256, 4, 3)), ("rows", (32, 128, 4, 4)), ("rows", (16, 
             ("few", (4, 256, 4, 3)), ("rows8", (32, 512, 4, 3)), ("rows8", (64, 256, 4, 3)),
             ("rows8", (16, 1024, 4, 3)), ("rows8", (64, 512, 8, 3)), ("rows8", (128, 256, 8, 3)),
             ("rows8", (32, 256, 4, 3, 4)), ("rows8", (64, 256, 4, 3, 4)), ("rows8", (32, 512, 4, 3, 2)),
-            ("rows8", (16, 256, 4, 3, 8)))
-SMALL_ROWS = 64  # rows up to which the Triton kernels are candidates
+            ("rows8", (16, 256, 4, 3, 8)), ("prefill", (64, 128, 4, 3, 64)), ("prefill", (128, 64, 8, 3, 128)),
+            ("prefill", (128, 128, 8, 3, 64)), ("prefill", (128, 64, 4, 4, 64)), ("prefill", (64, 64, 4, 4, 128)),
+            ("prefill", (256, 64, 8, 3, 64)))
+SMALL_ROWS = 64  # rows up to which the Triton kernels are candidates (for an e4m3 W: the "prefill" ones past it)
+# A prefill's products against an e4m3 W before their rows' calibration (one first met inside a
+# capture): the small-batch kernel's pick at 64 rows for most 7B shapes, over blocks of 64 rows
+PREFILL_FP8_CONFIG = ("rows", (64, 128, 4, 3))
+PREFILL_KEY_ROWS = 256  # a prefill's rows are calibrated as the next multiple of 64, at most this
 _choice: dict[tuple, int] = {}  # shape -> -1 for cuBLAS, else an index into _CONFIGS
 # (shape, prologue kind, has delta, has ids) -> -1 for the separate kernels, else an index into _CONFIGS
 _fused_choice: dict[tuple, int] = {}
@@ -121,6 +129,8 @@ def _run(i: int, x, w, scale=None):
 
 def _candidates(rows: int, fp8: bool = False) -> list[int]:
     from .triton_ops import FEW_ROWS
+    if rows > SMALL_ROWS:  # a prefill's rows (only against an e4m3 W)
+        return [i for i, c in enumerate(_CONFIGS) if c == PREFILL_FP8_CONFIG or (fp8 and c[0] == "prefill")]
     return [i for i, (kind, _) in enumerate(_CONFIGS)
             if kind == "rows" or (kind == "gemv" and rows == 1) or (kind == "few" and rows <= FEW_ROWS)
             or (kind == "rows8" and fp8)]
@@ -159,13 +169,16 @@ def _kernel(rows: int, K: int, w: torch.Tensor, scale, like: torch.Tensor):
     """The Triton kernel and configuration for a product of `rows` rows of width K against W
     (e4m3 when scale is given), or None for cuBLAS. The first product of each shape outside a
     capture is timed (`_pick`); one first met inside a capture takes cuBLAS, or for an e4m3 W
-    the small-batch kernel."""
+    the small-batch kernel. Past SMALL_ROWS rows only an e4m3 W's products (a prefill's) take a
+    kernel, timed once per number of rows rounded up to 64 (at most PREFILL_KEY_ROWS)."""
     fp8 = scale is not None
-    if not triton_enabled(like) or rows > SMALL_ROWS or (not fp8 and (
+    if not triton_enabled(like) or (rows > SMALL_ROWS and not (fp8 and like.is_cuda)) or (not fp8 and (
             w.dtype not in (torch.bfloat16, torch.float16, torch.float32) or like.dtype != w.dtype)):
         return None
     if not like.is_cuda:  # the interpreter: always a kernel, so tests exercise them
         return ("gemv", (8, 256, 4, 3)) if rows == 1 else ("rows", (32, 256, 4, 3) if fp8 else (16, 256, 4, 3))
+    if rows > SMALL_ROWS:
+        rows = min(PREFILL_KEY_ROWS, -(-rows // 64) * 64)
     key = (rows, *w.shape, w.dtype)
     c = _choice.get(key)
     if c is None and not _disk["read"] and not torch.cuda.is_current_stream_capturing():
@@ -173,7 +186,7 @@ def _kernel(rows: int, K: int, w: torch.Tensor, scale, like: torch.Tensor):
         c = _choice.get(key)
     if c is None:
         if torch.cuda.is_current_stream_capturing():
-            return ("rows", (32, 256, 4, 3)) if fp8 else None
+            return (PREFILL_FP8_CONFIG if rows > SMALL_ROWS else ("rows", (32, 256, 4, 3))) if fp8 else None
         # (a private generator: calibration leaves torch's own random state as it was)
         gen = torch.Generator(like.device).manual_seed(0)
         x = torch.randn(rows, K, device=like.device, dtype=like.dtype, generator=gen)
@@ -192,6 +205,8 @@ def _run_kernel(choice, x, w, scale, gelu: bool = False):
     if kind == "gemv":
         y = triton_ops.gemv(x, w, scale, cfg)
         return F.gelu(y) if gelu else y
+    if kind == "prefill":
+        return triton_ops.rows_linear(x, w, scale, cfg[:4], gelu=gelu, block_m=cfg[4], m_fast=True)
     return triton_ops.rows_linear(x, w, scale, cfg[:4], fma=kind == "few", gelu=gelu,
                                   splits=cfg[4] if len(cfg) > 4 else 1)
 
@@ -293,18 +308,13 @@ def linear_fp8_ref(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> to
     return (F.linear(x.float(), w8.float()) * scale.float()).to(x.dtype)
 
 
-PREFILL_FP8_CONFIG = ("rows", (64, 128, 4, 3))  # (the small-batch kernel's pick at 64 rows for most 7B shapes)
-
-
 def linear_fp8(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    # (many rows, a prefill's, also run a Triton kernel that reads the e4m3 W itself:
+    # dequantizing W for cuBLAS moved 7 bytes per weight and took ~45 ms of GPU time per 7B
+    # prompt on an H200)
     c = _kernel(x.numel() // x.shape[-1], x.shape[-1], w8, scale, x)
     if c is not None:
         return _run_kernel(c, x, w8, scale)
-    if x.is_cuda and triton_enabled(x):
-        # many rows (a prefill): the small-batch kernel over blocks of 64 rows, which reads the
-        # e4m3 W itself; dequantizing W for cuBLAS moved 7 bytes per weight and took ~45 ms of
-        # GPU time per 7B prompt on an H200
-        return _run_kernel(PREFILL_FP8_CONFIG, x, w8, scale)
     if x.is_cuda:
         return F.linear(x, (w8.to(x.dtype) * scale.to(x.dtype).unsqueeze(-1)))
     return linear_fp8_ref(x, w8, scale)

@@ -557,7 +557,7 @@ def ring_chunk_attention(q, k_ring, v_ring, slots, end, config=None):
 def _rows_linear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, sxm, swn, sym, KC,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALED: tl.constexpr,
                         IEEE: tl.constexpr, FMA: tl.constexpr, GELU: tl.constexpr, PDL: tl.constexpr,
-                        FAST8: tl.constexpr):
+                        FAST8: tl.constexpr, M_FAST: tl.constexpr):
     # IEEE: float32 rows and W, multiplied in full float32 (as cuBLAS does by default), not TF32.
     # FMA: for a few rows (BLOCK_M of them, unpadded), products and sums in float32 on the CUDA
     # cores instead of `tl.dot`, whose tiles pad the rows to 16 (and in full float32 are slow).
@@ -567,8 +567,14 @@ def _rows_linear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, sxm, swn, sym, KC,
     # (`_e4m3_bf16`).
     # KC: the columns of K each program along axis 2 sums (KC = K but for a split of K: then y is
     # the float32 partial sums [splits, M, N], unscaled, which `_split_sum_kernel` adds).
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # (one block of rows but for a prefill)
+    # M_FAST: the blocks of rows (a prefill's) are the grid's first axis, so the programs that
+    # read one tile of W run together (and may share it through L2).
+    if M_FAST:
+        pid_n, pid_m = tl.program_id(1), tl.program_id(0)
+    else:
+        pid_n, pid_m = tl.program_id(0), tl.program_id(1)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (one block of rows but for a prefill)
     k_lo = tl.program_id(2) * KC
     k_hi = tl.minimum(k_lo + KC, K)
     k_first = k_lo + tl.arange(0, BLOCK_K)
@@ -845,15 +851,18 @@ def silu_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = Non
 
 
 def rows_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, config=(16, 256, 4, 3),
-                fma: bool = False, gelu: bool = False, splits: int = 1):
+                fma: bool = False, gelu: bool = False, splits: int = 1, block_m: int | None = None,
+                m_fast: bool = False):
     """y = x W^T (times a per-output scale for an e4m3 W) for up to 64 rows: one launch streaming W
     once, where cuBLAS splits K and adds a reduction kernel. config: BLOCK_N, BLOCK_K, warps,
     stages. Float32 rows and W multiply in full float32. fma: for up to FEW_ROWS rows, without
     `tl.dot` (`_rows_linear_kernel`'s FMA). More rows (a prefill's, against an e4m3 W) run in
-    blocks of 64, side by side, so each tile of W comes from memory about once. gelu: y is the
+    blocks of 64 (or block_m), side by side. gelu: y is the
     exact GELU of the product (a float32 product's, as `F.gelu` of it). splits: K is split in
     that many parts, each summed by its own programs into float32 partials that a second kernel
-    adds, so a W of few rows (4096, as the out and down projections') fills the GPU."""
+    adds, so a W of few rows (4096, as the out and down projections') fills the GPU. block_m: the
+    rows a program takes (default: all up to 64, padded to 16); m_fast: the blocks of rows as the
+    grid's first axis (`_rows_linear_kernel`'s M_FAST), for a prefill's many rows."""
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
     M, N = x2.shape[0], w.shape[0]
@@ -863,16 +872,19 @@ def rows_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = N
     assert splits == 1 or not (fma or gelu)
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     BLOCK_N, BLOCK_K, warps, stages = config
-    block_m = min(SMALL_LINEAR_MAX_M, _pow2(M) if fma else max(16, _pow2(M)))
+    if block_m is None:
+        block_m = min(SMALL_LINEAR_MAX_M, _pow2(M) if fma else max(16, _pow2(M)))
+    assert not fma or block_m >= M
     kc = triton.cdiv(triton.cdiv(K, splits), BLOCK_K) * BLOCK_K
     splits = triton.cdiv(K, kc)
     out = y if splits == 1 else torch.empty(splits, M, N, device=x.device, dtype=torch.float32)
     scaled = scale is not None and splits == 1
-    _rows_linear_kernel[(triton.cdiv(N, BLOCK_N), triton.cdiv(M, block_m), splits)](
+    grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(M, block_m), splits)
+    _rows_linear_kernel[(grid[1], grid[0], splits) if m_fast else grid](
         x2, w, scale if scaled else y, out, M, N, K, x2.stride(0), w.stride(0), out.stride(-2), kc,
         BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SCALED=scaled,
         IEEE=x.dtype == torch.float32, FMA=fma, GELU=gelu, num_warps=warps, num_stages=stages,
-        FAST8=fast_e4m3(w) and x.dtype == torch.bfloat16 and not fma, **_pdl_kw(x2))
+        FAST8=fast_e4m3(w) and x.dtype == torch.bfloat16 and not fma, M_FAST=m_fast, **_pdl_kw(x2))
     if splits > 1:
         block = 1024
         _split_sum_kernel[(triton.cdiv(M * N, block),)](out, scale if scale is not None else y, y, M * N, N,
