@@ -34,18 +34,22 @@ def _us(fn, w, s) -> float:
     return L._time(lambda j: fn(ws[j % n], ss[j % n]), calls) * 1e3
 
 
-def _best(x, w8, s8, kinds) -> tuple[float, str]:
-    best = (float("inf"), "")
+def _times(x, w8, s8, kinds=None) -> dict[str, float]:
+    """us per product of each block shape the calibration may pick for x's rows (of `kinds`)."""
+    out = {}
     for i in L._candidates(x.shape[0], True):
         kind, cfg = L._CONFIGS[i]
-        if kind not in kinds:
+        if kinds is not None and kind not in kinds:
             continue
         try:
-            us = _us(lambda a, b: L._run_kernel(L._CONFIGS[i], x, a, b), w8, s8)
+            out[f"{kind} {cfg}"] = _us(lambda a, b: L._run_kernel(L._CONFIGS[i], x, a, b), w8, s8)
         except L._Unrunnable:
             continue
-        best = min(best, (us, f"{kind} {cfg}"))
-    return best
+    return out
+
+
+def _best(x, w8, s8, kinds) -> tuple[float, str]:
+    return min(((us, name) for name, us in _times(x, w8, s8, kinds).items()), default=(float("inf"), ""))
 
 
 def _prefill(dev) -> list[dict]:
@@ -55,13 +59,8 @@ def _prefill(dev) -> list[dict]:
         for M in (136, 544):
             x = torch.randn(M, Kd, device=dev, dtype=torch.bfloat16)
             row = {"shape": [M, N, Kd]}
-            for i in L._candidates(M, True):
-                try:
-                    us = _us(lambda a, b: L._run_kernel(L._CONFIGS[i], x, a, b), w8, s8)
-                except L._Unrunnable:
-                    continue
-                row[f"{L._CONFIGS[i][0]} {L._CONFIGS[i][1]}"] = {"us": round(us, 1),
-                                                                  "tflops": round(2 * M * N * Kd / us / 1e6, 1)}
+            for name, us in _times(x, w8, s8).items():
+                row[name] = {"us": round(us, 1), "tflops": round(2 * M * N * Kd / us / 1e6, 1)}
             out.append(row)
             print(f"{M:3d} x {N:5d} x {Kd:5d}: " + "; ".join(
                 f"{k} {v['us']:.1f} us {v['tflops']:.0f} TFLOP/s" for k, v in row.items() if k != "shape"), flush=True)

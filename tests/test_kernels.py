@@ -433,13 +433,12 @@ def test_fp8_linear(M, N, KD):
     x = _randn(M, KD, dtype=FP8_ACT, g=g)
     w8, s = quantize_rows((torch.randn(N, KD, generator=g) / KD ** 0.5).to(DEV))
     ref = linear_fp8_ref(x, w8, s)
+    L = importlib.import_module("engine.kernels.linear")
     outs = [K.fp8_linear(x, w8, s)]
     if M == 1:  # the one-row kernel in each block shape the calibration may pick for e4m3 (one here)
-        L = importlib.import_module("engine.kernels.linear")
         outs += [K.gemv(x, w8, s, L._CONFIGS[i][1]) for i in L._candidates(1, fp8=True)
                  if L._CONFIGS[i][0] == "gemv"][:None if CUDA else 1]
     if M > 64:  # a prefill's rows: each block shape its calibration may pick (on the CPU, one)
-        L = importlib.import_module("engine.kernels.linear")
         outs += [L._run_kernel(L._CONFIGS[i], x, w8, s) for i in L._candidates(M, fp8=True)] if CUDA else \
             [K.rows_linear(x, w8, s, (16, 32, 4, 1), block_m=32, m_fast=True)]
     # K split in 3 (2 for K = 1024), the partial sums added by a second kernel

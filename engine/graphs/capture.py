@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+
+from ..kernels.dispatch import env_flag
 
 log = logging.getLogger("ppx.graphs")
 
@@ -25,7 +26,7 @@ DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 def graphs_enabled(flag: bool | None = None) -> bool:
     if flag is not None:
         return flag
-    return os.environ.get("PPX_CUDA_GRAPHS", "1") not in ("0", "false", "no")
+    return env_flag("PPX_CUDA_GRAPHS")
 
 
 @contextmanager

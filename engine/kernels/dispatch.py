@@ -5,7 +5,13 @@ import os
 
 import torch
 
-_enabled = os.environ.get("PPX_TRITON", "1") not in ("0", "false", "no")
+
+def env_flag(name: str) -> bool:
+    """A switch that is on unless the environment sets it to 0, false or no."""
+    return os.environ.get(name, "1") not in ("0", "false", "no")
+
+
+_enabled = env_flag("PPX_TRITON")
 
 
 def use_triton(on: bool) -> None:

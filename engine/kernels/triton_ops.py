@@ -4,12 +4,13 @@ Nothing here synchronises with the host, so every launch can be captured in a CU
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
+
+from .dispatch import env_flag
 
 try:  # grid dependency control (programmatic dependent launch), Hopper and later
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -30,7 +31,7 @@ def _pow2(n: int) -> int:
     return triton.next_power_of_2(int(n))
 
 
-_pdl = os.environ.get("PPX_PDL", "1") not in ("0", "false", "no")
+_pdl = env_flag("PPX_PDL")
 
 
 def pdl_enabled(t: torch.Tensor) -> bool:
@@ -98,7 +99,7 @@ def _e4m3_bf16(w, act: tl.constexpr, FAST: tl.constexpr):
         return w.to(act)
 
 
-_fast_e4m3 = os.environ.get("PPX_FAST_E4M3", "1") not in ("0", "false", "no")
+_fast_e4m3 = env_flag("PPX_FAST_E4M3")
 
 
 def fast_e4m3(w: torch.Tensor) -> bool:
@@ -809,7 +810,7 @@ class Prologue:
                                                                 "STEPS": 1}, xo
 
 
-_gemv_vec8 = os.environ.get("PPX_GEMV_VEC8", "1") not in ("0", "false", "no")
+_gemv_vec8 = env_flag("PPX_GEMV_VEC8")
 
 
 def gemv_vec(w: torch.Tensor, x: torch.Tensor) -> int:
@@ -857,8 +858,8 @@ def rows_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = N
     once, where cuBLAS splits K and adds a reduction kernel. config: BLOCK_N, BLOCK_K, warps,
     stages. Float32 rows and W multiply in full float32. fma: for up to FEW_ROWS rows, without
     `tl.dot` (`_rows_linear_kernel`'s FMA). More rows (a prefill's, against an e4m3 W) run in
-    blocks of 64 (or block_m), side by side. gelu: y is the
-    exact GELU of the product (a float32 product's, as `F.gelu` of it). splits: K is split in
+    blocks of 64 (or block_m), side by side. gelu: y is the exact GELU of the product (a float32
+    product's, as `F.gelu` of it). splits: K is split in
     that many parts, each summed by its own programs into float32 partials that a second kernel
     adds, so a W of few rows (4096, as the out and down projections') fills the GPU. block_m: the
     rows a program takes (default: all up to 64, padded to 16); m_fast: the blocks of rows as the
