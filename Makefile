@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 # Where the project is not installed (a GPU machine with torch and triton), python3 runs it.
 RUN_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo serve bench clean
 
 install: $(STAMP)
 
@@ -32,6 +32,10 @@ test: install
 
 demo: install
 	$(PY) -m frontends.demo
+
+# the tiny demo model on the CPU with the built-in page (its output is noise): no HF_TOKEN or GPU needed
+serve: install
+	$(VENV)/bin/ppx-serve --demo $(SERVE_ARGS)
 
 bench:
 	$(RUN_PY) -m benchmarks.bench $(BENCH_ARGS)

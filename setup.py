@@ -7,7 +7,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["engine", "engine.*", "frontends", "frontends.*", "voices", "voices.*",
                                     "benchmarks", "benchmarks.*"]),
-    package_data={"frontends": ["static/*"]},
+    package_data={"frontends": ["static/*", "demo_assets/*"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",

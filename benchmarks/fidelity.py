@@ -61,7 +61,8 @@ def golden(frames: int = 230) -> dict:
     import json as _json
 
     from engine.audio import first_channel, frames as to_frames, read_audio
-    from engine.engine import Engine, SamplingParams, load_voice_pt
+    from engine.engine import Engine, SamplingParams
+    from engine.prompts import load_voice_pt
 
     files = dict(config=TINY / "config.json", moshi_weight=TINY / "lm.safetensors",
                  mimi_weight=TINY / "mimi.safetensors", tokenizer=TINY / "tokenizer.model")

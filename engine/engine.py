@@ -11,18 +11,17 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 import torch
 
 from . import weights as W
-from .errors import UserError, VoiceError
+from .errors import UserError
 from .config import DEFAULT_TEXT_PROMPT, ModelConfig, PERSONAPLEX_7B, load_config
 from .lm import LM
 from .mimi import Mimi, MimiState
-from .prompts import PromptCache, PromptPlan, PromptState, VoicePrompt, plan_prompt
+from .prompts import PromptCache, PromptPlan, PromptState, VoicePrompt, check_voice, plan_prompt
 from .state import LMState
 from .tick import lm_tick, user_streams, write_streams
 from .tokenizer import Tokenizer
@@ -212,17 +211,6 @@ class Engine:
         emb = self.lm.embed(plan.columns.to(self.device)).float().cpu()
         return VoicePrompt(voice.name, embeddings=emb, cache=plan.tokens.clone())
 
-    def check_voice(self, voice: VoicePrompt) -> None:
-        cfg = self.cfg.lm
-        if voice.embeddings is not None:
-            if voice.embeddings.dim() != 2 or voice.embeddings.shape[1] != cfg.temporal.dim:
-                raise VoiceError(f"voice prompt '{voice.name}' was made for a model of width "
-                                 f"{voice.embeddings.shape[-1]}, this model has {cfg.temporal.dim}")
-            if voice.cache is None or tuple(voice.cache.shape) != (cfg.num_streams, cfg.ring_size):
-                raise VoiceError(f"voice prompt '{voice.name}' has a token cache of the wrong shape")
-        elif voice.codes is None:
-            raise VoiceError(f"voice prompt '{voice.name}' is empty")
-
     # ------------------------------------------------------------------------------
     # slots
 
@@ -240,7 +228,7 @@ class Engine:
             sampling = sampling or SamplingParams()
             sampling.validate()
             if voice is not None:
-                self.check_voice(voice)
+                check_voice(self.cfg.lm, voice)
             ids = self.tokenizer.encode_prompt(text)
             prepared.append((voice, ids, sampling))
         if len(prepared) > len(self._free):
@@ -411,28 +399,3 @@ def sessions_that_fit(cfg: ModelConfig, device: torch.device, dtype: torch.dtype
     vectors = 2 * t.num_layers * t.num_heads * (kv_window or t.window)
     per = vectors * (t.head_dim + 4 if kv_cache_dtype == "fp8" else t.head_dim * torch.finfo(dtype).bits // 8)
     return max(1, min(cap, int((free - headroom) // per)))
-
-
-def load_voice_pt(path: str | Path, name: str | None = None) -> VoicePrompt:
-    """A voice prompt in the reference's `.pt` format (loaded with weights_only=True)."""
-    path = Path(path)
-    try:
-        d = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise VoiceError(f"'{path}' is not a voice prompt file ({e.__class__.__name__})") from None
-    if not isinstance(d, dict) or "embeddings" not in d or "cache" not in d:
-        raise VoiceError(f"'{path}' is not a voice prompt file (it needs 'embeddings' and 'cache')")
-    emb, cache = d["embeddings"], d["cache"]
-    if not (isinstance(emb, torch.Tensor) and isinstance(cache, torch.Tensor)):
-        raise VoiceError(f"'{path}' is not a voice prompt file (its entries are not tensors)")
-    if emb.dim() != 4 or emb.shape[1:3] != (1, 1) or cache.dim() != 3 or cache.shape[0] != 1:
-        raise VoiceError(f"'{path}' is not a voice prompt file (embeddings {tuple(emb.shape)}, "
-                         f"cache {tuple(cache.shape)})")
-    return VoicePrompt(name or path.stem, embeddings=emb.reshape(emb.shape[0], emb.shape[-1]).float(),
-                       cache=cache[0].long())
-
-
-def save_voice_pt(voice: VoicePrompt, path: str | Path) -> None:
-    """Writes the reference's `.pt` format: embeddings [T, 1, 1, dim], cache [1, 17, R]."""
-    torch.save({"embeddings": voice.embeddings[:, None, None, :].contiguous(),
-                "cache": voice.cache[None].contiguous()}, str(path))

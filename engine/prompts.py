@@ -10,10 +10,12 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from .config import PROMPT_TEXT_TOKEN, SILENCE_TOKENS, SINE_TOKENS, LMConfig
+from .errors import VoiceError
 
 SILENCE_FRAMES = 6  # 0.5 s at 12.5 Hz
 
@@ -42,6 +44,43 @@ class VoicePrompt:
                 h.update(b"-" if t is None else t.detach().cpu().contiguous().numpy().tobytes())
             self._key = h.hexdigest()
         return self._key
+
+
+def check_voice(cfg: LMConfig, voice: VoicePrompt) -> None:
+    """Raises `VoiceError` unless the voice fits a model of this config."""
+    if voice.embeddings is not None:
+        if voice.embeddings.dim() != 2 or voice.embeddings.shape[1] != cfg.temporal.dim:
+            raise VoiceError(f"voice prompt '{voice.name}' was made for a model of width "
+                             f"{voice.embeddings.shape[-1]}, this model has {cfg.temporal.dim}")
+        if voice.cache is None or tuple(voice.cache.shape) != (cfg.num_streams, cfg.ring_size):
+            raise VoiceError(f"voice prompt '{voice.name}' has a token cache of the wrong shape")
+    elif voice.codes is None:
+        raise VoiceError(f"voice prompt '{voice.name}' is empty")
+
+
+def load_voice_pt(path: str | Path, name: str | None = None) -> VoicePrompt:
+    """A voice prompt in the reference's `.pt` format (loaded with weights_only=True)."""
+    path = Path(path)
+    try:
+        d = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise VoiceError(f"'{path}' is not a voice prompt file ({e.__class__.__name__})") from None
+    if not isinstance(d, dict) or "embeddings" not in d or "cache" not in d:
+        raise VoiceError(f"'{path}' is not a voice prompt file (it needs 'embeddings' and 'cache')")
+    emb, cache = d["embeddings"], d["cache"]
+    if not (isinstance(emb, torch.Tensor) and isinstance(cache, torch.Tensor)):
+        raise VoiceError(f"'{path}' is not a voice prompt file (its entries are not tensors)")
+    if emb.dim() != 4 or emb.shape[1:3] != (1, 1) or cache.dim() != 3 or cache.shape[0] != 1:
+        raise VoiceError(f"'{path}' is not a voice prompt file (embeddings {tuple(emb.shape)}, "
+                         f"cache {tuple(cache.shape)})")
+    return VoicePrompt(name or path.stem, embeddings=emb.reshape(emb.shape[0], emb.shape[-1]).float(),
+                       cache=cache[0].long())
+
+
+def save_voice_pt(voice: VoicePrompt, path: str | Path) -> None:
+    """Writes the reference's `.pt` format: embeddings [T, 1, 1, dim], cache [1, 17, R]."""
+    torch.save({"embeddings": voice.embeddings[:, None, None, :].contiguous(),
+                "cache": voice.cache[None].contiguous()}, str(path))
 
 
 @dataclass

@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 
 from .config import LMConfig, MimiConfig
+from .errors import UserError
 
 log = logging.getLogger("ppx.weights")
 
@@ -26,9 +27,6 @@ LM_FILE = "model.safetensors"
 MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
 TOKENIZER_FILE = "tokenizer_spm_32k_3.model"
 VOICES_FILE = "voices.tgz"
-
-
-from .errors import UserError
 
 
 class WeightsError(UserError, RuntimeError):
@@ -40,37 +38,15 @@ class WeightsError(UserError, RuntimeError):
 
 
 def resolve_file(local: str | os.PathLike | None, filename: str, hf_repo: str = DEFAULT_HF_REPO) -> Path:
-    """A local path if given (it must exist), else `filename` from the hub repo (cached)."""
+    """A local path if given (it must exist), else `filename` from the hub repo (cached;
+    `hub.hub_file` fails fast, with what to do, when the hub cannot give it)."""
     if local is not None:
         p = Path(local).expanduser()
         if not p.is_file():
             raise WeightsError(f"'{p}' does not exist or is not a file")
         return p
-    try:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import (
-            GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError, EntryNotFoundError,
-        )
-    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
-        raise WeightsError("huggingface_hub is not installed; run 'make install'") from None
-    token = os.environ.get("HF_TOKEN") or None
-    try:
-        return Path(hf_hub_download(hf_repo, filename, token=token))
-    except GatedRepoError:
-        raise WeightsError(
-            f"the hub repository '{hf_repo}' is gated: accept its license at https://huggingface.co/{hf_repo} "
-            f"and export HF_TOKEN with a token of that account") from None
-    except RepositoryNotFoundError:
-        hint = "" if token else " (no HF_TOKEN is set: a gated repository looks missing without one)"
-        raise WeightsError(f"the hub repository '{hf_repo}' was not found or is not visible{hint}") from None
-    except LocalEntryNotFoundError:  # before EntryNotFoundError, its base class
-        raise WeightsError(
-            f"'{filename}' of '{hf_repo}' is not cached and the hub cannot be reached (no network?): "
-            f"pass a local file instead") from None
-    except EntryNotFoundError:
-        raise WeightsError(f"the hub repository '{hf_repo}' has no file '{filename}'") from None
-    except Exception as e:  # network errors come in many types
-        raise WeightsError(f"could not fetch '{filename}' from '{hf_repo}': {e}") from None
+    from .hub import hub_file
+    return hub_file(hf_repo, filename)
 
 
 # ----------------------------------------------------------------------------------------

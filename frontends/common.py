@@ -62,14 +62,21 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def load_engine(args, max_slots: int | None = 1):
+def model_config(args):
+    """The model's config from --config (the reference's JSON names), or the 7B's."""
+    from engine.config import PERSONAPLEX_7B, load_config
+
+    return load_config(args.config) if args.config else PERSONAPLEX_7B
+
+
+def load_engine(args, cfg=None, max_slots: int | None = 1):
     from engine.engine import Engine
 
     if getattr(args, "cpu_offload", False):
         log.warning("--cpu-offload is not needed: the engine keeps the whole model on the device")
     device = resolve_device(args.device)
     dtype = None if args.dtype == "auto" else DTYPES[args.dtype]
-    return Engine.load(config=args.config, moshi_weight=args.moshi_weight, mimi_weight=args.mimi_weight,
+    return Engine.load(config=cfg if cfg is not None else args.config, moshi_weight=args.moshi_weight, mimi_weight=args.mimi_weight,
                        tokenizer=args.tokenizer, hf_repo=args.hf_repo, device=device, dtype=dtype,
                        max_slots=max_slots, kv_window=getattr(args, "kv_window", None),
                        cuda_graphs=False if getattr(args, "no_cuda_graphs", False) else None,

@@ -17,7 +17,7 @@ import numpy as np
 
 from engine.config import DEFAULT_TEXT_PROMPT
 from engine.errors import UserError
-from .common import add_model_args, load_engine, run_main, setup_logging
+from .common import add_model_args, load_engine, model_config, run_main, setup_logging
 
 log = logging.getLogger("ppx.offline")
 
@@ -60,22 +60,26 @@ def _check_writable(path: str) -> Path:
 def run(args) -> int:
     from engine.audio import AudioError, first_channel, frames, read_audio, write_wav
     from engine.engine import SamplingParams
-    from voices import load_voice, resolve_voice_arg
+    from voices import encode_voice, read_voice, resolve_voice_arg
 
+    # Everything that can be checked without the model is checked before it loads (a minute
+    # for the 7B): the outputs, the input recording, the voice and the sampling settings.
+    cfg = model_config(args)
     out_wav, out_text = _check_writable(args.output_wav), _check_writable(args.output_text)
-    voice_path = resolve_voice_arg(args.voice_prompt, args.voice_prompt_dir, args.hf_repo)
-    sampling = SamplingParams(temp_text=args.temp_text, temp_audio=args.temp_audio, topk_text=args.topk_text,
-                              topk_audio=args.topk_audio, greedy=args.greedy, seed=args.seed)
-    sampling.validate()
-    engine = load_engine(args, max_slots=1)
-    audio = read_audio(args.input_wav, engine.sample_rate)
+    audio = read_audio(args.input_wav, cfg.mimi.sample_rate)
     if audio.shape[0] > 1:
         log.info("the input has %d channels: using the first, as the reference does", audio.shape[0])
     user = first_channel(audio)
     total = user.shape[0]
     if total == 0:
         raise AudioError(f"'{args.input_wav}' holds no audio samples")
-    voice = load_voice(voice_path, engine)
+    voice_path = resolve_voice_arg(args.voice_prompt, args.voice_prompt_dir, args.hf_repo)
+    voice_read = read_voice(voice_path, cfg)
+    sampling = SamplingParams(temp_text=args.temp_text, temp_audio=args.temp_audio, topk_text=args.topk_text,
+                              topk_audio=args.topk_audio, greedy=args.greedy, seed=args.seed)
+    sampling.validate()
+    engine = load_engine(args, cfg, max_slots=1)
+    voice = encode_voice(voice_read, engine, voice_path.stem)
     t0 = time.monotonic()
     slot = engine.open(voice, args.text_prompt, sampling)
     log.info("prompt phase: voice '%s', %d prompt tokens, %.0f ms", voice.name,

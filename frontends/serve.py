@@ -589,6 +589,8 @@ class Server:
             port = next(iter(server.sockets)).getsockname()[1]
             scheme = "https" if ssl_ctx else "http"
             log.info("serving on %s://%s:%d (up to %d sessions)", scheme, self.args.host, port, self.max_sessions)
+            host = "localhost" if self.args.host in ("0.0.0.0", "::", "") else self.args.host
+            log.info("open %s://%s:%d/ in a browser to talk to the model", scheme, host, port)
             print(f"PPX_READY port={port}", flush=True)
             await self._stop
             log.info("shutting down: %d sessions", len(self.sessions))
@@ -701,8 +703,36 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "model's full context)")
     ap.add_argument("--random-weights", action="store_true",
                     help="serve random weights of the --config shapes (benchmarks only: the output is noise)")
+    ap.add_argument("--demo", action="store_true",
+                    help="serve a tiny model with random weights on the CPU, with a demo voice and the built-in page: "
+                         "no HF_TOKEN or GPU needed (its output is noise, not speech)")
     add_model_args(ap)
     return ap
+
+
+def demo_argv(argv: list[str]) -> list[str]:
+    """`--demo`'s flags before the user's own (which win): the tiny demo model on the CPU, its
+    voice directory and voice, two sessions."""
+    from .demo import DEMO_VOICE, demo_model, demo_model_args
+
+    paths = demo_model()
+    return [*demo_model_args(paths), "--voice-prompt-dir", str(paths["voices"]), "--voice-prompt", DEMO_VOICE,
+            "--max-sessions", "2", *argv]
+
+
+def check_cpu_serving(args, device) -> None:
+    """A 7B-sized model on the CPU cannot keep up with real time: it runs there only when
+    `--device cpu` asks for it by name."""
+    if device.type != "cpu" or args.device == "cpu":
+        return
+    from engine.lm import LM, count_parameters
+    from .common import model_config
+
+    params = count_parameters(LM(model_config(args).lm, device="meta"))
+    if params > 1e9:
+        raise UserError(f"no CUDA GPU is visible, and a model of {params / 1e9:.1f} B parameters does not run in real "
+                        f"time on the CPU (an 80 ms frame takes seconds there): pass --device cpu to serve it anyway, "
+                        f"or serve the tiny demo model with `ppx-serve --demo`")
 
 
 def run(args) -> int:
@@ -711,6 +741,7 @@ def run(args) -> int:
     from .common import resolve_device
 
     device = resolve_device(args.device)
+    check_cpu_serving(args, device)
     if device.type == "cpu":
         threads = step_threads(args)
         torch.set_num_threads(threads)
@@ -743,10 +774,24 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     setup_logging()
     logging.getLogger("websockets").setLevel(logging.WARNING)  # one line per session is ours
-    return run_main(lambda: run(args))
+
+    def body() -> int:
+        nonlocal args
+        if args.demo:
+            given = [f for f in ("moshi_weight", "mimi_weight", "tokenizer", "config") if getattr(args, f)]
+            if given or args.random_weights:
+                raise UserError("--demo serves its own tiny model: drop --" + (given[0].replace("_", "-") if given
+                                                                                 else "random-weights"))
+            args = build_parser().parse_args(demo_argv(argv))
+            log.warning("DEMO: a tiny model with random weights on the CPU; its output is noise, not speech "
+                        "(the real model: set HF_TOKEN and run on a GPU without --demo)")
+        return run(args)
+
+    return run_main(body)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -22,44 +22,79 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "tests" / "data" / "golden" / "tiny-1234"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def installed(name: str) -> Path:
+    """An installed console script (`ppx-serve`, ...) beside this Python: the tests run the
+    product as a user does, not `python -m` from the source tree."""
+    path = Path(sys.executable).parent / name
+    if not path.is_file():
+        raise RuntimeError(f"'{name}' is not installed beside {sys.executable}: run `make install` (or "
+                           f"`pip install -e .`) first")
+    return path
+
+
+def tiny_model_args() -> list[str]:
+    return ["--moshi-weight", str(TINY / "lm.safetensors"), "--mimi-weight", str(TINY / "mimi.safetensors"),
+            "--tokenizer", str(TINY / "tokenizer.model"), "--config", str(TINY / "config.json")]
+
+
+def _die_with_parent() -> None:
+    """The server gets SIGTERM if pytest dies before its teardown (Linux: PR_SET_PDEATHSIG)."""
+    import ctypes
+    import signal
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)
 
 
 class ServerProcess:
-    def __init__(self, tmp: Path, *extra: str, max_sessions: int = 3):
+    """The installed `ppx-serve` on a free loopback port, run from `tmp` as its working
+    directory, on the tiny golden model on the CPU (greedy), with voices NATF2 (.pt) and VARM0
+    (a recording) unless `voices` is False. `extra` flags come last, so they win."""
+
+    def __init__(self, tmp: Path, *extra: str, max_sessions: int | None = 3, voices: bool = True,
+                 model: list[str] | None = None, timeout: float = 60):
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.tmp = tmp
         self.voices = tmp / "voices"
-        self.voices.mkdir(parents=True, exist_ok=True)
-        shutil.copy(TINY / "voice.pt", self.voices / "NATF2.pt")
-        shutil.copy(TINY / "voice.wav", self.voices / "VARM0.wav")
-        self.port = free_port()
-        cmd = [sys.executable, "-m", "frontends.serve", "--host", "127.0.0.1", "--port", str(self.port),
-               "--device", "cpu", "--moshi-weight", str(TINY / "lm.safetensors"),
-               "--mimi-weight", str(TINY / "mimi.safetensors"), "--tokenizer", str(TINY / "tokenizer.model"),
-               "--config", str(TINY / "config.json"), "--voice-prompt-dir", str(self.voices), "--greedy",
-               "--max-sessions", str(max_sessions), *extra]
-        self.log = open(tmp / f"server-{self.port}.log", "w+")
+        vflags = []
+        if voices:
+            self.voices.mkdir(exist_ok=True)
+            shutil.copy(TINY / "voice.pt", self.voices / "NATF2.pt")
+            shutil.copy(TINY / "voice.wav", self.voices / "VARM0.wav")
+            vflags = ["--voice-prompt-dir", str(self.voices)]
+        cmd = [str(installed("ppx-serve")), "--host", "127.0.0.1", "--port", "0", "--device", "cpu",
+               *(tiny_model_args() + ["--greedy"] if model is None else model), *vflags,
+               *(["--max-sessions", str(max_sessions)] if max_sessions else []), *extra]
+        self.log_path = tmp / f"server-{os.getpid()}-{id(self)}.log"
+        self.log = open(self.log_path, "w+")
+        self.stdout: list[str] = []
+        self.port: int | None = None
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if line.startswith("PPX_READY"):
-                break
-            if not line and self.proc.poll() is not None:
-                self.log.seek(0)
-                raise RuntimeError(f"server failed to start:\n{self.log.read()[-3000:]}")
-        else:
-            raise RuntimeError("server did not start in time")
+        self.proc = subprocess.Popen(cmd, cwd=tmp, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
+                                     preexec_fn=_die_with_parent)
+        ready = threading.Event()
+
+        def watch():  # reads stdout to its end, so the server never blocks on a full pipe
+            for line in self.proc.stdout:
+                self.stdout.append(line)
+                if line.startswith("PPX_READY port=") and self.port is None:
+                    self.port = int(line.split("=", 1)[1])
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=watch, daemon=True).start()
+        if not ready.wait(timeout) or self.port is None:
+            self.stop()
+            raise RuntimeError(f"ppx-serve did not start:\n{self.log_path.read_text()[-3000:]}")
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     @property
     def url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/api/chat"
 
     def get(self, path: str) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as r:
+        with urllib.request.urlopen(f"{self.base}{path}", timeout=10) as r:
             return r.read().decode()
 
     def metric(self, name: str) -> float:
@@ -68,6 +103,10 @@ class ServerProcess:
                 return float(line.split()[1])
         raise KeyError(name)
 
+    def log_text(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text()
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -75,7 +114,14 @@ class ServerProcess:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()
         self.log.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
 
 
 def input_pcm() -> np.ndarray:

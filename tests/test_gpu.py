@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from engine.config import PERSONAPLEX_7B
-from engine.engine import SamplingParams, load_voice_pt
+from engine.engine import SamplingParams
+from engine.prompts import load_voice_pt
 from engine.kernels import use_triton
 from engine.random_weights import random_engine, random_voice
 from engine.tick import lm_tick, teacher_force, user_mask

@@ -2,10 +2,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -15,53 +12,24 @@ from pathlib import Path
 import pytest
 
 from benchmarks import load_client as lc
+from serving import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "tests" / "data" / "golden" / "tiny-1234"
 WAV = TINY / "input.wav"
 
 
-@contextlib.contextmanager
-def running_server(tmp: Path):
-    """`ppx-serve` on a free loopback port (--port 0; it prints the port it got), killed on exit."""
-    (tmp / "voices").mkdir()
-    shutil.copy(TINY / "voice.pt", tmp / "voices" / "NATF2.pt")
-    out, err = open(tmp / "stdout", "w+"), open(tmp / "stderr", "w+")
-    cmd = [sys.executable, "-m", "frontends.serve", "--host", "127.0.0.1", "--port", "0", "--device", "cpu",
-           "--moshi-weight", str(TINY / "lm.safetensors"), "--mimi-weight", str(TINY / "mimi.safetensors"),
-           "--tokenizer", str(TINY / "tokenizer.model"), "--config", str(TINY / "config.json"),
-           "--voice-prompt-dir", str(tmp / "voices"), "--greedy", "--max-sessions", "3"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    try:
-        deadline, port = time.monotonic() + 30, None
-        while port is None and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.1)
-            out.seek(0)
-            port = next((line.split("port=")[1].strip() for line in out if line.startswith("PPX_READY")), None)
-        if port is None:
-            err.seek(0)
-            pytest.fail(f"ppx-serve did not start:\n{err.read()[-3000:]}")
-        proc.url = f"ws://127.0.0.1:{port}"
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
-        out.close()
-        err.close()
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with running_server(tmp_path_factory.mktemp("load_client")) as proc:
-        yield proc
+    with ServerProcess(tmp_path_factory.mktemp("load_client")) as s:
+        yield s
 
 
 def wait_idle(url: str, timeout: float = 5.0) -> None:
     """Until the server holds no connection (a previous test's sessions may still be ending)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with urllib.request.urlopen(url.replace("ws://", "http://") + "/metrics", timeout=5) as r:
+        with urllib.request.urlopen(url.replace("ws://", "http://").replace("/api/chat", "/metrics"), timeout=5) as r:
             if "\nppx_connections 0\n" in r.read().decode():
                 return
         time.sleep(0.05)
@@ -82,7 +50,7 @@ def test_two_sessions_real_time(server, tmp_path):
     t0 = time.monotonic()
     r = subprocess.run([sys.executable, "-m", "benchmarks.load_client", "--url", server.url, "--sessions", "2",
                         "--duration", str(duration), "--wav", str(WAV), "--voice", "NATF2", "--json", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=30)
+                       cwd=tmp_path, capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     assert time.monotonic() - t0 < duration + 10
     assert "lag p50" in r.stdout
@@ -124,12 +92,12 @@ def test_server_dying_ends_the_round(tmp_path):
     async def run(server):
         task = asyncio.create_task(lc.run_round(server.url, 2, 8.0, [wav], voice="NATF2"))
         await asyncio.sleep(1.5)
-        server.kill()
+        server.proc.kill()
         t = time.monotonic()
         res = await asyncio.wait_for(task, 10)
         return res, time.monotonic() - t
 
-    with running_server(tmp_path) as server:
+    with ServerProcess(tmp_path) as server:
         res, after = asyncio.run(run(server))
     assert after < 3.0
     agg = res["aggregate"]
@@ -142,7 +110,7 @@ def test_serve_host_measures_the_server_over_a_stand_in_engine(tmp_path):
     # engine: every frame of two short sessions comes back, and the numbers are written
     out = tmp_path / "host.json"
     r = subprocess.run([sys.executable, "-m", "benchmarks.serve_host", "--sweep", "2", "--duration", "2",
-                        "--tick-ms", "5", "--wav", str(WAV), "--json", str(out)], cwd=ROOT, capture_output=True,
+                        "--tick-ms", "5", "--wav", str(WAV), "--json", str(out)], cwd=tmp_path, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "== 2 sessions" in r.stdout

@@ -28,13 +28,19 @@ def kernels(request):
     dispatch._on_cpu = old
 
 
+# Frames of the golden input each test streams: all of them on the torch references; through the
+# Triton interpreter (seconds a frame) enough to wrap the transformers' 16-entry rings several
+# times over (two encoder steps a frame).
+FRAMES = {"torch": None, "triton": 40}
+
+
 def test_streaming_encode_matches_the_codes_the_model_heard(tiny_cfg, trace, kernels):
     mimi = _mimi(tiny_cfg)
     state = MimiState(mimi, 1, "cpu")
-    pcm = first_channel(read_audio(TINY / "input.wav", 24000)).reshape(-1, 1920)
+    pcm = first_channel(read_audio(TINY / "input.wav", 24000)).reshape(-1, 1920)[:FRAMES[kernels]]
     with torch.no_grad():
         codes = np.stack([mimi.encode(torch.from_numpy(f)[None], state, torch.tensor([0]))[0].numpy() for f in pcm])
-    np.testing.assert_array_equal(codes[:-1], trace["tokens"][1:, 9:17])
+    np.testing.assert_array_equal(codes[:-1], trace["tokens"][1:len(pcm), 9:17])
 
 
 def test_streaming_decode_matches_the_reference_pcm(tiny_cfg, trace, kernels):
@@ -44,15 +50,16 @@ def test_streaming_decode_matches_the_reference_pcm(tiny_cfg, trace, kernels):
     with torch.no_grad():
         # two slots in one batch, the second fed the same codes 5 frames late
         out0, out1 = [], []
-        for t in range(120):
+        n = FRAMES[kernels] or 120
+        for t in range(n):
             slots = torch.tensor([0, 1]) if t >= 5 else torch.tensor([0])
             c = torch.stack([codes[t], codes[t - 5]]) if t >= 5 else codes[t][None]
             y = mimi.decode(c, state, slots).numpy()
             out0.append(y[0])
             if t >= 5:
                 out1.append(y[1])
-    np.testing.assert_allclose(np.stack(out0), trace["pcm"][:120], atol=1e-5)
-    np.testing.assert_allclose(np.stack(out1), trace["pcm"][:115], atol=1e-5)
+    np.testing.assert_allclose(np.stack(out0), trace["pcm"][:n], atol=1e-5)
+    np.testing.assert_allclose(np.stack(out1), trace["pcm"][:n - 5], atol=1e-5)
 
 
 def test_reset_makes_a_slot_fresh(tiny_cfg, trace):

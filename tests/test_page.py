@@ -9,14 +9,8 @@ Ogg-Opus, and show its text. Needs Debian's `chromium` and the `playwright` Pyth
 from __future__ import annotations
 
 import base64
-import os
 import re
-import shutil
-import signal
 import struct
-import subprocess
-import sys
-import threading
 import urllib.request
 from pathlib import Path
 
@@ -26,6 +20,7 @@ import soundfile as sf
 
 from conftest import TINY
 from frontends.ogg_opus import OggOpusReader, ogg_crc
+from serving import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
@@ -41,50 +36,12 @@ except ImportError:
                 allow_module_level=True)
 
 
-def _die_with_parent() -> None:
-    """The server gets SIGTERM if pytest dies before its teardown (Linux: PR_SET_PDEATHSIG)."""
-    import ctypes
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)
-
-
 @pytest.fixture()
 def server(request, tmp_path):
-    """A ppx-serve on the tiny model on 127.0.0.1 (a free port), with the extra flags that indirect
-    parametrization gives; yields (base URL, log path)."""
-    voices = tmp_path / "voices"
-    voices.mkdir()
-    shutil.copy(TINY / "voice.pt", voices / "NATF2.pt")
-    log = tmp_path / "server.log"
-    cmd = [sys.executable, "-m", "frontends.serve", "--host", "127.0.0.1", "--port", "0", "--device", "cpu",
-           "--moshi-weight", str(TINY / "lm.safetensors"), "--mimi-weight", str(TINY / "mimi.safetensors"),
-           "--tokenizer", str(TINY / "tokenizer.model"), "--config", str(TINY / "config.json"),
-           "--voice-prompt-dir", str(voices), "--greedy", *getattr(request, "param", [])]
-    with open(log, "wb") as err:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=_die_with_parent)
-    port: list[int] = []
-    ready = threading.Event()
-
-    def watch():  # reads stdout to the end so the server never blocks on a full pipe
-        for line in proc.stdout:
-            m = re.match(r"PPX_READY port=(\d+)", line)
-            if m and not port:
-                port.append(int(m.group(1)))
-                ready.set()
-
-    threading.Thread(target=watch, daemon=True).start()
-    try:
-        if not ready.wait(60) or proc.poll() is not None:
-            pytest.fail(f"ppx-serve did not start:\n{log.read_text()[-3000:]}")
-        yield f"http://127.0.0.1:{port[0]}", log
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    """The installed ppx-serve on the tiny model on 127.0.0.1 (a free port), with the extra flags
+    that indirect parametrization gives; yields (base URL, log path)."""
+    with ServerProcess(tmp_path, *getattr(request, "param", []), max_sessions=None) as s:
+        yield s.base, s.log_path
 
 
 def _frames_total(base: str) -> int:

@@ -128,11 +128,10 @@ def test_cpu_step_threads_leave_the_codec_threads_their_cores(server, monkeypatc
     with pytest.raises(UserError, match="--cpu-threads"):
         serve.step_threads(build_parser().parse_args(["--cpu-threads", "0"]))
     monkeypatch.undo()
-    server.log.seek(0)
     args = build_parser().parse_args([])
     want = (f"with {serve.step_threads(args)} torch thread(s) beside {args.codec_threads} codec thread(s) "
             f"on {serve.cpu_cores()} core(s)")
-    assert want in server.log.read()
+    assert want in server.log_text()
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Loading checkpoints: strict names, shapes, the 8-step depformer, hub errors, the 7B size."""
 import re
+import socket
 
 import pytest
 import torch
@@ -119,9 +120,24 @@ def test_the_7b_config_has_the_reference_parameter_count():
                                                                               W._lm_ranges(PERSONAPLEX_7B.lm)))
 
 
-@pytest.mark.parametrize("exc, want", [("GatedRepoError", "gated"), ("RepositoryNotFoundError", "not found"),
-                                       ("LocalEntryNotFoundError", "cannot be reached")])
-def test_hub_failures_say_what_to_do(monkeypatch, exc, want):
+@pytest.fixture()
+def hub(monkeypatch):
+    """engine.hub with its one-per-process reachability probe forgotten before and after."""
+    from engine import hub
+
+    hub.reachable.cache_clear()
+    hub._warn_once.cache_clear()
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(hub, "token", lambda: None)
+    yield hub
+    monkeypatch.undo()
+    hub.reachable.cache_clear()
+    hub._warn_once.cache_clear()
+
+
+@pytest.mark.parametrize("exc, want", [("GatedRepoError", "is gated"), ("RepositoryNotFoundError", "not found"),
+                                       ("LocalEntryNotFoundError", "did not answer")])
+def test_hub_failures_say_what_to_do(hub, monkeypatch, exc, want):
     import huggingface_hub
     from huggingface_hub import errors
 
@@ -131,23 +147,60 @@ def test_hub_failures_say_what_to_do(monkeypatch, exc, want):
         Exception.__init__(err, "boom")
         raise err
 
+    monkeypatch.setattr(hub, "reachable", lambda: None)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fail)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    with pytest.raises(W.WeightsError, match=want) as e:
+    with pytest.raises(hub.HubError, match=want) as e:
         W.resolve_file(None, W.LM_FILE, "nvidia/personaplex-7b-v1")
-    assert "\n" not in str(e.value)
+    msg = str(e.value)
+    assert "\n" not in msg and "--moshi-weight" in msg and "ppx-serve --demo" in msg
+    if exc != "LocalEntryNotFoundError":
+        assert "set HF_TOKEN" in msg and "huggingface.co/nvidia/personaplex-7b-v1" in msg
 
 
-def test_no_network_and_no_cache_is_one_sentence(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_an_unreachable_hub_fails_in_one_try(hub, monkeypatch, caplog):
+    """No retries for half a minute: one connection attempt, then one sentence that names what
+    to do; huggingface_hub is never asked."""
+    import time
+
+    import huggingface_hub
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    monkeypatch.setattr(hub, "_endpoint", lambda: ("127.0.0.1", closed))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("the hub was asked"))
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
+    t0 = time.monotonic()
+    for _ in range(3):  # the model's three files: one probe in all
+        with pytest.raises(hub.HubError) as e:
+            W.resolve_file(None, W.MIMI_FILE, "nvidia/personaplex-7b-v1")
+    assert time.monotonic() - t0 < hub.PROBE_SECONDS
+    msg = str(e.value)
+    assert "cannot be reached" in msg and "set HF_TOKEN" in msg and "--moshi-weight" in msg
+    assert "ppx-serve --demo" in msg and "\n" not in msg
+    assert hub.reachable.cache_info().misses == 1
+
+
+def test_an_unreachable_hub_uses_the_cached_files_with_one_warning(hub, monkeypatch, tmp_path, caplog):
+    import huggingface_hub
+
+    cached = tmp_path / "model.safetensors"
+    cached.write_bytes(b"x")
+    monkeypatch.setattr(hub, "reachable", lambda: "huggingface.co cannot be reached (no route)")
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: str(cached))
+    with caplog.at_level("WARNING", logger="ppx.hub"):
+        assert W.resolve_file(None, W.LM_FILE) == cached
+        assert W.resolve_file(None, W.LM_FILE) == cached
+    assert [r.getMessage() for r in caplog.records] == [
+        "huggingface.co cannot be reached (no route): using the cached copies of the hub's files"]
+
+
+def test_offline_mode_does_not_touch_the_network(hub, monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "reachable", lambda: pytest.fail("probed the network"))
     monkeypatch.setenv("HF_HOME", str(tmp_path))
-    import importlib
-    import huggingface_hub.constants as c
-    importlib.reload(c)
-    try:
-        with pytest.raises(W.WeightsError) as e:
-            W.resolve_file(None, W.LM_FILE, "nvidia/personaplex-7b-v1")
-        assert "not cached" in str(e.value) or "could not fetch" in str(e.value)
-    finally:
-        monkeypatch.undo()
-        importlib.reload(c)
+    with pytest.raises(hub.HubError, match="HF_HUB_OFFLINE is set") as e:
+        W.resolve_file(None, W.LM_FILE, "nvidia/personaplex-7b-v1")
+    assert "not cached" in str(e.value)

@@ -6,13 +6,13 @@ import sys
 from pathlib import Path
 
 from frontends.common import add_model_args, die, load_engine, run_main, setup_logging
-from .library import VoiceLibrary, hub_voice_dir, load_voice
+from .library import VOICE_EXTS, VoiceLibrary, hub_voice_dir, load_voice
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="ppx-voice", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    ls = sub.add_parser("list", help="list the voices of a directory (the hub's when none is given)")
+    ls = sub.add_parser("list", help="list the voices of a directory (the hub repository's when none is given)")
     ls.add_argument("--voice-prompt-dir", type=str)
     ls.add_argument("--hf-repo", type=str, default=None)
     mk = sub.add_parser("make", help="make a .pt voice prompt from a recording")
@@ -26,14 +26,18 @@ def main(argv=None) -> int:
         if args.cmd == "list":
             from engine.weights import DEFAULT_HF_REPO
             d = args.voice_prompt_dir or hub_voice_dir(args.hf_repo or DEFAULT_HF_REPO)
-            for name in VoiceLibrary(d).names():
+            names = VoiceLibrary(d).names()
+            if not names:
+                die(f"'{d}' holds no voice prompts (.pt files in the reference's format, or recordings: "
+                    f"{', '.join(VOICE_EXTS)})")
+            for name in names:
                 print(name)
             return 0
         out = Path(args.output)
         if out.suffix != ".pt":
             die(f"the output '{out}' must end in .pt")
         engine = load_engine(args, max_slots=1)
-        from engine.engine import save_voice_pt
+        from engine.prompts import save_voice_pt
         voice = engine.voice_embeddings(load_voice(args.input, engine))
         save_voice_pt(voice, out)
         print(f"wrote {out} ({voice.embeddings.shape[0]} frames)")

@@ -12,9 +12,11 @@ import numpy as np
 
 from engine.errors import UserError
 from engine.audio import mono_mix, normalize_loudness, read_audio
-from engine.engine import Engine, load_voice_pt
-from engine.prompts import VoicePrompt
-from engine.weights import VOICES_FILE, resolve_file
+from engine.config import ModelConfig
+from engine.engine import Engine
+from engine.prompts import VoicePrompt, check_voice, load_voice_pt
+from engine.hub import hub_file
+from engine.weights import VOICES_FILE
 
 log = logging.getLogger("ppx.voices")
 
@@ -65,9 +67,13 @@ class VoiceLibrary:
         raise UnknownVoice(f"voice {shown} is not in '{self.directory}' (voices there: {known})")
 
 
-def hub_voice_dir(hf_repo: str) -> Path:
+VOICE_ADVICE = ("pass --voice-prompt-dir DIR, a folder of voice prompts (.pt files, or recordings; `ppx-voice make` "
+                "makes a .pt from one)")
+
+
+def hub_voice_dir(hf_repo: str, advice: str = VOICE_ADVICE) -> Path:
     """The hub repo's voices, fetched once as `voices.tgz` and unpacked beside it."""
-    tgz = resolve_file(None, VOICES_FILE, hf_repo)
+    tgz = hub_file(hf_repo, VOICES_FILE, advice=advice)
     out = tgz.parent / "voices"
     if not out.is_dir():
         log.info("unpacking %s", tgz)
@@ -89,19 +95,35 @@ def resolve_voice_arg(arg: str, directory: str | os.PathLike | None, hf_repo: st
     if directory is None:
         if hf_repo is None:
             raise UnknownVoice(f"voice '{arg}' is not a file and no voice directory was given")
-        directory = hub_voice_dir(hf_repo)
+        directory = hub_voice_dir(hf_repo, VOICE_ADVICE + ", or give --voice-prompt a voice file's path")
     return VoiceLibrary(directory).find(arg)
 
 
-def load_voice(path: str | os.PathLike, engine: Engine) -> VoicePrompt:
-    """A `.pt` voice prompt as it is, or a recording: resampled to 24 kHz mono, normalised to
-    -24 LUFS and Mimi-encoded, which gives the same state as its `.pt`."""
+def read_voice(path: str | os.PathLike, cfg: ModelConfig) -> VoicePrompt | np.ndarray:
+    """Everything about a voice file that needs no model: a `.pt` voice prompt, checked against
+    the model's config; or a recording, resampled to 24 kHz mono and normalised to -24 LUFS (a
+    float32 array, which `encode_voice` turns into a voice). Bad files fail here, before a
+    model is loaded."""
     path = Path(path)
     if path.suffix.lower() == ".pt":
         voice = load_voice_pt(path)
-    else:
-        audio = mono_mix(read_audio(path, engine.sample_rate))
-        pcm = normalize_loudness(audio, engine.sample_rate, -24.0).astype(np.float32)
-        voice = engine.encode_voice(pcm, name=path.stem)
-    engine.check_voice(voice)
+        check_voice(cfg.lm, voice)
+        return voice
+    rate = cfg.mimi.sample_rate
+    audio = mono_mix(read_audio(path, rate))
+    return normalize_loudness(audio, rate, -24.0).astype(np.float32)
+
+
+def encode_voice(read: VoicePrompt | np.ndarray, engine: Engine, name: str) -> VoicePrompt:
+    """A voice from `read_voice`: a recording is Mimi-encoded, which gives the same state as
+    the reference's `.pt` of it."""
+    if isinstance(read, VoicePrompt):
+        return read
+    voice = engine.encode_voice(read, name=name)
+    check_voice(engine.cfg.lm, voice)
     return voice
+
+
+def load_voice(path: str | os.PathLike, engine: Engine) -> VoicePrompt:
+    """A `.pt` voice prompt as it is, or a recording Mimi-encoded (`read_voice`, `encode_voice`)."""
+    return encode_voice(read_voice(path, engine.cfg), engine, Path(path).stem)

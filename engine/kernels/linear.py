@@ -20,7 +20,6 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..quant import FP8
 from .dispatch import triton_enabled
 
 log = logging.getLogger("ppx.kernels")
