@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-# Tokens of the prompt phase (SPEC.md): what the agent and the user "say" in silence.
+# Tokens of the prompt phase (docs/SPEC.md): what the agent and the user "say" in silence.
 SILENCE_TOKENS = (948, 243, 1178, 546, 1736, 1030, 1978, 2008)
 SINE_TOKENS = (430, 1268, 381, 1611, 1095, 1495, 56, 472)
 PROMPT_TEXT_TOKEN = 3  # text padding, fed with every voice and silence frame

@@ -1,4 +1,4 @@
-"""The prompt phase (SPEC.md): voice prompt, 0.5 s of silence, role prompt, 0.5 s of silence.
+"""The prompt phase (docs/SPEC.md): voice prompt, 0.5 s of silence, role prompt, 0.5 s of silence.
 
 Every prompt step gives all 17 streams, so nothing the model predicts during the prompt is
 kept: the temporal transformer only has to see the prompt's input columns, which a cheap

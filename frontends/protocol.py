@@ -1,4 +1,4 @@
-"""The `/api/chat` websocket protocol of the reference server and its web client (SPEC.md).
+"""The `/api/chat` websocket protocol of the reference server and its web client (docs/SPEC.md).
 
 Every binary message starts with a kind byte. Audio (0x01) is a byte stream of Ogg pages
 holding Opus at 24 kHz mono, in both directions; pages may be split across messages or

@@ -50,7 +50,7 @@ class ServerProcess:
     (a recording) unless `voices` is False. `extra` flags come last, so they win."""
 
     def __init__(self, tmp: Path, *extra: str, max_sessions: int | None = 3, voices: bool = True,
-                 model: list[str] | None = None, timeout: float = 60):
+                 model: list[str] | None = None, timeout: float = 60, env: dict | None = None):
         tmp.mkdir(parents=True, exist_ok=True)
         self.tmp = tmp
         self.voices = tmp / "voices"
@@ -67,7 +67,7 @@ class ServerProcess:
         self.log = open(self.log_path, "w+")
         self.stdout: list[str] = []
         self.port: int | None = None
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.proc = subprocess.Popen(cmd, cwd=tmp, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
                                      preexec_fn=_die_with_parent)
         ready = threading.Event()

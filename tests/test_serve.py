@@ -1,6 +1,7 @@
 """`ppx-serve` with a real server on loopback and real websocket clients (tiny model, CPU)."""
 import asyncio
 import json
+import os
 import signal
 import time
 
@@ -294,3 +295,30 @@ def test_sigterm_tells_clients_and_exits(tmp_path):
     r = out["r"]
     assert r.handshake and any("shutting down" in e for e in r.errors) and r.close_code == 1001
     s.stop()
+
+
+def test_the_demo_serves_a_tiny_model_with_its_voice_and_page(tmp_path):
+    """`ppx-serve --demo` (make serve): no model files, no token, no GPU; it says its output is
+    noise and where to point a browser, lists its voice, serves the page and holds a session."""
+    with ServerProcess(tmp_path, "--demo", model=[], voices=False, max_sessions=None,
+                       env={"PPX_CACHE": str(tmp_path / "cache")}) as s:
+        assert json.loads(s.get("/api/voices")) == {"voices": ["DEMO0"]}
+        assert "<html" in s.get("/").lower()
+        res = run(session(s.url, {"text_prompt": PROMPT}, encode(input_pcm()[: 1920 * 10])))
+        assert res.handshake and not res.errors and res.audio
+        log = s.log_text()
+    assert "noise" in log and f"open http://127.0.0.1:{s.port}/ in a browser" in log
+    assert (tmp_path / "cache" / "demo-tiny-seed0" / "model.safetensors").is_file()
+
+
+def test_a_7b_without_a_gpu_needs_device_cpu_by_name(tmp_path):
+    """Without a GPU, the 7B would answer each 80 ms frame in seconds: ppx-serve says so, before
+    it reads or fetches anything, unless --device cpu asks for it."""
+    import subprocess
+
+    from serving import installed
+
+    r = subprocess.run([str(installed("ppx-serve")), "--device", "auto"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=60, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "--device cpu" in r.stderr and "real time" in r.stderr and "ppx-serve --demo" in r.stderr
