@@ -73,7 +73,7 @@ def kv_read_bytes(engine, positions: int) -> int:
 
 
 def prepare_slots(engine, B: int, voice, full: bool) -> list[int]:
-    from engine.engine import SamplingParams
+    from engine.sampling import SamplingParams
 
     slots = engine.open_many([(voice, PROMPT_100, SamplingParams(seed=i)) for i in range(B)])
     if full:
@@ -120,7 +120,7 @@ def wall_tick_ms(engine, slot: int, n: int = 50) -> float:
 def long_session(engine, voice, frames: int) -> dict:
     """One session through `frames` ticks (past the 3 000-frame context, so the KV ring wraps):
     tick time and GPU memory at the start and at the end, which must match."""
-    from engine.engine import SamplingParams
+    from engine.sampling import SamplingParams
 
     slot = engine.open(voice, PROMPT_100, SamplingParams(seed=1))
     idx = torch.tensor([slot], device="cuda")

@@ -61,7 +61,8 @@ def golden(frames: int = 230) -> dict:
     import json as _json
 
     from engine.audio import first_channel, frames as to_frames, read_audio
-    from engine.engine import Engine, SamplingParams
+    from engine.engine import Engine
+    from engine.sampling import SamplingParams
     from engine.prompts import load_voice_pt
 
     files = dict(config=TINY / "config.json", moshi_weight=TINY / "lm.safetensors",
@@ -91,7 +92,8 @@ def golden(frames: int = 230) -> dict:
 
 def seven_b(frames: int) -> dict:
     from engine.config import PERSONAPLEX_7B
-    from engine.engine import Engine, SamplingParams
+    from engine.engine import Engine
+    from engine.sampling import SamplingParams
     from engine.quant import quantize_lm_
     from engine.random_weights import random_engine, random_voice
 

@@ -7,8 +7,9 @@ slot that has one and returns, per slot, one frame of agent audio and the text t
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -21,6 +22,7 @@ from .errors import UserError
 from .config import DEFAULT_TEXT_PROMPT, ModelConfig, PERSONAPLEX_7B, load_config
 from .lm import LM
 from .mimi import Mimi, MimiState
+from .sampling import SamplingParams
 from .prompts import PromptCache, PromptPlan, PromptState, VoicePrompt, check_voice, plan_prompt
 from .state import LMState
 from .tick import lm_tick, user_streams, write_streams
@@ -31,38 +33,6 @@ log = logging.getLogger("ppx.engine")
 
 class EngineFull(UserError, RuntimeError):
     """Every slot is taken."""
-
-
-@dataclass
-class SamplingParams:
-    """Reference defaults: audio temperature 0.8, top-k 250; text temperature 0.7, top-k 25."""
-    temp_text: float = 0.7
-    temp_audio: float = 0.8
-    topk_text: int = 25
-    topk_audio: int = 250
-    greedy: bool = False
-    seed: int | None = None   # None or -1: a random seed
-    audio_seed: int | None = None  # the audio streams' own seed (default: `seed`)
-
-    def validate(self) -> None:
-        for name in ("temp_text", "temp_audio"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and np.isfinite(v) and 0 <= v <= 100):
-                raise UserError(f"{name} must be a number from 0 to 100, got {v!r}")
-        for name in ("topk_text", "topk_audio"):
-            v = getattr(self, name)
-            if not (isinstance(v, int) and 1 <= v <= 1_000_000):
-                raise UserError(f"{name} must be a whole number from 1 up, got {v!r}")
-
-    def resolved_seed(self) -> int:
-        if self.seed is None or self.seed == -1:
-            return int.from_bytes(os.urandom(4), "little")
-        return int(self.seed) & 0xFFFFFFFF
-
-    def resolved_audio_seed(self, text_seed: int) -> int:
-        if self.audio_seed is None or self.audio_seed == -1:
-            return text_seed
-        return int(self.audio_seed) & 0xFFFFFFFF
 
 
 @dataclass
@@ -83,7 +53,8 @@ class _Slot:
 
 class Engine:
     def __init__(self, cfg: ModelConfig, lm: LM, mimi: Mimi, tokenizer: Tokenizer, *, max_slots: int = 1,
-                 depformer_steps: int | None = None, checkpoint_id: str = "", kv_window: int | None = None,
+                 depformer_steps: int | None = None, checkpoint_id: str = "", mimi_id: str = "",
+                 kv_window: int | None = None,
                  prompt_cache_bytes: int | None = None, kv_cache_dtype: str | None = None):
         self.cfg = cfg
         self.lm = lm
@@ -93,6 +64,7 @@ class Engine:
         self.dtype = lm.dtype
         self.max_slots = max_slots
         self.checkpoint_id = checkpoint_id
+        self.mimi_id = mimi_id   # (what a cached encoding of a voice recording depends on)
         # Steps past the agent's codebooks predict the user's, which are always given.
         self.depformer_steps = depformer_steps or cfg.lm.agent_codebooks
         if not cfg.lm.agent_codebooks <= self.depformer_steps <= cfg.lm.depformer.steps:
@@ -120,6 +92,9 @@ class Engine:
         if prompt_cache_bytes is None:
             prompt_cache_bytes = (2 << 30) if self.device.type == "cuda" else (256 << 20)
         self.prompt_cache = PromptCache(prompt_cache_bytes)
+        self._voice_lock = threading.Lock()   # (`encode_voice`)
+        self._voice_state: MimiState | None = None
+        self._voice_stream = None
 
     # ------------------------------------------------------------------------------
     # loading
@@ -129,13 +104,14 @@ class Engine:
              tokenizer=None, hf_repo: str = W.DEFAULT_HF_REPO, device: str | torch.device = "cuda",
              dtype: torch.dtype | None = None, max_slots: int | None = 1, depformer_steps: int | None = None,
              kv_window: int | None = None, cuda_graphs: bool | None = None, quantize: str | None = None,
-             kv_cache_dtype: str | None = None) -> "Engine":
+             kv_cache_dtype: str | None = None, random_weights: bool = False, seed: int = 0) -> "Engine":
         """Loads the model (local files where given, the rest from the hub repo), then on a GPU
         warms up and captures the tick as CUDA graphs. max_slots None: as many sessions as the
-        free GPU memory holds once the weights are in (one on the CPU)."""
+        free GPU memory holds once the weights are in (one on the CPU). random_weights: the
+        config's shapes with random values drawn on the device (benchmarks; only the tokenizer
+        is read)."""
         from .device import check_device
         from .graphs import graphs_enabled
-
         from .quant import check_fp8_device
 
         t0 = time.monotonic()
@@ -151,22 +127,30 @@ class Engine:
             cfg = config
         else:
             cfg = load_config(config)
-        lm_path = W.resolve_file(moshi_weight, W.LM_FILE, hf_repo)
-        mimi_path = W.resolve_file(mimi_weight, W.MIMI_FILE, hf_repo)
         tok_path = W.resolve_file(tokenizer, W.TOKENIZER_FILE, hf_repo)
-        log.info("loading the language model from %s (%s, %s)", lm_path, device, str(dtype).replace("torch.", ""))
-        lm = W.materialize(lambda dtype: LM(cfg.lm, dtype=dtype, quant=quantize), device, dtype)
-        W.load_lm_weights(lm, lm_path, cfg.lm)
-        log.info("loading Mimi from %s", mimi_path)
-        mimi = W.materialize(lambda dtype: Mimi(cfg.mimi, dtype=dtype), device, torch.float32)
-        W.load_mimi_weights(mimi, mimi_path, cfg.mimi)
+        if random_weights:
+            from .random_weights import random_lm, random_mimi
+            log.warning("RANDOM weights of the %s shapes (%s, %s): the output is noise", cfg.name, device,
+                        str(dtype).replace("torch.", ""))
+            lm, mimi = random_lm(cfg.lm, device, dtype, seed, quantize), random_mimi(cfg.mimi, device, seed)
+            lm_id = mimi_id = f"random-{seed}"
+        else:
+            lm_path = W.resolve_file(moshi_weight, W.LM_FILE, hf_repo)
+            mimi_path = W.resolve_file(mimi_weight, W.MIMI_FILE, hf_repo)
+            log.info("loading the language model from %s (%s, %s)", lm_path, device,
+                     str(dtype).replace("torch.", ""))
+            lm = W.materialize(lambda dtype: LM(cfg.lm, dtype=dtype, quant=quantize), device, dtype)
+            W.load_lm_weights(lm, lm_path, cfg.lm)
+            log.info("loading Mimi from %s", mimi_path)
+            mimi = W.materialize(lambda dtype: Mimi(cfg.mimi, dtype=dtype), device, torch.float32)
+            W.load_mimi_weights(mimi, mimi_path, cfg.mimi)
+            lm_id, mimi_id = W.file_id(lm_path), W.file_id(mimi_path)
         tok = Tokenizer(tok_path, vocab_size=cfg.lm.text_card)
         if max_slots is None:
             max_slots = sessions_that_fit(cfg, device, dtype, kv_window, kv_cache_dtype=kv_cache_dtype)
             log.info("room for %d sessions", max_slots)
-        ckpt_id = f"{lm_path.resolve()}:{lm_path.stat().st_size}:{lm_path.stat().st_mtime_ns}"
-        eng = cls(cfg, lm, mimi, tok, max_slots=max_slots, depformer_steps=depformer_steps, checkpoint_id=ckpt_id,
-                  kv_window=kv_window, kv_cache_dtype=kv_cache_dtype)
+        eng = cls(cfg, lm, mimi, tok, max_slots=max_slots, depformer_steps=depformer_steps, checkpoint_id=lm_id,
+                  mimi_id=mimi_id, kv_window=kv_window, kv_cache_dtype=kv_cache_dtype)
         t_load = time.monotonic() - t0
         t_graphs = 0.0
         if device.type == "cuda" and graphs_enabled(cuda_graphs):
@@ -191,17 +175,26 @@ class Engine:
     @torch.no_grad()
     def encode_voice(self, pcm: np.ndarray, name: str = "voice") -> VoicePrompt:
         """Agent codes of a voice recording (24 kHz mono float32, loudness-normalised),
-        Mimi-encoded frame by frame from a fresh encoder, as the reference does."""
+        Mimi-encoded frame by frame from a fresh encoder, as the reference does. It has a
+        streaming state of its own and, on a GPU, a stream of its own, so a thread may encode
+        voices while another steps the sessions (one voice at a time)."""
         from .audio import frames
 
-        fr = frames(pcm, self.frame_size)
-        slot = self.lm_state.scratch
-        self.mimi_state.reset_encoder(slot)
-        slots = torch.tensor([slot], device=self.device)
-        codes = [self.mimi.encode(torch.from_numpy(f).to(self.device)[None], self.mimi_state, slots)[0]
-                 for f in fr]
-        self.mimi_state.reset_encoder(slot)
-        return VoicePrompt(name, codes=torch.stack(codes).cpu())
+        with self._voice_lock:
+            if self._voice_state is None:
+                self._voice_state = MimiState(self.mimi, 1, self.device)
+                self._voice_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+            state, slot = self._voice_state, 0
+            state.reset(slot)
+            slots = torch.tensor([slot], device=self.device)
+            ctx = torch.cuda.stream(self._voice_stream) if self._voice_stream is not None else contextlib.nullcontext()
+            codes = []
+            with ctx:
+                for f in frames(pcm, self.frame_size):
+                    codes.append(self.mimi.encode(torch.from_numpy(f).to(self.device)[None], state, slots)[0])
+                    time.sleep(0)  # (lets a thread waiting for the GIL, the one stepping sessions, go first)
+            codes = torch.stack(codes).cpu()
+        return VoicePrompt(name, codes=codes)
 
     @torch.no_grad()
     def voice_embeddings(self, voice: VoicePrompt) -> VoicePrompt:

@@ -149,32 +149,40 @@ def randomize_lm_(lm: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return lm
 
 
-def random_engine(cfg: ModelConfig, tokenizer: str | Path, *, device="cuda", dtype=torch.bfloat16, seed: int = 0,
-                  **engine_kw):
-    """An `Engine` over random weights of `cfg`'s shapes (LM drawn on the device, Mimi from
-    `random_mimi_state_dict` through the real loader)."""
-    import tempfile
-
-    from .engine import Engine, sessions_that_fit
+def random_lm(cfg: LMConfig, device, dtype, seed: int = 0, quantize: str | None = None) -> torch.nn.Module:
+    """An `lm.LM` of `cfg`'s shapes, drawn on its device (`randomize_lm_`), in e4m3 with quantize "fp8"."""
     from .lm import LM
-    from .mimi import Mimi
-    from .tokenizer import Tokenizer
-    from .weights import load_mimi_weights, materialize
+    from .weights import materialize
 
-    quantize = engine_kw.pop("quantize", None)
-    lm = randomize_lm_(materialize(lambda dtype: LM(cfg.lm, dtype=dtype), device, dtype), seed)
+    lm = randomize_lm_(materialize(lambda dtype: LM(cfg, dtype=dtype), device, dtype), seed)
     if quantize == "fp8":
         from .quant import quantize_lm_
         quantize_lm_(lm)
-    mimi = materialize(lambda dtype: Mimi(cfg.mimi, dtype=dtype), device, torch.float32)
+    return lm
+
+
+def random_mimi(cfg: MimiConfig, device, seed: int = 0) -> torch.nn.Module:
+    """A `mimi.Mimi` from `random_mimi_state_dict`, through the real loader."""
+    import tempfile
+
+    from .mimi import Mimi
+    from .weights import load_mimi_weights, materialize
+
+    mimi = materialize(lambda dtype: Mimi(cfg, dtype=dtype), device, torch.float32)
     with tempfile.TemporaryDirectory() as d:
-        save_file(random_mimi_state_dict(cfg.mimi, seed), f"{d}/mimi.safetensors")
-        load_mimi_weights(mimi, Path(f"{d}/mimi.safetensors"), cfg.mimi)
-    if engine_kw.get("max_slots", 1) is None:
-        engine_kw["max_slots"] = sessions_that_fit(cfg, torch.device(device), dtype, engine_kw.get("kv_window"),
-                                                   kv_cache_dtype=engine_kw.get("kv_cache_dtype"))
-    return Engine(cfg, lm, mimi, Tokenizer(tokenizer, cfg.lm.text_card), checkpoint_id=f"random-{seed}",
-                  **engine_kw)
+        save_file(random_mimi_state_dict(cfg, seed), f"{d}/mimi.safetensors")
+        load_mimi_weights(mimi, Path(f"{d}/mimi.safetensors"), cfg)
+    return mimi
+
+
+def random_engine(cfg: ModelConfig, tokenizer: str | Path, *, device="cuda", dtype=torch.bfloat16, seed: int = 0,
+                  **engine_kw):
+    """`Engine.load` with random weights of `cfg`'s shapes and no graphs captured (benchmarks
+    and tests capture the buckets they need)."""
+    from .engine import Engine
+
+    return Engine.load(config=cfg, tokenizer=tokenizer, device=device, dtype=dtype, seed=seed, random_weights=True,
+                       cuda_graphs=False, **engine_kw)
 
 
 def random_voice(cfg: LMConfig, frames: int = 24, seed: int = 0):

@@ -9,6 +9,7 @@ import torch
 
 from .config import LMConfig
 from .quant import FP8, quantize_rows
+from .sampling import SAMPLING_DEFAULTS
 
 
 class KVRings:
@@ -74,10 +75,11 @@ class LMState:
         # sampling, per slot
         self.seed_text = torch.zeros(S, dtype=torch.long, device=device)
         self.seed_audio = torch.zeros(S, dtype=torch.long, device=device)
-        self.temp_text = torch.full((S,), 0.7, dtype=torch.float32, device=device)
-        self.temp_audio = torch.full((S,), 0.8, dtype=torch.float32, device=device)
-        self.topk_text = torch.full((S,), 25, dtype=torch.long, device=device)
-        self.topk_audio = torch.full((S,), 250, dtype=torch.long, device=device)
+        d = SAMPLING_DEFAULTS
+        self.temp_text = torch.full((S,), d.temp_text, dtype=torch.float32, device=device)
+        self.temp_audio = torch.full((S,), d.temp_audio, dtype=torch.float32, device=device)
+        self.topk_text = torch.full((S,), d.topk_text, dtype=torch.long, device=device)
+        self.topk_audio = torch.full((S,), d.topk_audio, dtype=torch.long, device=device)
         self.greedy = torch.zeros(S, dtype=torch.bool, device=device)
         # The scratch row takes the padding rows of a batch: give it a valid position and
         # tokens so that its (discarded) results stay finite.

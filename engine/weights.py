@@ -49,6 +49,12 @@ def resolve_file(local: str | os.PathLike | None, filename: str, hf_repo: str = 
     return hub_file(hf_repo, filename)
 
 
+def file_id(path: Path) -> str:
+    """A checkpoint's identity for caches keyed by it: its real path, size and modification time."""
+    st = path.stat()
+    return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
 # ----------------------------------------------------------------------------------------
 # The name table
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from engine.config import DEFAULT_TEXT_PROMPT
 from engine.errors import UserError
+from engine.sampling import SAMPLING_DEFAULTS
 from .common import add_model_args, load_engine, model_config, run_main, setup_logging
 
 log = logging.getLogger("ppx.offline")
@@ -36,10 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(ap)
     s = ap.add_argument_group("sampling")
     s.add_argument("--seed", type=int, default=-1, help="seed for reproducible sampling (-1: random)")
-    s.add_argument("--temp-audio", type=float, default=0.8, help="audio temperature (default 0.8)")
-    s.add_argument("--temp-text", type=float, default=0.7, help="text temperature (default 0.7)")
-    s.add_argument("--topk-audio", type=int, default=250, help="audio top-k (default 250)")
-    s.add_argument("--topk-text", type=int, default=25, help="text top-k (default 25)")
+    d = SAMPLING_DEFAULTS
+    s.add_argument("--temp-audio", type=float, default=d.temp_audio, help=f"audio temperature (default {d.temp_audio})")
+    s.add_argument("--temp-text", type=float, default=d.temp_text, help=f"text temperature (default {d.temp_text})")
+    s.add_argument("--topk-audio", type=int, default=d.topk_audio, help=f"audio top-k (default {d.topk_audio})")
+    s.add_argument("--topk-text", type=int, default=d.topk_text, help=f"text top-k (default {d.topk_text})")
     s.add_argument("--greedy", action="store_true", help="take the most likely token instead of sampling")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
@@ -59,7 +61,7 @@ def _check_writable(path: str) -> Path:
 
 def run(args) -> int:
     from engine.audio import AudioError, first_channel, frames, read_audio, write_wav
-    from engine.engine import SamplingParams
+    from engine.sampling import SamplingParams
     from voices import encode_voice, read_voice, resolve_voice_arg
 
     # Everything that can be checked without the model is checked before it loads (a minute

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from engine.config import load_config
-from engine.engine import Engine, SamplingParams
+from engine.engine import Engine
+from engine.sampling import SamplingParams
 from engine.prompts import load_voice_pt
 
 DATA = Path(__file__).parent / "data"

@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine.config import SILENCE_TOKENS, SINE_TOKENS
-from engine.engine import SamplingParams
+from engine.sampling import SamplingParams
 from engine.prompts import PROMPT_TEXT_TOKEN
 from engine.tick import lm_tick, start_stream, user_mask, user_streams, write_given, write_streams
 

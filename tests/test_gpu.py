@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine.config import PERSONAPLEX_7B
-from engine.engine import SamplingParams
+from engine.sampling import SamplingParams
 from engine.prompts import load_voice_pt
 from engine.kernels import use_triton
 from engine.random_weights import random_engine, random_voice
