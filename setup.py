@@ -27,7 +27,7 @@ setup(
     extras_require={"test": ["pytest", "sphn", "playwright"]},
     entry_points={
         "console_scripts": [
-            "ppx-serve=frontends.serve:main",
+            "ppx-serve=frontends.serve.cli:main",
             "ppx-offline=frontends.offline:main",
             "ppx-voice=voices.cli:main",
         ],

@@ -25,7 +25,7 @@ TOKENIZER = ROOT / "tests" / "data" / "golden" / "tiny-1234" / "tokenizer.model"
 
 
 class StandInEngine:
-    """What `frontends.serve.Server` needs of an engine: each tick sleeps tick_s, then answers
+    """What `frontends.serve.server.Server` needs of an engine: each tick sleeps tick_s, then answers
     every frame with noise (or the user's frame) and a fixed word piece."""
 
     frame_size = 1920
@@ -52,6 +52,9 @@ class StandInEngine:
             out.append(slot)
         return out
 
+    def encode_voice(self, pcm, name: str = "voice"):
+        return None  # (the stand-in has no voices: its sessions name none)
+
     def close(self, slot: int) -> None:
         if self.slots.pop(slot, None) is not None:
             self._free.append(slot)
@@ -75,13 +78,15 @@ def serve(argv: list[str]) -> int:
     import asyncio
     import logging
 
-    from frontends.serve import Server, build_parser
+    from frontends.serve.cli import build_parser
+    from frontends.serve.server import Server
 
     tick_ms, answer = float(argv[0]), argv[1]
     args = build_parser().parse_args(argv[2:])
     logging.basicConfig(level=logging.WARNING)
     args.max_sessions = args.max_sessions or 64
-    asyncio.run(Server(StandInEngine(args.max_sessions, tick_ms / 1000, answer), args).serve())
+    engine = StandInEngine(args.max_sessions, tick_ms / 1000, answer)
+    asyncio.run(Server(engine, args, Path(args.voice_prompt_dir), None).serve())
     return 0
 
 

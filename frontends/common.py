@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from pathlib import Path
 from typing import Callable, NoReturn
 
 import torch
@@ -62,6 +64,13 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def cache_dir() -> Path:
+    """Where ppx keeps what it makes once (the demo model, encoded voices): $PPX_CACHE, else
+    $XDG_CACHE_HOME/ppx or ~/.cache/ppx."""
+    base = os.environ.get("PPX_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ppx"
+    return Path(base).expanduser()
+
+
 def model_config(args):
     """The model's config from --config (the reference's JSON names), or the 7B's."""
     from engine.config import PERSONAPLEX_7B, load_config
@@ -81,7 +90,8 @@ def load_engine(args, cfg=None, max_slots: int | None = 1):
                        max_slots=max_slots, kv_window=getattr(args, "kv_window", None),
                        cuda_graphs=False if getattr(args, "no_cuda_graphs", False) else None,
                        quantize=None if args.quantize == "none" else args.quantize,
-                       kv_cache_dtype=None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype)
+                       kv_cache_dtype=None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype,
+                       random_weights=getattr(args, "random_weights", False))
 
 
 def run_main(fn: Callable[[], int]) -> int:

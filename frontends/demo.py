@@ -22,18 +22,14 @@ DEMO_VOICE = "DEMO0"
 NOISE_NOTE = "its output is noise, not speech"
 
 
-def cache_dir() -> Path:
-    """Where the demo model is kept: $PPX_CACHE, else $XDG_CACHE_HOME/ppx or ~/.cache/ppx."""
-    base = os.environ.get("PPX_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ppx"
-    return Path(base).expanduser()
-
-
 def demo_model(directory: str | os.PathLike | None = None) -> dict[str, Path]:
     """The tiny random model's files (`lm`, `mimi`, `tokenizer`, `config`) and a voice directory
     (`voices`, holding DEMO0.wav), written once into `directory` (default: the cache)."""
     from engine.config import TINY
     from engine.random_weights import write_random_model
     from engine.weights import LM_FILE, MIMI_FILE, TOKENIZER_FILE
+
+    from .common import cache_dir
 
     d = Path(directory) if directory is not None else cache_dir() / f"demo-tiny-seed{DEMO_SEED}"
     paths = {"lm": d / LM_FILE, "mimi": d / MIMI_FILE, "tokenizer": d / TOKENIZER_FILE,

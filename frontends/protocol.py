@@ -11,13 +11,23 @@ import math
 from dataclasses import dataclass
 from urllib.parse import parse_qs
 
-from engine.engine import SamplingParams
+from engine.sampling import SamplingParams
 from engine.errors import UserError
 
 HANDSHAKE, AUDIO, TEXT, CONTROL, METADATA, ERROR, PING = range(7)
 
-# close codes (RFC 6455); a message over the size limit gets 1009 from the websocket library
-CLOSE_GOING_AWAY, CLOSE_BAD_DATA, CLOSE_POLICY, CLOSE_TRY_LATER = 1001, 1007, 1008, 1013
+# close codes (RFC 6455)
+CLOSE_GOING_AWAY, CLOSE_BAD_DATA, CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_TRY_LATER = 1001, 1007, 1008, 1009, 1013
+MAX_QUERY_FIELDS = 64
+CLOSE_REASON_BYTES = 123  # a close frame's payload is at most 125 bytes: 2 for the code
+
+
+def close_reason(message: str) -> str:
+    """`message` cut to what a close frame holds, by UTF-8 bytes, never inside a character."""
+    data = message.encode("utf-8")
+    if len(data) <= CLOSE_REASON_BYTES:
+        return message
+    return data[:CLOSE_REASON_BYTES - 3].decode("utf-8", errors="ignore") + "..."
 
 
 class ProtocolError(UserError):
@@ -57,7 +67,10 @@ def parse_chat_query(query: str, defaults: SamplingParams, default_voice: str | 
                      default_prompt: str) -> SessionRequest:
     """The session's settings from the `/api/chat` query string; unknown parameters are
     ignored (the official client sends more than the server uses)."""
-    q = parse_qs(query, keep_blank_values=True, max_num_fields=64)
+    try:
+        q = parse_qs(query, keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS)
+    except ValueError:
+        raise ProtocolError(f"the request has more than {MAX_QUERY_FIELDS} query parameters") from None
     voice = _one(q, "voice_prompt") or default_voice
     text = _one(q, "text_prompt")
     seed = _num(q, "seed", int, -1, 2**63 - 1, None)

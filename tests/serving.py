@@ -47,20 +47,22 @@ def _die_with_parent() -> None:
 class ServerProcess:
     """The installed `ppx-serve` on a free loopback port, run from `tmp` as its working
     directory, on the tiny golden model on the CPU (greedy), with voices NATF2 (.pt) and VARM0
-    (a recording) unless `voices` is False. `extra` flags come last, so they win."""
+    (a recording) unless `voices` is False. `extra` flags come last, so they win. `program`
+    replaces the installed ppx-serve (e.g. the stand-in server of `benchmarks.serve_host`)."""
 
     def __init__(self, tmp: Path, *extra: str, max_sessions: int | None = 3, voices: bool = True,
-                 model: list[str] | None = None, timeout: float = 60, env: dict | None = None):
+                 model: list[str] | None = None, timeout: float = 60, env: dict | None = None,
+                 program: list[str] | None = None):
         tmp.mkdir(parents=True, exist_ok=True)
         self.tmp = tmp
-        self.voices = tmp / "voices"
+        self.voices = tmp / "voice-prompts"  # (a folder named like a package would shadow it for python -m)
         vflags = []
         if voices:
             self.voices.mkdir(exist_ok=True)
             shutil.copy(TINY / "voice.pt", self.voices / "NATF2.pt")
             shutil.copy(TINY / "voice.wav", self.voices / "VARM0.wav")
             vflags = ["--voice-prompt-dir", str(self.voices)]
-        cmd = [str(installed("ppx-serve")), "--host", "127.0.0.1", "--port", "0", "--device", "cpu",
+        cmd = [*(program or [str(installed("ppx-serve"))]), "--host", "127.0.0.1", "--port", "0", "--device", "cpu",
                *(tiny_model_args() + ["--greedy"] if model is None else model), *vflags,
                *(["--max-sessions", str(max_sessions)] if max_sessions else []), *extra]
         self.log_path = tmp / f"server-{os.getpid()}-{id(self)}.log"
@@ -170,10 +172,11 @@ class Result:
         return np.diff(np.array(self.arrivals)) if len(self.arrivals) > 1 else np.zeros(0)
 
 
-async def session(url: str, params: dict, messages: list[bytes] = (), pace: float = 0.04, linger: float = 1.0,
-                  headers: dict | None = None, read: bool = True, raw: list[bytes] = ()) -> Result:
-    """Connects, waits for the handshake, sends `messages` as audio (one per `pace` seconds) and
-    `raw` messages as they are, then reads until the server is quiet for `linger` seconds."""
+async def session(url: str, params: dict, messages: list[bytes] = (), pace: float | list[float] = 0.04,
+                  linger: float = 1.0, headers: dict | None = None, read: bool = True, raw: list[bytes] = ()) -> Result:
+    """Connects, waits for the handshake, sends `raw` messages as they are and `messages` as
+    audio, waiting `pace` seconds after each (or pace[i] after message i), then reads until the
+    server is quiet for `linger` seconds."""
     from websockets.asyncio.client import connect
     from websockets.exceptions import ConnectionClosed
 
@@ -210,9 +213,9 @@ async def session(url: str, params: dict, messages: list[bytes] = (), pace: floa
         try:
             for m in raw:
                 await ws.send(m)
-            for m in messages:
+            for i, m in enumerate(messages):
                 await ws.send(b"\x01" + m)
-                await asyncio.sleep(pace)
+                await asyncio.sleep(pace if isinstance(pace, (int, float)) else pace[i])
         except ConnectionClosed:
             pass
         if read:

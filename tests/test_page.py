@@ -205,13 +205,17 @@ def test_page_explains_a_refused_api_key(server, tmp_path):
         try:
             page = ctx.pages[0] if ctx.pages else ctx.new_page()
             page.goto(f"{base}/")
-            page.wait_for_selector("#voice option[value=NATF2]", state="attached", timeout=10_000)
-            page.click("summary")
+            # the voice list is behind the key too: the page asks for it
+            page.wait_for_function("document.querySelector('#voice').textContent.includes('enter the API key')",
+                                   timeout=10_000)
             page.fill("#api-key", "wrong")
+            page.wait_for_function("document.querySelector('#voice').textContent.includes('not valid')",
+                                   timeout=10_000)
             page.click("#connect")
             page.wait_for_function("window.ppxStats.state === 'closed'", timeout=10_000)
             assert "API key" in page.text_content("#state") and "401" in page.text_content("#state")
             page.fill("#api-key", "sekrit")
+            page.wait_for_selector("#voice option[value=NATF2]", state="attached", timeout=10_000)
             page.click("#connect")
             page.wait_for_function("window.ppxStats.state === 'live'", timeout=30_000)
             page.click("#disconnect")

@@ -384,7 +384,8 @@ function setBusy(busy) {
 }
 
 function chatUrl() {
-  const q = new URLSearchParams({ voice_prompt: $("voice").value, text_prompt: $("prompt").value });
+  const q = new URLSearchParams({ text_prompt: $("prompt").value });
+  if ($("voice").value) q.set("voice_prompt", $("voice").value);   // none: the server's default voice
   const opt = { seed: "seed", text_temperature: "temp-text", audio_temperature: "temp-audio", api_key: "api-key" };
   for (const [name, id] of Object.entries(opt)) if ($(id).value.trim()) q.set(name, $(id).value.trim());
   const scheme = location.protocol === "https:" ? "wss" : "ws";
@@ -403,10 +404,19 @@ function missingFeature() {
   return null;
 }
 
+// The voice list sits behind the server's API key when it has one: it is fetched with the key
+// the page holds, and again whenever that key changes.
 async function loadVoices() {
   const sel = $("voice");
+  const key = $("api-key").value.trim();
   try {
-    const r = await fetch("/api/voices", { cache: "no-store" });
+    const r = await fetch("/api/voices", { cache: "no-store", headers: key ? { "X-API-Key": key } : {} });
+    if (r.status === 401) {
+      sel.replaceChildren(new Option(key ? "(the API key is not valid)" : "(enter the API key to list the voices)",
+                                     ""));
+      $("api-details").open = true;
+      return;
+    }
     if (!r.ok) throw new Error(`HTTP ${r.status}`);
     const { voices } = await r.json();
     sel.replaceChildren(...voices.map((v) => new Option(v, v)));
@@ -418,6 +428,12 @@ async function loadVoices() {
     showError(`Could not load the voice list: ${e.message}`);
   }
 }
+
+let voicesTimer = null;
+$("api-key").addEventListener("input", () => {
+  clearTimeout(voicesTimer);
+  voicesTimer = setTimeout(loadVoices, 300);
+});
 
 $("setup").addEventListener("submit", (e) => {
   e.preventDefault();

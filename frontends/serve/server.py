@@ -1,0 +1,261 @@
+"""The server: one engine, its tick scheduler, the voice store, the codec threads, and the
+websocket endpoints, wired together; start-up, metrics and shutdown."""
+from __future__ import annotations
+
+import asyncio
+import collections
+import gc
+import logging
+import os
+import signal
+import socket
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from ..ogg_opus import OggError
+from ..protocol import (CLOSE_BAD_DATA, CLOSE_GOING_AWAY, CLOSE_POLICY, ERROR, ProtocolError, close_reason,
+                        parse_chat_query)
+from .http import ClientWarnings, HttpRoutes, limit_http_lines, prometheus
+from .scheduler import Scheduler
+from .session import ChatSession, CodecThreads, SessionLimits, refusal_for_capacity
+from .voices import VoiceStore
+
+log = logging.getLogger("ppx.serve")
+
+MAX_MESSAGE = 1 << 20          # bytes in one websocket message
+# No permessage-deflate: the audio is Opus, which does not compress, and deflating every frame
+# both ways costs the event loop CPU time (PPX_WS_COMPRESSION=deflate offers it again).
+COMPRESSION = "deflate" if os.environ.get("PPX_WS_COMPRESSION") == "deflate" else None
+SEND_BUFFER = 32 << 10         # socket send buffer (the kernel doubles it)
+CHAT = "/api/chat"
+
+
+class Server:
+    def __init__(self, engine, args, voices_dir: Path, cache_dir: Path | None):
+        from voices import VoiceLibrary
+
+        self.engine = engine
+        self.args = args
+        self.frame_size = engine.frame_size
+        self.sample_rate = engine.sample_rate
+        frame_seconds = engine.frame_size / engine.sample_rate
+        self.limits = SessionLimits(frame_seconds, burst_seconds=args.burst_seconds,
+                                    client_buffer_seconds=args.client_buffer_seconds, idle_timeout=args.idle_timeout)
+        self.max_sessions = args.max_sessions
+        self.api_key = args.api_key or os.environ.get("PPX_API_KEY") or None
+        self.warn = ClientWarnings()
+        self.scheduler = Scheduler(engine, tick_period=args.tick_period_ms / 1000,
+                                   max_wait=args.max_backlog_seconds, on_fatal=self._fatal)
+        self.codec = CodecThreads(args.codec_threads)
+        self.voices = VoiceStore(VoiceLibrary(voices_dir), engine, cache_dir)
+        self.routes = HttpRoutes(api_key=self.api_key, static=Path(args.static) if args.static else None,
+                                 websocket_paths=(CHAT,), ready=self.ready, metrics_text=self.metrics_text,
+                                 voice_names=self.voices.names, warn=self.warn)
+        self.sessions: set = set()
+        self.sessions_total = 0
+        self.refusals = 0
+        self.errors = 0
+        self.answer_window: collections.deque = collections.deque(maxlen=4000)
+        self.stopping = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Future | None = None
+
+    # ------------------------------------------------------------------------------
+    # state
+
+    def ready(self) -> tuple[bool, str]:
+        if self.stopping:
+            return False, "the server is shutting down"
+        if not self.scheduler.is_alive():
+            return False, "the engine stopped"
+        return True, ""
+
+    def metrics_text(self) -> str:
+        m = self.scheduler.metrics
+        live = sum(1 for s in self.sessions if s.slot is not None and not s.closed)
+        return prometheus(
+            gauges=[("ppx_live_sessions", "Sessions past their prompt phase.", live),
+                    ("ppx_connections", "Open websocket connections.", len(self.sessions)),
+                    ("ppx_free_slots", "Free session slots of the engine.",
+                     self.engine.max_slots - len(self.engine.slots)),
+                    ("ppx_tasks", "Tasks of the event loop.", len(asyncio.all_tasks(self.loop)) if self.loop else 0)],
+            counters=[("ppx_sessions_total", "Sessions started.", self.sessions_total),
+                      ("ppx_refusals_total", "Connections refused (capacity, API key).",
+                       self.refusals + self.routes.refusals),
+                      ("ppx_errors_total", "Sessions ended by an error.", self.errors),
+                      ("ppx_late_frames_total", "Frames answered more than one frame period after their input.",
+                       m.late_frames),
+                      ("ppx_frames_total", "Frames stepped.", m.frames),
+                      ("ppx_dropped_input_frames_total", "Input frames dropped because the server was behind "
+                       "real time (they waited over --max-backlog-seconds for a tick).", m.dropped_frames)],
+            summaries=[("ppx_tick_seconds", "Engine step time per tick (recent ticks).", m.tick_window,
+                        [f"ppx_tick_seconds_sum {m.tick_seconds:.6f}", f"ppx_tick_seconds_count {m.ticks}"]),
+                       ("ppx_frame_wait_seconds", "From an input frame being complete to its tick starting "
+                        "(recent frames).", m.wait_window, []),
+                       ("ppx_answer_seconds", "From an input frame being complete to its answer being queued for "
+                        "sending: the wait, the tick and the Opus encoding (recent frames).", self.answer_window,
+                        [])])
+
+    @property
+    def defaults(self):
+        from engine.sampling import SamplingParams
+        a = self.args
+        return SamplingParams(temp_text=a.temp_text, temp_audio=a.temp_audio, topk_text=a.topk_text,
+                              topk_audio=a.topk_audio, greedy=a.greedy, seed=a.seed)
+
+    # ------------------------------------------------------------------------------
+    # websocket side
+
+    async def handler(self, ws) -> None:
+        url = urlsplit(ws.request.path)
+        if url.path != CHAT:
+            await ws.close(CLOSE_POLICY, "unknown path")
+            return
+        s: ChatSession | None = None
+        try:
+            if len(self.sessions) >= self.max_sessions:
+                self.refusals += 1
+                raise refusal_for_capacity(self.max_sessions)
+            req = parse_chat_query(url.query, self.defaults, self.args.voice_prompt, self.args.text_prompt)
+            if req.voice is not None and ("\x00" in req.voice or "/" in req.voice or "\\" in req.voice):
+                raise ProtocolError("voice_prompt must be a voice name from /api/voices")
+            s = ChatSession(self, ws, req)
+            self.sessions.add(s)
+            _small_send_buffer(ws)
+            await s.serve()
+            if s.error is not None:
+                await self.fail(ws, s, *s.error)
+        except ProtocolError as e:
+            await self.fail(ws, s, str(e), e.close_code)
+        except OggError as e:
+            await self.fail(ws, s, f"bad audio stream: {e}", CLOSE_BAD_DATA)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a connection error ends this session only
+            if s is not None and s.error is not None:
+                await self.fail(ws, s, *s.error)
+            elif not _is_disconnect(e):
+                log.exception("session %s failed", s.id if s else "-")
+                await self.fail(ws, s, "internal error", 1011)
+        finally:
+            if s is not None:
+                s.end()
+                self.sessions.discard(s)
+
+    async def fail(self, ws, s: ChatSession | None, message: str, code: int) -> None:
+        """A 0x05 message and a close with `code`, within seconds, or the connection dropped
+        (once per session)."""
+        if s is not None:
+            if s.reported:
+                return
+            s.reported = True
+        if code != CLOSE_GOING_AWAY:
+            self.errors += 1
+            self.warn(s.id if s else _peer(ws), message)
+        try:
+            await asyncio.wait_for(ws.send(bytes([ERROR]) + message.encode("utf-8")), 1.0)
+            await asyncio.wait_for(ws.close(code, close_reason(message)), 2.0)
+        except Exception:  # noqa: BLE001 - the client is gone or not reading
+            transport = getattr(ws, "transport", None)
+            if transport is not None:
+                transport.abort()
+
+    # ------------------------------------------------------------------------------
+
+    def _fatal(self) -> None:
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.shutdown)
+
+    def shutdown(self) -> None:
+        self.stopping = True
+        if self._stop is not None and not self._stop.done():
+            self._stop.set_result(None)
+
+    async def serve(self) -> None:
+        from websockets.asyncio.server import serve
+
+        from .tls import make_ssl_context
+
+        limit_http_lines()
+        self.loop = asyncio.get_running_loop()
+        self._stop = self.loop.create_future()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self.loop.add_signal_handler(sig, self.shutdown)
+            except (NotImplementedError, RuntimeError):
+                pass
+        self.voices.warm_up()
+        # What start-up made (modules, the model's objects) lives as long as the server: kept out
+        # of the collector's full passes, which would otherwise walk it all and hold every
+        # thread, the tick thread included, for a sizeable part of a frame.
+        gc.collect()
+        gc.freeze()
+        self.codec.start()
+        self.scheduler.start()
+        ssl_ctx = make_ssl_context(self.args.ssl) if self.args.ssl else None
+        async with serve(self.handler, self.args.host, self.args.port, process_request=self.routes,
+                         max_size=MAX_MESSAGE, ssl=ssl_ctx, ping_interval=20, close_timeout=2,
+                         server_header="ppx", compression=COMPRESSION,
+                         create_connection=connection_class(self)) as server:
+            port = next(iter(server.sockets)).getsockname()[1]
+            scheme = "https" if ssl_ctx else "http"
+            log.info("serving on %s://%s:%d (up to %d sessions)", scheme, self.args.host, port, self.max_sessions)
+            host = "localhost" if self.args.host in ("0.0.0.0", "::", "") else self.args.host
+            log.info("open %s://%s:%d/ in a browser to talk to the model", scheme, host, port)
+            print(f"PPX_READY port={port}", flush=True)
+            await self._stop
+            log.info("shutting down: %d sessions", len(self.sessions))
+            self.stopping = True
+            await asyncio.gather(*(self.fail(s.ws, s, "the server is shutting down", CLOSE_GOING_AWAY)
+                                   for s in list(self.sessions)), return_exceptions=True)
+            server.close()
+        self.scheduler.stop()
+        self.codec.stop()
+        self.voices.close()
+        log.info("stopped")
+
+
+def connection_class(server: Server):
+    """websockets' server connection, telling a client why its message was refused: the library
+    closes a connection whose message is over `max_size` with 1009 by itself; this queues the
+    0x05 sentence just before that close frame."""
+    from websockets.asyncio.server import ServerConnection
+    from websockets.frames import CloseCode
+
+    class Connection(ServerConnection):
+        def __init__(self, protocol, *args, **kwargs):
+            plain_fail = protocol.fail
+
+            def fail(code, reason=""):
+                if code == CloseCode.MESSAGE_TOO_BIG and protocol.state.name == "OPEN":
+                    message = f"a message is over the {MAX_MESSAGE >> 20} MiB limit"
+                    try:
+                        protocol.send_binary(bytes([ERROR]) + message.encode("utf-8"))
+                    except Exception:  # noqa: BLE001 - the close below still tells the code
+                        pass
+                    server.errors += 1
+                    server.warn(_peer(self), message)
+                    reason = close_reason(message)
+                return plain_fail(code, reason)
+
+            protocol.fail = fail
+            super().__init__(protocol, *args, **kwargs)
+
+    return Connection
+
+
+def _small_send_buffer(ws) -> None:
+    sock = ws.transport.get_extra_info("socket") if getattr(ws, "transport", None) else None
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+
+
+def _peer(ws) -> str:
+    addr = getattr(ws, "remote_address", None)
+    return f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) and len(addr) >= 2 else "-"
+
+
+def _is_disconnect(e: Exception) -> bool:
+    from websockets.exceptions import ConnectionClosed
+    return isinstance(e, (ConnectionClosed, ConnectionError, OSError))
+
