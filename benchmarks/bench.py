@@ -240,7 +240,7 @@ def main(argv=None) -> int:
         return 1
     from engine.config import PERSONAPLEX_7B
     from engine.engine import Engine
-    from engine.random_weights import random_engine, random_voice
+    from engine.random_weights import random_voice
 
     # no TF32 switch: Mimi's float32 products run as ppx-serve and ppx-offline run them
     batches = [int(b) for b in args.batches.split(",")]
@@ -269,8 +269,9 @@ def main(argv=None) -> int:
     quantize = None if args.quantize == "none" else args.quantize
     kv_dtype = None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype
     results["variant"] = {"weights": quantize or "bf16", "kv_cache": kv_dtype or "bf16"}
-    base = random_engine(PERSONAPLEX_7B, TOKENIZER, device="cuda", dtype=torch.bfloat16, seed=0, max_slots=1,
-                         quantize=quantize, kv_cache_dtype=kv_dtype)
+    base = Engine.load(config=PERSONAPLEX_7B, tokenizer=TOKENIZER, random_weights=True, cuda_graphs=False,
+                       device="cuda", dtype=torch.bfloat16, seed=0, max_slots=1, quantize=quantize,
+                       kv_cache_dtype=kv_dtype)
     wb = weight_bytes(base)
     results["gpu_memory_after_load_GB"] = torch.cuda.memory_allocated() / 1e9
     results["weight_bytes"] = wb
@@ -356,9 +357,9 @@ def main(argv=None) -> int:
     del eng
     gc.collect()
     torch.cuda.empty_cache()
-    from engine.kernels import calibration, linear_choices
+    from engine.kernels.products import calibration_stats, linear_choices
     results["linear_choices"] = linear_choices()
-    results["calibration"] = calibration()  # every engine of this run: shapes timed, seconds (compiles included)
+    results["calibration"] = calibration_stats()  # every engine of this run: shapes timed, seconds (compiles included)
     results["memory_per_session_GB"] = kv_slot / 1e9
     results["sessions_that_fit_full_context"] = int((total_mem - weights_gb * 1e9 - (4 << 30)) // kv_slot)
     del lm, mimi

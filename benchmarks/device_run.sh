@@ -24,7 +24,7 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 if [ "${TESTS:-}" != "" ]; then
-  # TESTS is pytest's arguments as one would type them: TESTS="tests/test_gpu.py -k 'golden or 7b'"
+  # TESTS is pytest's arguments as one would type them: TESTS="tests -m gpu -k 'golden or 7b'"
   # (-v: each test is named as it ends, so a run stopped by the timeout shows where it was;
   # a test still running after FAULT_AFTER seconds prints every thread's stack)
   eval "timeout \"\${TEST_TIMEOUT:-420}\" python3 -m pytest -v -x --durations=10 \

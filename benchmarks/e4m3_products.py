@@ -1,9 +1,9 @@
 """How fast the products over e4m3 weights stream them, per kernel and per way of decoding the
-e4m3 values: at the 7B's shapes and 1, 2, 8 and 64 rows, the one-row kernel (`gemv`, the
-compiler's conversion; its columns in runs of 8 or as the compiler finds them,
-`triton_ops.gemv_vec`) and the small-batch kernel (`rows_linear`, tl.dot) with the compiler's
-conversion or the bit moves (`triton_ops.fast_e4m3`), over every block shape the calibration
-may pick (`linear._CONFIGS`). Weights are cycled past the L2 cache and each call is timed as a
+e4m3 values: at the 7B's shapes and 1, 2, 8 and 64 rows, the one-row kernel (`one_row`, the
+compiler's conversion; its columns in runs of 8, as the engine runs it, or as the compiler finds
+them) and the small-batch kernel (`rows_linear`, tl.dot) with the compiler's conversion or the
+bit moves the engine uses (`e4m3.fast_e4m3`), over every block shape the calibration may pick
+(`calibration.CONFIGS`). Weights are cycled past the L2 cache and each call is timed as a
 CUDA-graph replay, as the calibration times them. --prefill: a prompt's rows instead (136, the
 usual prompt, and 544, four of them), at the temporal transformer's shapes, each block shape
 the prefill's calibration may pick.
@@ -13,16 +13,15 @@ the prefill's calibration may pick.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 
 import torch
 
-from engine.kernels import triton_ops as K
+from engine.kernels.products import calibration as L
+from engine.kernels.products.one_row import one_row
+from engine.kernels.products.rows import rows_linear
 from engine.quant import quantize_rows
-
-L = importlib.import_module("engine.kernels.linear")
 
 SHAPES = [(12288, 4096), (22528, 4096), (4096, 11264), (4096, 4096), (32000, 4096), (3072, 1024)]
 ROWS = [1, 2, 8, 64]
@@ -34,22 +33,33 @@ def _us(fn, w, s) -> float:
     return L._time(lambda j: fn(ws[j % n], ss[j % n]), calls) * 1e3
 
 
-def _times(x, w8, s8, kinds=None) -> dict[str, float]:
+def _run(choice, x, w, s, fast: bool, vec8: bool):
+    """The calibration's `run_kernel`, with the decoding chosen: bit moves or the compiler's
+    conversion in tl.dot (fast), the one-row kernel's columns in runs of 8 or not (vec8)."""
+    kind, cfg = choice
+    if kind == "one_row":
+        return one_row(x, w, s, cfg, vec=8 if vec8 else 0)
+    if kind == "prefill_e4m3":
+        return rows_linear(x, w, s, cfg[:4], block_m=cfg[4], m_fast=True, fast_e4m3=fast)
+    return rows_linear(x, w, s, cfg[:4], fma=kind == "few_rows", splits=cfg[4] if len(cfg) > 4 else 1, fast_e4m3=fast)
+
+
+def _times(x, w8, s8, kinds=None, fast: bool = True, vec8: bool = True) -> dict[str, float]:
     """us per product of each block shape the calibration may pick for x's rows (of `kinds`)."""
     out = {}
     for i in L._candidates(x.shape[0], True):
-        kind, cfg = L._CONFIGS[i]
+        kind, cfg = L.CONFIGS[i]
         if kinds is not None and kind not in kinds:
             continue
         try:
-            out[f"{kind} {cfg}"] = _us(lambda a, b: L._run_kernel(L._CONFIGS[i], x, a, b), w8, s8)
+            out[f"{kind} {cfg}"] = _us(lambda a, b: _run(L.CONFIGS[i], x, a, b, fast, vec8), w8, s8)
         except L._Unrunnable:
             continue
     return out
 
 
-def _best(x, w8, s8, kinds) -> tuple[float, str]:
-    return min(((us, name) for name, us in _times(x, w8, s8, kinds).items()), default=(float("inf"), ""))
+def _best(x, w8, s8, kinds, fast: bool, vec8: bool) -> tuple[float, str]:
+    return min(((us, name) for name, us in _times(x, w8, s8, kinds, fast, vec8).items()), default=(float("inf"), ""))
 
 
 def _prefill(dev) -> list[dict]:
@@ -84,17 +94,13 @@ def main() -> int:
         for M in ([1] if args.one_row else ROWS[:2] if args.quick else ROWS):
             x = torch.randn(M, Kd, device=dev, dtype=torch.bfloat16)
             row = {"shape": [M, N, Kd]}
-            modes = [("gemv or few, cvt", False, False, ("gemv", "few")),
-                     ("gemv or few, cvt, runs of 8", False, True, ("gemv", "few")),
-                     ("tl.dot, cvt", False, True, ("rows", "rows8")), ("tl.dot, bits", True, True, ("rows", "rows8"))]
+            modes = [("gemv or few, cvt", False, False, ("one_row", "few_rows")),
+                     ("gemv or few, cvt, runs of 8", False, True, ("one_row", "few_rows")),
+                     ("tl.dot, cvt", False, True, ("rows", "rows_e4m3")), ("tl.dot, bits", True, True, ("rows", "rows_e4m3"))]
             for name, fast, vec8, kinds in modes[:2] if args.one_row else modes:
-                K.set_fast_e4m3(fast)
-                K._gemv_vec8 = vec8
-                us, cfg = _best(x, w8, s8, kinds)
+                us, cfg = _best(x, w8, s8, kinds, fast, vec8)
                 if cfg:
                     row[name] = {"us": round(us, 2), "tbs": round(w8.numel() / us / 1e6, 3), "config": cfg}
-            K.set_fast_e4m3(True)
-            K._gemv_vec8 = True
             out.append(row)
             print(f"{M:3d} x {N:5d} x {Kd:5d}: " + "; ".join(
                 f"{k} {v['us']:7.2f} us {v['tbs']:4.2f} TB/s ({v['config']})" for k, v in row.items() if k != "shape"),

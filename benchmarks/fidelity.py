@@ -40,7 +40,7 @@ def compare(leader, variants: dict, slots: dict, frames: int, pcm_source) -> dic
     for t in range(frames):
         pcm = pcm_source(t).to(dev)
         o = int(leader.lm_state.offset[ls])
-        _, _, tl, al = leader.step_tensors(torch.tensor([ls], device=dev), pcm)
+        _, _, tl, al = leader.step_tensors(torch.tensor([ls], device=dev), pcm, logits=True)
         for name, eng in variants.items():
             s = slots[name]
             teacher_force(eng.lm_state, s, leader.lm_state, ls, o)
@@ -94,14 +94,15 @@ def seven_b(frames: int) -> dict:
     from engine.config import PERSONAPLEX_7B
     from engine.engine import Engine
     from engine.sampling import SamplingParams
-    from engine.quant import quantize_lm_
-    from engine.random_weights import random_engine, random_voice
+    from engine.random_weights import random_voice
 
     tok = TINY / "tokenizer.model"
-    leader = random_engine(PERSONAPLEX_7B, tok, device="cuda", dtype=torch.bfloat16, seed=5, max_slots=1)
-    leader.enable_graphs(buckets=(1,))
-    fp8 = random_engine(PERSONAPLEX_7B, tok, device="cuda", dtype=torch.bfloat16, seed=5, max_slots=1)
-    quantize_lm_(fp8.lm)
+    leader = Engine.load(config=PERSONAPLEX_7B, tokenizer=tok, random_weights=True, cuda_graphs=False,
+                         device="cuda", dtype=torch.bfloat16, seed=5, max_slots=1)
+    leader.enable_graphs(buckets=(1,), logits=True)
+    fp8 = Engine.load(config=PERSONAPLEX_7B, tokenizer=tok, random_weights=True, cuda_graphs=False,
+                      device="cuda", dtype=torch.bfloat16, seed=5, max_slots=1)
+    fp8.lm.quantize_()
     mk = lambda lm, kv: Engine(leader.cfg, lm, leader.mimi, leader.tokenizer, max_slots=1,  # noqa: E731
                                checkpoint_id=f"{lm is leader.lm}-{kv}", kv_cache_dtype=kv)
     variants = {"fp8 weights": mk(fp8.lm, None), "fp8 KV cache": mk(leader.lm, "fp8"),

@@ -9,18 +9,18 @@ one-row kernel configuration, with and without programmatic dependent launch, an
 from __future__ import annotations
 
 import argparse
-import importlib
 
 import torch
 import torch.nn.functional as F
 
 from engine.config import LMConfig
-from engine.kernels import triton_ops as T
-from engine.kernels.activations import silu_mul
 from engine.kernels.rms_norm import add_rms_norm
+from engine.kernels.silu_mul import silu_mul
+from engine.kernels.common import _HAS_GDC, set_pdl
+from engine.kernels.products import calibration as L
+from engine.kernels.products.one_row import Prologue, PrologueKind, one_row
+from engine.kernels.products.rows import rows_linear
 from engine.quant import quantize_rows
-
-L = importlib.import_module("engine.kernels.linear")  # the module (the package exports a function of that name)
 
 
 # configurations tried here beside the calibrated set (BLOCK_N, BLOCK_K, warps, stages)
@@ -37,7 +37,7 @@ def _layers(n, dim, hidden, fp8, dev):
 
 
 def _prod(x, w, s):
-    return F.linear(x, w) if s is None else T.fp8_linear(x, w, s)
+    return F.linear(x, w) if s is None else rows_linear(x, w, s, (32, 256, 4, 3))
 
 
 def _chain(layers, dim, cfg, dev):
@@ -54,10 +54,10 @@ def _chain(layers, dim, cfg, dev):
                 x, h = add_rms_norm(x, o, alpha, 1e-5)
                 delta = _prod(silu_mul(_prod(h, wi, si)), wf, sf)
             else:
-                x, qkv = T.norm_gemv(x, delta, alpha, 1e-5, wq, sq, cfg)
-                o = T.gemv(qkv[:, :dim], wo, so, cfg)
-                x, f = T.norm_gemv(x, o, alpha, 1e-5, wi, si, cfg)
-                delta = T.silu_gemv(f, wf, sf, cfg)
+                x, qkv = one_row(x, wq, sq, cfg, Prologue(PrologueKind.RMS_NORM, delta, alpha=alpha, eps=1e-5))
+                o = one_row(qkv[:, :dim], wo, so, cfg)
+                x, f = one_row(x, wi, si, cfg, Prologue(PrologueKind.RMS_NORM, o, alpha=alpha, eps=1e-5))
+                delta = one_row(f, wf, sf, cfg, Prologue(PrologueKind.SILU))[1]
         return delta
     return run
 
@@ -89,18 +89,18 @@ def main():
     dev = torch.device("cuda")
     fp8 = args.quantize == "fp8"
     c = LMConfig()
-    print(torch.cuda.get_device_name(), "fp8 weights" if fp8 else "bf16 weights", "| gdc:", T._HAS_GDC)
+    print(torch.cuda.get_device_name(), "fp8 weights" if fp8 else "bf16 weights", "| gdc:", _HAS_GDC)
     for name, n, dim, hidden in (("temporal 32 layers", c.temporal.num_layers, c.temporal.dim, c.temporal.hidden),
                                  ("depformer 8x6 layers", 8 * c.depformer.num_layers, c.depformer.dim,
                                   c.depformer.hidden)):
         layers = _layers(n, dim, hidden, fp8, dev)
         nbytes = sum(w.numel() * w.element_size() for layer in layers for w, _ in layer)
         rows = [("cublas + norm/silu kernels" if not fp8 else "rows kernel + norm/silu", None, False)]
-        cfgs = [cfg for kind, cfg in L._CONFIGS if kind == "gemv"] + list(EXTRA)
+        cfgs = [cfg for kind, cfg in L.CONFIGS if kind == "one_row"] + list(EXTRA)
         rows += [(f"gemv {cfg}", cfg, pdl) for cfg in cfgs for pdl in (False, True)]
         print(f"== {name}: {nbytes / 1e9:.2f} GB of weights")
         for label, cfg, pdl in rows:
-            T.set_pdl(pdl)
+            set_pdl(pdl)
             try:
                 ms = _time(_chain(layers, dim, cfg, dev))
             except Exception as e:  # noqa: BLE001 - report and go on

@@ -137,16 +137,18 @@ def main() -> int:
     ap.add_argument("--prefill", action="store_true", help="also profile an uncached prompt phase (host and GPU)")
     args = ap.parse_args()
     from engine.config import PERSONAPLEX_7B
-    from engine.random_weights import random_engine, random_voice
+    from engine.engine import Engine
+    from engine.random_weights import random_voice
 
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     logging.getLogger("ppx.kernels").setLevel(logging.DEBUG)  # the linear calibration's timings
     B = args.batch
-    eng = random_engine(PERSONAPLEX_7B, TOKENIZER, device="cuda", dtype=torch.bfloat16, seed=0, max_slots=B + 1,
-                        kv_window=512, quantize=None if args.quantize == "none" else args.quantize,
-                        kv_cache_dtype=None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype)
+    eng = Engine.load(config=PERSONAPLEX_7B, tokenizer=TOKENIZER, random_weights=True, cuda_graphs=False,
+                      device="cuda", dtype=torch.bfloat16, seed=0, max_slots=B + 1, kv_window=512,
+                      quantize=None if args.quantize == "none" else args.quantize,
+                      kv_cache_dtype=None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype)
     slots = eng.open_many([(random_voice(eng.cfg.lm, seed=i), PROMPT_100, None) for i in range(B)])
     idx = torch.tensor(slots, device="cuda")
     pcm = 0.1 * torch.randn(B, 1920, device="cuda")

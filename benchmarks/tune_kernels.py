@@ -1,6 +1,7 @@
 """Times the Triton kernels' block configurations at the 7B's shapes on a GPU, beside cuBLAS
-for the matrix products: what the defaults in `engine.kernels.triton_ops` (ATTN_CONFIG,
-ring_config) and the linear calibration's candidates are chosen from.
+for the matrix products: what the defaults of `engine.kernels.decode_attention` (ATTN_CONFIG),
+`engine.kernels.ring_attention` (ring_config) and the product calibration's candidates are
+chosen from.
 Prints a table per kernel and writes JSON; never fails on time."""
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 def _time_us(fn, n: int = 20) -> float:
     """Microseconds per call, replayed as a CUDA graph (as the tick runs and as the linear
     calibration times its candidates)."""
-    from engine.kernels.linear import _time
+    from engine.kernels.products.calibration import _time
 
     for _ in range(2):
         fn()
@@ -32,7 +33,7 @@ def _report(name: str, rows: list[tuple[str, float]], nbytes: int | None = None,
 
 
 def attention(B: int, L: int, out: dict) -> None:
-    from engine.kernels import triton_ops as K
+    from engine.kernels.decode_attention import decode_attention_triton
 
     H, D, W = 32, 128, 3000
     S = B + 1
@@ -44,7 +45,8 @@ def attention(B: int, L: int, out: dict) -> None:
     rows = []
     for bn, warps, stages, ns in itertools.product((64, 128, 256), (4, 8), (3,), (None, 1, 4, 16)):
         try:
-            us = _time_us(lambda: K.decode_attention(q, k, v, slots, lengths, nsplit=ns, config=(bn, warps, stages)))
+            us = _time_us(lambda: decode_attention_triton(q, k, v, slots, lengths, nsplit=ns,
+                                                          config=(bn, warps, stages)))
         except Exception as e:  # noqa: BLE001 - a configuration this GPU cannot run
             print(f"  skip {(bn, warps, stages, ns)}: {type(e).__name__}")
             continue
@@ -53,7 +55,7 @@ def attention(B: int, L: int, out: dict) -> None:
 
 
 def ring(B: int, out: dict) -> None:
-    from engine.kernels import triton_ops as K
+    from engine.kernels.ring_attention import ring_chunk_attention_triton
 
     H, D, W, T = 8, 64, 250, 2
     k = torch.randn(B + 1, H, W, D, device="cuda")
@@ -66,14 +68,14 @@ def ring(B: int, out: dict) -> None:
         if splits > 1 and block * splits > 2 * W:
             continue
         rows.append((f"BLOCK_W={block} warps={warps} splits={splits}",
-                     _time_us(lambda: K.ring_chunk_attention(q, k, v, slots, end, config=(block, warps, splits)))))
+                     _time_us(lambda: ring_chunk_attention_triton(q, k, v, slots, end, config=(block, warps, splits)))))
     out[f"ring_chunk_attention B={B}"] = _report(f"Mimi ring attention B={B}", rows, 2 * B * T * H * W * D * 4)
 
 
 def linears(out: dict) -> None:
     import torch.nn.functional as F
 
-    from engine.kernels import linear as L
+    from engine.kernels.products import calibration as L
     from engine.quant import quantize_rows
 
     # the depformer's (qkv, out, ffn in, ffn out, heads, input) and the temporal attention output
@@ -86,7 +88,7 @@ def linears(out: dict) -> None:
         rows = [("cuBLAS bf16", _time_us(lambda: F.linear(x, w)))]
         rows8 = []
         for i in L._candidates(rows_n):
-            kind, cfg = L._CONFIGS[i]
+            kind, cfg = L.CONFIGS[i]
             if rows_n <= L.SMALL_ROWS:
                 rows.append((f"bf16 {kind} {cfg}", _time_us(lambda: L._run(i, x, w))))
             rows8.append((f"fp8 {kind} {cfg}", _time_us(lambda: L._run(i, x, w8, s8))))
@@ -97,7 +99,8 @@ def linears(out: dict) -> None:
 def sampling(out: dict) -> None:
     """The sampler (one program per row) at the text and audio vocabularies, per warp count, and
     without its top-k passes (not a valid sampler: what the radix select costs)."""
-    from engine.kernels import triton_ops as K
+    from engine.kernels.common import pow2
+    from engine.kernels.sampling import _sample_kernel, sample_warps
 
     for B, V in itertools.product((1, 64), (2048, 32000)):
         logits = torch.randn(B, V, device="cuda", dtype=torch.bfloat16)
@@ -107,17 +110,17 @@ def sampling(out: dict) -> None:
         seed = torch.arange(B, device="cuda")
         counter = torch.zeros(B, device="cuda", dtype=torch.long)
         tok = torch.empty(B, device="cuda", dtype=torch.long)
-        block = K._pow2(V)
+        block = pow2(V)
         rows = []
         for warps, passes in itertools.product((2, 4, 8, 16) if V <= 4096 else (4, 8, 16, 32), (8, 0)):
             def run():
-                K._sample_kernel[(B,)](logits, temp, topk, greedy, seed, counter, tok, tok, tok, V, V, 1, 0, 0, 7,
+                _sample_kernel[(B,)](logits, temp, topk, greedy, seed, counter, tok, tok, tok, V, V, 1, 0, 0, 7,
                                        BLOCK=block, FORCED=False, PASSES=passes, PDL=False, num_warps=warps)
             try:
                 rows.append((f"warps={warps} passes={passes}", _time_us(run)))
             except Exception as e:  # noqa: BLE001 - a configuration this GPU cannot run
                 print(f"  skip warps={warps}: {type(e).__name__}")
-        out[f"sample B={B} V={V}"] = _report(f"sampling B={B} V={V} (default warps {K.sample_warps(block)})",
+        out[f"sample B={B} V={V}"] = _report(f"sampling B={B} V={V} (default warps {sample_warps(block)})",
                                              rows, top=12)
 
 

@@ -12,7 +12,10 @@ from typing import Any
 # Tokens of the prompt phase (docs/SPEC.md): what the agent and the user "say" in silence.
 SILENCE_TOKENS = (948, 243, 1178, 546, 1736, 1030, 1978, 2008)
 SINE_TOKENS = (430, 1268, 381, 1611, 1095, 1495, 56, 472)
-PROMPT_TEXT_TOKEN = 3  # text padding, fed with every voice and silence frame
+# Special text ids: padding (PAD, the text of every voice and silence frame of the prompt, and
+# of frames where the agent says nothing) and the end of a run of padding (EPAD).
+TEXT_PAD = 3
+TEXT_EPAD = 0
 DEFAULT_TEXT_PROMPT = (
     "You are a wise and friendly teacher. Answer questions or provide advice in a clear and engaging way."
 )
@@ -77,7 +80,7 @@ class LMConfig:
     card: int = 2048
     n_q: int = 16                # audio streams: 8 agent codebooks then 8 user codebooks
     delays: tuple[int, ...] = (0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1)
-    text_padding_id: int = 3
+    text_padding_id: int = TEXT_PAD
 
     @property
     def num_streams(self) -> int:
@@ -413,6 +416,6 @@ __all__ = [
     "ConfigError", "TemporalConfig", "DepformerConfig", "LMConfig", "SeanetConfig",
     "MimiTransformerConfig", "QuantizerConfig", "MimiConfig", "ModelConfig", "PRESETS",
     "PERSONAPLEX_7B", "TINY", "get_preset", "load_config", "lm_config_from_reference",
-    "mimi_config_from_reference", "SILENCE_TOKENS", "SINE_TOKENS", "PROMPT_TEXT_TOKEN",
+    "mimi_config_from_reference", "SILENCE_TOKENS", "SINE_TOKENS", "TEXT_PAD", "TEXT_EPAD",
     "DEFAULT_TEXT_PROMPT", "asdict", "replace",
 ]

@@ -12,11 +12,12 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 import numpy as np
 import torch
 
+from . import switches
 from . import weights as W
 from .errors import UserError
 from .config import DEFAULT_TEXT_PROMPT, ModelConfig, PERSONAPLEX_7B, load_config
@@ -33,6 +34,26 @@ log = logging.getLogger("ppx.engine")
 
 class EngineFull(UserError, RuntimeError):
     """Every slot is taken."""
+
+
+# Batch buckets of the tick's graphs, and prompt-length buckets of the prefill's (voice frames
+# + 12 + role-prompt tokens: a bucket past a prompt's length costs its padding rows' products;
+# steps of 32 up to 512 keep that under a third).
+TICK_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+PREFILL_BUCKETS = tuple(range(64, 513, 32)) + (640, 768, 1024)
+# Uncached prompts opened together that replay a prefill graph each (`Engine._prefill_replays`).
+MAX_PROMPT_REPLAYS = 4
+MAX_PROMPT_REPLAYS_FP8 = 1
+
+
+class StepOutput(NamedTuple):
+    """One tick of a batch: the agent's audio [B, frame_size] float32 and the output tokens
+    [B, 17]; the text logits [B, text_card] and audio logits [B, depformer steps, card]
+    (float32) when asked for, else None."""
+    audio: torch.Tensor
+    tokens: torch.Tensor
+    text_logits: torch.Tensor | None = None
+    audio_logits: torch.Tensor | None = None
 
 
 @dataclass
@@ -88,6 +109,7 @@ class Engine:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         self.graphs = None
+        self._graph_logits = False
         self.prefill_graphs = None
         if prompt_cache_bytes is None:
             prompt_cache_bytes = (2 << 30) if self.device.type == "cuda" else (256 << 20)
@@ -111,7 +133,6 @@ class Engine:
         config's shapes with random values drawn on the device (benchmarks; only the tokenizer
         is read)."""
         from .device import check_device
-        from .graphs import graphs_enabled
         from .quant import check_fp8_device
 
         t0 = time.monotonic()
@@ -153,7 +174,7 @@ class Engine:
                   mimi_id=mimi_id, kv_window=kv_window, kv_cache_dtype=kv_cache_dtype)
         t_load = time.monotonic() - t0
         t_graphs = 0.0
-        if device.type == "cuda" and graphs_enabled(cuda_graphs):
+        if device.type == "cuda" and (switches.CUDA_GRAPHS if cuda_graphs is None else cuda_graphs):
             t_graphs = eng.enable_graphs()
         log.info("ready in %.1f s (loading %.1f s, warm-up and graph capture %.1f s); weights %.2f GB, KV %.2f GB "
                  "per session", time.monotonic() - t0, t_load, t_graphs,
@@ -269,13 +290,34 @@ class Engine:
             if plan.embedding_rows:
                 x = torch.cat([voice.embeddings.to(self.device, x.dtype), x], dim=0)
             rows.append(x)
-        if self.prefill_graphs is not None and self.prefill_graphs.takes([r.shape[0] for r in rows]):
+        if self._prefill_replays([r.shape[0] for r in rows]):
             for slot, r in zip(slots, rows):
-                self.prefill_graphs.run(slot, r)
+                self._prefill_replay(slot, r)
         else:
             self._prefill_eager(slots, rows)
         for slot, plan in zip(slots, plans):
             self.lm_state.load_ring(slot, plan.tokens, plan.provided, plan.offset)
+
+    def _prefill_replays(self, lengths: list[int]) -> bool:
+        """Whether prompts of these lengths, opened together, run as a graph replay each rather
+        than one eager batched pass: a replay reads every weight once, where the eager pass
+        pays the host's launches; with e4m3 weights one batched pass of several prompts is
+        faster, so there only a prompt alone replays."""
+        g = self.prefill_graphs
+        return (g is not None and len(lengths) <= (MAX_PROMPT_REPLAYS_FP8 if self.lm.quantized else MAX_PROMPT_REPLAYS)
+                and all(g.bucket(n) is not None for n in lengths))
+
+    def _prefill_replay(self, slot: int, rows: torch.Tensor) -> None:
+        """One prompt's prefill ([n, dim] input rows) in the smallest length bucket that holds it,
+        its rows past n zeros: every row is written to the KV rings, and the padding's entries
+        are written again by stepping before any query reads them (`LM.temporal_prefill`)."""
+        n = rows.shape[0]
+        b = self.prefill_graphs.bucket(n)
+        x, slot_buf = b.buffers
+        x[0, :n].copy_(rows)
+        x[0, n:].zero_()
+        slot_buf.fill_(slot)
+        self.prefill_graphs.replay(b)
 
     def _prefill_eager(self, slots: list[int], rows: list[torch.Tensor]) -> None:
         """One batched pass over the prompts' input rows (each [n, dim]), padded to the longest."""
@@ -306,11 +348,10 @@ class Engine:
     # ------------------------------------------------------------------------------
     # the tick
 
-    def tick(self, slots: torch.Tensor, pcm: torch.Tensor):
+    def tick(self, slots: torch.Tensor, pcm: torch.Tensor, logits: bool = False) -> StepOutput:
         """The whole per-frame step for a batch of slots, as pure tensor code (the graphs
-        capture exactly this). slots: [B]; pcm: [B, frame_size]. Returns (agent pcm
-        [B, frame_size] float32, output tokens [B, 17], text logits [B, text_card],
-        audio logits [B, depformer_steps, card])."""
+        capture exactly this). slots: [B]; pcm: [B, frame_size]. The logits only when asked
+        (tests and measurements): the served step does not copy them."""
         cfg = self.cfg.lm
         off = self.lm_state.offset[slots]
 
@@ -330,34 +371,79 @@ class Engine:
                 encode_user()
         else:
             encode_user()
-        out = lm_tick(self.lm, self.lm_state, slots, None, None, self.depformer_steps, return_logits=True)
+        out = lm_tick(self.lm, self.lm_state, slots, None, None, self.depformer_steps, return_logits=logits)
         if main is not None:
             main.wait_stream(self._side)
         audio = self.mimi.decode(out.tokens[:, 1:1 + cfg.agent_codebooks], self.mimi_state, slots)
-        return audio, out.tokens, out.text_logits, out.audio_logits
+        return StepOutput(audio, out.tokens, out.text_logits, out.audio_logits)
 
-    def enable_graphs(self, buckets=None, prefill_buckets=None) -> float:
-        """Captures the tick as CUDA graphs (one per batch bucket) and the prompt's prefill
-        (one per prompt-length bucket); returns seconds taken."""
-        from .graphs import DEFAULT_BUCKETS, PREFILL_BUCKETS, PrefillGraphs, TickGraphs
+    def enable_graphs(self, buckets=None, prefill_buckets=None, logits: bool = False) -> float:
+        """Captures the tick as CUDA graphs (one per batch bucket: 1, 2, 4, ... up to the slot
+        count) and the prompt's prefill (one per prompt-length bucket, none past the KV window);
+        logits: the tick's graphs keep the logits too. Returns seconds taken."""
+        from .graphs import BucketGraphs
+        from .kernels.products import calibration_stats
 
         if self.device.type != "cuda":
             return 0.0
-        self.graphs = TickGraphs(self, buckets or DEFAULT_BUCKETS)
-        dt = self.graphs.capture()
-        prefill = PrefillGraphs(self, PREFILL_BUCKETS if prefill_buckets is None else prefill_buckets)
-        if prefill.buckets:
-            dt += prefill.capture()
-            self.prefill_graphs = prefill
-        return dt
+        cal0 = calibration_stats()
+        t0 = time.monotonic()
+        sizes = sorted({b for b in (buckets or TICK_BUCKETS) if b < self.max_slots} | {self.max_slots})
+        self._graph_logits = logits
+        scratch = self.lm_state.scratch
+        # a batch of n runs in the smallest bucket b >= n; rows n..b-1 point at the scratch slot
+        self.graphs = BucketGraphs(
+            lambda slots, pcm: self.tick(slots, pcm, logits),
+            lambda b: (torch.full((b,), scratch, dtype=torch.long, device=self.device),
+                       torch.zeros(b, self.frame_size, device=self.device)), sizes, warmups=2)
+        self.graphs.capture()
+        cal = calibration_stats()
+        log.info("captured CUDA graphs for batch buckets %s in %.1f s (of which %.1f s timing the kernels for %d "
+                 "products and %d with a prologue, their compilation included; %d choices read from disk)", sizes,
+                 time.monotonic() - t0, cal["seconds"] - cal0["seconds"], cal["products"] - cal0["products"],
+                 cal["fused"] - cal0["fused"], cal["from_cache"] - cal0["from_cache"])
+        self.prefill_graphs = self.prefill_graphs_for(PREFILL_BUCKETS if prefill_buckets is None else prefill_buckets)
+        if self.prefill_graphs.sizes:
+            t1 = time.monotonic()
+            self.prefill_graphs.capture()
+            sizes = self.prefill_graphs.sizes
+            log.info("captured CUDA graphs of the prompt's prefill for %d lengths (%d..%d positions) in %.1f s",
+                     len(sizes), sizes[0], sizes[-1], time.monotonic() - t1)
+        else:
+            self.prefill_graphs = None
+        return time.monotonic() - t0
+
+    def prefill_graphs_for(self, lengths):
+        """The prefill over one prompt of T positions per bucket T (x [1, T, dim], slot [1]), for
+        the lengths within the KV window (a longer prompt runs eagerly); not yet captured."""
+        from .graphs import BucketGraphs
+
+        dim = self.cfg.lm.temporal.dim
+        lengths = [T for T in lengths if T <= self.lm_state.kv.window]
+        return BucketGraphs(
+            lambda x, slot: self.lm.temporal_prefill(x, self.lm_state.kv, slot, [x.shape[1]]),
+            lambda T: (torch.zeros(1, T, dim, device=self.device, dtype=self.dtype),
+                       torch.full((1,), self.lm_state.scratch, dtype=torch.long, device=self.device)), lengths)
 
     @torch.no_grad()
-    def step_tensors(self, slots: torch.Tensor, pcm: torch.Tensor):
-        """slots: [B]; pcm: [B, frame_size] on the device -> (pcm_out, tokens, text_logits,
-        audio_logits), through the captured graphs when there are any."""
-        if self.graphs is not None:
-            return self.graphs.run(slots, pcm)
-        return self.tick(slots, pcm)
+    def step_tensors(self, slots: torch.Tensor, pcm: torch.Tensor, logits: bool = False) -> StepOutput:
+        """slots: [B]; pcm: [B, frame_size] on the device, through the captured graphs when
+        there are any (their outputs are rewritten by the next replay; logits need graphs
+        captured with them, `enable_graphs(logits=True)`)."""
+        if self.graphs is None:
+            return self.tick(slots, pcm, logits)
+        if logits and not self._graph_logits:
+            raise ValueError("the tick's graphs were captured without logits: enable_graphs(logits=True)")
+        n = slots.shape[0]
+        b = self.graphs.bucket(n)
+        if b is None:
+            raise ValueError(f"{n} slots exceed the largest batch bucket {self.graphs.sizes[-1]}")
+        slot_buf, pcm_buf = b.buffers
+        slot_buf[:n].copy_(slots)
+        slot_buf[n:].fill_(self.lm_state.scratch)
+        pcm_buf[:n].copy_(pcm)
+        out = self.graphs.replay(b)
+        return StepOutput(*(t[:n] if t is not None else None for t in out))
 
     def step(self, frames: Mapping[int, np.ndarray]) -> dict[int, FrameOut]:
         """One frame of user audio per slot in, one frame of agent audio and text per slot out."""
@@ -368,8 +454,8 @@ class Engine:
             if s not in self.slots:
                 raise KeyError(f"slot {s} is not open")
         pcm = np.stack([np.asarray(frames[s], dtype=np.float32).reshape(self.frame_size) for s in slot_list])
-        audio, tokens, _, _ = self.step_tensors(torch.tensor(slot_list, device=self.device),
-                                                torch.from_numpy(pcm).to(self.device))
+        res = self.step_tensors(torch.tensor(slot_list, device=self.device), torch.from_numpy(pcm).to(self.device))
+        audio, tokens = res.audio, res.tokens
         if self.device.type == "cuda":
             # wait with the GIL released, so a server's other threads run during the tick
             torch.cuda.current_stream(self.device).synchronize()

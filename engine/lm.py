@@ -11,10 +11,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import DepformerConfig, LMConfig, TemporalConfig
-from .quant import FP8
-from .kernels import (add_linear, add_rms_norm, attention_linear, causal_suffices, decode_attention, embedding_ref,
-                      norm_linear, prefill_attention_ref, prefill_mask, product, qkv_rope_write, rms_norm, rope_qkv,
-                      silu_linear, silu_mul)
+from .quant import FP8, quantize_rows
+from .kernels.decode_attention import decode_attention
+from .kernels.embedding import embedding_ref
+from .kernels.prefill_attention import causal_suffices, prefill_attention_ref, prefill_mask
+from .kernels.products import add_linear, attention_linear, linear, norm_linear, silu_linear
+from .kernels.rms_norm import add_rms_norm, rms_norm
+from .kernels.rope import qkv_rope_write, rope_qkv
+from .kernels.silu_mul import silu_mul
 
 
 class Linear(nn.Module):
@@ -35,7 +39,7 @@ class Linear(nn.Module):
         return self.weight.shape[-2]
 
     def forward(self, x: torch.Tensor, step: int | None = None) -> torch.Tensor:
-        return product(x, *self._w(step))
+        return linear(x, *self._w(step))
 
     def _w(self, step: int | None):
         w = self.weight if step is None else self.weight[step]
@@ -63,11 +67,19 @@ class Linear(nn.Module):
         """this(x + delta), fused likewise (`add_linear`)."""
         return add_linear(x, delta, *self._w(step))
 
+    @torch.no_grad()
+    def quantize_(self) -> None:
+        """W in e4m3 with a float32 scale per output channel, in place (`engine.quant`)."""
+        if self.weight.dtype != FP8:
+            w8, s = quantize_rows(self.weight.data)
+            self.weight = nn.Parameter(w8, requires_grad=False)
+            self.scale = nn.Parameter(s, requires_grad=False)
+
     def first_steps(self, x: torch.Tensor, steps: int) -> torch.Tensor:
         """Steps 0..steps-1 of a per-step Linear on the same x in one product: [..., steps, out]."""
         w = self.weight[:steps].reshape(-1, self.weight.shape[-1])
         scale = self.scale[:steps].reshape(-1) if w.dtype == FP8 else None
-        return product(x, w, scale).view(*x.shape[:-1], steps, self.out_features)
+        return linear(x, w, scale).view(*x.shape[:-1], steps, self.out_features)
 
 
 def _param(*shape, device=None, dtype=None) -> nn.Parameter:
@@ -127,6 +139,19 @@ class LM(nn.Module):
     def dtype(self) -> torch.dtype:
         """The activation dtype (the embeddings'; quantized linears store e4m3)."""
         return self.emb.dtype
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the linears hold e4m3 weights."""
+        return self.layers[0].attn_in.weight.dtype == FP8
+
+    def quantize_(self) -> "LM":
+        """Every linear to e4m3 in place, one at a time (random-weight benchmarks; checkpoints
+        are quantized tensor by tensor as they load)."""
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.quantize_()
+        return self
 
     # ------------------------------------------------------------------------------
     # embeddings

@@ -18,9 +18,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import MimiConfig, MimiTransformerConfig
-from .kernels import elu, gelu_linear, linear, qkv_rope_write, ring_chunk_attention, scale_add_layer_norm
-from .kernels.codec import codebook_sum, conv_columns, conv_input, overlap_add, rvq_step
-from .kernels.dispatch import triton_enabled
+from .kernels.codebook_sum import codebook_sum
+from .kernels.common import triton_enabled
+from .kernels.conv_input import conv_columns, conv_input
+from .kernels.elu import elu
+from .kernels.layer_norm import scale_add_layer_norm
+from .kernels.overlap_add import overlap_add
+from .kernels.products import gelu_linear, linear
+from .kernels.ring_attention import ring_chunk_attention
+from .kernels.rope import qkv_rope_write
+from .kernels.rvq_step import rvq_step
 
 
 def _p(*shape, device=None, dtype=None) -> nn.Parameter:
@@ -41,10 +48,10 @@ def _derived(module: nn.Module, name: str, sources: tuple[torch.Tensor, ...], ma
     return out
 
 
-# Convolutions whose columns (`codec.conv_columns`) take at most this many bytes run as one
-# matrix product over them; larger ones (many sessions at once) through cuDNN, which reads its
-# input in place. At batch 1 on an H200 cuDNN spent 2 to 4 launches per convolution (layout
-# conversions of the input, the weights and the output, and a separate bias add).
+# Convolutions whose columns (`kernels.conv_columns`) take at most this many bytes run as one
+# matrix product over them, where cuDNN would add layout conversions of the input, the weights
+# and the output and a separate bias add; larger ones (many sessions at once) go through cuDNN,
+# which reads its input in place.
 COLUMNS_BYTES = 8 << 20
 
 
@@ -141,9 +148,9 @@ class ConvTr(nn.Module):
         B, cin, T = x.shape
         cout, K = self.weight.shape[1], self.weight.shape[-1]
         if T <= 16:
-            # A few frames: the rows contiguous, written so by the ELU. On an H100 the product of
-            # the transposed view took 369 us at batch 32 (T = 2, 1024 channels), 15 us copied;
-            # at T >= 96 the view is as fast or faster.
+            # A few frames: the rows contiguous, written so by the ELU (a product over the
+            # transposed view of a few frames is many times slower than over a copy; from about
+            # a hundred frames the view is as fast)
             xt = _elu_rows(x)
         else:
             xt = elu(x).transpose(1, 2)
@@ -348,7 +355,7 @@ class Quantizer(nn.Module):
 
     def tables(self) -> torch.Tensor:
         """[num_codebooks, bins, output_dimension]: each centroid through its group's output
-        projection, so that a frame's latent is a sum of looked-up rows (`codec.codebook_sum`),
+        projection, so that a frame's latent is a sum of looked-up rows (`kernels.codebook_sum`),
         computed once per set of weights. (The projection of the sum, as the reference
         computes it, rounds differently: within 1e-6 relative.)"""
         return _derived(self, "_tables_kept", (self.first_codebooks, self.first_out, self.rest_codebooks,

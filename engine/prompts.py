@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .config import PROMPT_TEXT_TOKEN, SILENCE_TOKENS, SINE_TOKENS, LMConfig
+from .config import SILENCE_TOKENS, SINE_TOKENS, LMConfig
 from .errors import VoiceError
 
 SILENCE_FRAMES = 6  # 0.5 s at 12.5 Hz
@@ -138,6 +138,7 @@ class _Ring:
 
 
 def _frame(text: int, agent) -> list[int]:
+    """A fully given prompt column: the text, the agent's 8 codes, the user's sine codes."""
     return [int(text), *(int(a) for a in agent), *SINE_TOKENS]
 
 
@@ -148,12 +149,13 @@ def plan_prompt(cfg: LMConfig, voice: VoicePrompt | None, text_ids: list[int],
     if cfg.agent_codebooks != len(SILENCE_TOKENS):
         raise ValueError("the prompt phase needs 8 agent and 8 user codebooks")
     ring = _Ring(cfg)
+    pad = cfg.text_padding_id
     columns: list[torch.Tensor] = []
     embedding_rows = 0
     if voice is not None and voice.embeddings is not None:
         # step_embeddings(): dummy tokens (text 3, audio initial), the first call at offset 0
         # runs nothing and is repeated; each embedding then replaces one input column.
-        dummy = [PROMPT_TEXT_TOKEN] + [cfg.audio_initial_id] * cfg.n_q
+        dummy = [pad] + [cfg.audio_initial_id] * cfg.n_q
         for _ in range(voice.embeddings.shape[0]):
             while ring.step(dummy) is None:
                 pass
@@ -161,12 +163,12 @@ def plan_prompt(cfg: LMConfig, voice: VoicePrompt | None, text_ids: list[int],
         ring.tokens = [list(map(int, row)) for row in voice.cache.tolist()]
     elif voice is not None and voice.codes is not None:
         for codes in voice.codes:
-            col = ring.step(_frame(PROMPT_TEXT_TOKEN, codes.tolist()))
+            col = ring.step(_frame(pad, codes.tolist()))
             if col is not None:
                 columns.append(col)
-    steps = [_frame(PROMPT_TEXT_TOKEN, SILENCE_TOKENS)] * SILENCE_FRAMES
+    steps = [_frame(pad, SILENCE_TOKENS)] * SILENCE_FRAMES
     steps += [_frame(t, SILENCE_TOKENS) for t in text_ids]
-    steps += [_frame(PROMPT_TEXT_TOKEN, SILENCE_TOKENS)] * SILENCE_FRAMES
+    steps += [_frame(pad, SILENCE_TOKENS)] * SILENCE_FRAMES
     if voice_only:
         steps = []
     for given in steps:

@@ -39,16 +39,3 @@ def check_fp8_device(device: torch.device) -> None:
         raise UserError(f"FP8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell); "
                         f"the {torch.cuda.get_device_name(device)} is {major}.{minor}: drop --quantize / "
                         f"--kv-cache-dtype fp8")
-
-
-def quantize_lm_(lm: torch.nn.Module) -> torch.nn.Module:
-    """Converts an allocated model's linears to FP8 in place, one at a time (for random-weight
-    benchmarks; checkpoints are quantized while they load)."""
-    from .lm import Linear
-
-    for m in lm.modules():
-        if isinstance(m, Linear) and m.weight.dtype != FP8:
-            w8, s = quantize_rows(m.weight.data)
-            m.weight = torch.nn.Parameter(w8, requires_grad=False)
-            m.scale = torch.nn.Parameter(s, requires_grad=False)
-    return lm

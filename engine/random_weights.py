@@ -155,10 +155,7 @@ def random_lm(cfg: LMConfig, device, dtype, seed: int = 0, quantize: str | None 
     from .weights import materialize
 
     lm = randomize_lm_(materialize(lambda dtype: LM(cfg, dtype=dtype), device, dtype), seed)
-    if quantize == "fp8":
-        from .quant import quantize_lm_
-        quantize_lm_(lm)
-    return lm
+    return lm.quantize_() if quantize == "fp8" else lm
 
 
 def random_mimi(cfg: MimiConfig, device, seed: int = 0) -> torch.nn.Module:
@@ -173,16 +170,6 @@ def random_mimi(cfg: MimiConfig, device, seed: int = 0) -> torch.nn.Module:
         save_file(random_mimi_state_dict(cfg, seed), f"{d}/mimi.safetensors")
         load_mimi_weights(mimi, Path(f"{d}/mimi.safetensors"), cfg)
     return mimi
-
-
-def random_engine(cfg: ModelConfig, tokenizer: str | Path, *, device="cuda", dtype=torch.bfloat16, seed: int = 0,
-                  **engine_kw):
-    """`Engine.load` with random weights of `cfg`'s shapes and no graphs captured (benchmarks
-    and tests capture the buckets they need)."""
-    from .engine import Engine
-
-    return Engine.load(config=cfg, tokenizer=tokenizer, device=device, dtype=dtype, seed=seed, random_weights=True,
-                       cuda_graphs=False, **engine_kw)
 
 
 def random_voice(cfg: LMConfig, frames: int = 24, seed: int = 0):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels import sample_tokens
+from .kernels.sampling import sample_tokens
 from .lm import LM
 from .state import LMState
 

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-MAX_PROMPT_TOKENS = 1000  # 80 s of the model's 240 s context
-_SPECIAL_JSON = {0: "EPAD", 1: "BOS", 2: "EOS", 3: "PAD"}
-
-
+from .config import TEXT_EPAD, TEXT_PAD
 from .errors import UserError
+
+MAX_PROMPT_TOKENS = 1000  # 80 s of the model's 240 s context
+PADDING = (TEXT_EPAD, TEXT_PAD)  # ids that say nothing: no piece is shown for them
+_JSON_NAMES = {TEXT_EPAD: "EPAD", TEXT_PAD: "PAD"}  # the offline tool's names for them
 
 
 class PromptError(UserError, ValueError):
@@ -50,14 +51,14 @@ class Tokenizer:
         """The text a client shows for a token, or None for padding (ids 0 and 3) and for ids
         the tokenizer does not have (a model whose text vocabulary is larger than it)."""
         token = int(token)
-        if token in (0, 3) or not 0 <= token < self.sp.GetPieceSize():
+        if token in PADDING or not 0 <= token < self.sp.GetPieceSize():
             return None
         return self.sp.IdToPiece(token).replace("\u2581", " ")
 
     def json_piece(self, token: int) -> str:
         """The offline tool's text entry: padding as its name, anything else as its piece."""
         token = int(token)
-        if token in _SPECIAL_JSON and token in (0, 3):
-            return _SPECIAL_JSON[token]
+        if token in _JSON_NAMES:
+            return _JSON_NAMES[token]
         p = self.piece(token)
         return "<unk>" if p is None else p

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Callable, NoReturn
@@ -37,7 +36,7 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
                    help="fp8: the KV cache in e4m3 with a scale per vector (half the memory per session)")
     g.add_argument("--no-cuda-graphs", action="store_true",
-                   help="run the tick eagerly instead of replaying CUDA graphs (also PPX_CUDA_GRAPHS=0)")
+                   help="run the tick eagerly instead of replaying CUDA graphs (the default follows PPX_CUDA_GRAPHS)")
     g.add_argument("--cpu-offload", action="store_true",
                    help="accepted for compatibility with the reference; the engine keeps the model on one device")
 
@@ -65,10 +64,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def cache_dir() -> Path:
-    """Where ppx keeps what it makes once (the demo model, encoded voices): $PPX_CACHE, else
-    $XDG_CACHE_HOME/ppx or ~/.cache/ppx."""
-    base = os.environ.get("PPX_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ppx"
-    return Path(base).expanduser()
+    """Where ppx keeps what it makes once: the demo model, encoded voices (`switches.CACHE`)."""
+    from engine import switches
+
+    return switches.CACHE
 
 
 def model_config(args):
@@ -85,10 +84,11 @@ def load_engine(args, cfg=None, max_slots: int | None = 1):
         log.warning("--cpu-offload is not needed: the engine keeps the whole model on the device")
     device = resolve_device(args.device)
     dtype = None if args.dtype == "auto" else DTYPES[args.dtype]
-    return Engine.load(config=cfg if cfg is not None else args.config, moshi_weight=args.moshi_weight, mimi_weight=args.mimi_weight,
+    return Engine.load(config=cfg if cfg is not None else args.config, moshi_weight=args.moshi_weight,
+                       mimi_weight=args.mimi_weight,
                        tokenizer=args.tokenizer, hf_repo=args.hf_repo, device=device, dtype=dtype,
                        max_slots=max_slots, kv_window=getattr(args, "kv_window", None),
-                       cuda_graphs=False if getattr(args, "no_cuda_graphs", False) else None,
+                       cuda_graphs=False if getattr(args, "no_cuda_graphs", False) else None,  # (None: the switch)
                        quantize=None if args.quantize == "none" else args.quantize,
                        kv_cache_dtype=None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype,
                        random_weights=getattr(args, "random_weights", False))

@@ -85,16 +85,31 @@ def user_frames(trace, n: int, start: int = 0) -> np.ndarray:
 
 
 CUDA = torch.cuda.is_available()
-gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+# Where a test's small and odd shapes run: the GPU when there is one, else the CPU (the Triton
+# kernels through the interpreter). Shapes and dtypes only a GPU runs (the 7B's) carry the gpu mark.
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def gpu(*values):
+    """A parametrize case that needs a CUDA GPU (the `gpu` mark: skipped without one)."""
+    return pytest.param(*values, marks=pytest.mark.gpu)
+
+
+def pytest_collection_modifyitems(config, items):
+    if CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 def forget_kernel_choices(monkeypatch):
-    """The linear calibration's state as a new process starts with it (restored after the test)."""
-    import importlib
+    """The product calibration's state as a new process starts with it (restored after the test)."""
+    from engine.kernels.products import calibration as cal
 
-    lin = importlib.import_module("engine.kernels.linear")  # (the package exports a function of that name)
-    monkeypatch.setattr(lin, "_choice", {})
-    monkeypatch.setattr(lin, "_fused_choice", {})
-    monkeypatch.setattr(lin, "_disk", {"path": None, "context": None, "read": False})
-    monkeypatch.setattr(lin, "_calibrated", {"products": 0, "fused": 0, "seconds": 0.0, "from_cache": 0})
-    return lin
+    monkeypatch.setattr(cal, "_choice", {})
+    monkeypatch.setattr(cal, "_fused_choice", {})
+    monkeypatch.setattr(cal, "_disk", {"path": None, "context": None, "read": False})
+    monkeypatch.setattr(cal, "_calibrated", {"products": 0, "fused": 0, "seconds": 0.0, "from_cache": 0})
+    return cal

@@ -1,4 +1,3 @@
-"""CUDA-graph capture of the whole per-frame step, one graph per batch bucket, and of the
-prompt's prefill, one graph per prompt-length bucket."""
-from .capture import DEFAULT_BUCKETS, TickGraphs, graphs_enabled  # noqa: F401
-from .prefill import PREFILL_BUCKETS, PrefillGraphs  # noqa: F401
+"""CUDA graphs of a function over fixed buffers, one per bucket size (`capture.BucketGraphs`):
+the engine captures its whole tick per batch bucket and its prompt's prefill per length bucket."""
+from .capture import BucketGraphs, warm_and_capture  # noqa: F401

@@ -1,51 +1,21 @@
-"""One CUDA graph per batch bucket, capturing the whole tick (Mimi encode, temporal
-transformer, depformer, sampling, Mimi decode) over fixed input and output buffers.
+"""CUDA graphs of a function over fixed buffers, one graph per bucket size.
 
-A batch of n live slots runs in the smallest bucket b >= n; rows n..b-1 point at the scratch
-slot, so they change no session. The graphs replay exactly the code the eager path runs
-(`Engine.tick`), captured after a warm-up that compiles every kernel. Set PPX_CUDA_GRAPHS=0
-(or pass `--no-cuda-graphs`) to run eagerly.
+A caller gives `fn(*buffers)` and how to make a bucket's buffers; each bucket is warmed up
+(compiling kernels and choosing them outside the capture) and captured, largest first, sharing
+one memory pool. To run n items, the caller fills the smallest bucket b >= n's buffers (the
+rows past n with whatever makes them harmless) and replays its graph; the outputs are the
+tensors `fn` returned during the capture, rewritten by every replay. This module knows nothing
+of what `fn` computes.
 """
 from __future__ import annotations
 
-import gc
-import logging
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 
-from ..kernels.dispatch import env_flag
-
-log = logging.getLogger("ppx.graphs")
-
-DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-
-
-def graphs_enabled(flag: bool | None = None) -> bool:
-    if flag is not None:
-        return flag
-    return env_flag("PPX_CUDA_GRAPHS")
-
-
-@contextmanager
-def capturing(graph: torch.cuda.CUDAGraph, pool=None, collect: bool = True):
-    """`torch.cuda.graph` with Python's garbage collector held off. A collection that runs
-    inside a capture may free what an unreachable cycle held (a dropped engine's graphs, its
-    memory), which CUDA forbids while a stream captures: the capture fails ("operation not
-    permitted when stream is capturing"). torch no longer collects before a capture by
-    default; with `collect`, this does, so that what dead cycles hold is free for the graph."""
-    enabled = gc.isenabled()
-    if collect:
-        gc.collect()
-    gc.disable()
-    try:
-        with torch.cuda.graph(graph, pool=pool):
-            yield
-    finally:
-        if enabled:
-            gc.enable()
+from ..device import capturing
 
 
 def warm_and_capture(fn, pool, stream: torch.cuda.Stream, warmups: int = 1):
@@ -63,54 +33,48 @@ def warm_and_capture(fn, pool, stream: torch.cuda.Stream, warmups: int = 1):
 
 
 @dataclass
-class _Graph:
-    graph: torch.cuda.CUDAGraph
-    slots: torch.Tensor
-    pcm: torch.Tensor
-    outputs: tuple[torch.Tensor, ...]
+class Bucket:
+    size: int
+    buffers: tuple[torch.Tensor, ...]
+    graph: torch.cuda.CUDAGraph | None   # None: no GPU, `replay` runs fn eagerly on the buffers
+    outputs: object = None
 
 
-class TickGraphs:
-    def __init__(self, engine, buckets=DEFAULT_BUCKETS):
-        self.engine = engine
-        cap = engine.max_slots
-        self.buckets = sorted({b for b in buckets if b < cap} | {cap})
-        self.graphs: dict[int, _Graph] = {}
+class BucketGraphs:
+    """One graph of `fn(*make_buffers(b))` per bucket size b."""
 
-    def capture(self) -> float:
-        """Captures every bucket (largest first, sharing one memory pool); returns seconds."""
-        from ..kernels import calibration
+    def __init__(self, fn: Callable, make_buffers: Callable[[int], tuple[torch.Tensor, ...]], sizes: Sequence[int],
+                 warmups: int = 1):
+        self.fn = fn
+        self.make_buffers = make_buffers
+        self.sizes = sorted(set(sizes))
+        self.warmups = warmups
+        self.buckets: dict[int, Bucket] = {}
 
-        eng = self.engine
+    def capture(self, cuda: bool = True) -> float:
+        """Makes every bucket's buffers and captures its graph (without a GPU, only the
+        buffers); returns seconds."""
         t0 = time.monotonic()
-        cal0 = calibration()
-        pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
-        for b in sorted(self.buckets, reverse=True):
-            slots = torch.full((b,), eng.lm_state.scratch, dtype=torch.long, device=eng.device)
-            pcm = torch.zeros(b, eng.frame_size, device=eng.device)
-            g, outputs = warm_and_capture(lambda: eng.tick(slots, pcm), pool, stream, warmups=2)
-            self.graphs[b] = _Graph(g, slots, pcm, outputs)
-        torch.cuda.synchronize()
-        dt = time.monotonic() - t0
-        cal = calibration()
-        log.info("captured CUDA graphs for batch buckets %s in %.1f s (of which %.1f s timing the kernels for %d "
-                 "products and %d with a prologue, their compilation included; %d choices read from disk)",
-                 self.buckets, dt, cal["seconds"] - cal0["seconds"], cal["products"] - cal0["products"],
-                 cal["fused"] - cal0["fused"], cal["from_cache"] - cal0["from_cache"])
-        return dt
+        pool = torch.cuda.graph_pool_handle() if cuda else None
+        stream = torch.cuda.Stream() if cuda else None
+        for b in sorted(self.sizes, reverse=True):
+            bufs = tuple(self.make_buffers(b))
+            if cuda:
+                g, out = warm_and_capture(lambda: self.fn(*bufs), pool, stream, self.warmups)
+                self.buckets[b] = Bucket(b, bufs, g, out)
+            else:
+                self.buckets[b] = Bucket(b, bufs, None)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.monotonic() - t0
 
-    def bucket(self, n: int) -> int:
-        for b in self.buckets:
-            if b >= n:
-                return b
-        raise ValueError(f"{n} slots exceed the largest bucket {self.buckets[-1]}")
+    def bucket(self, n: int) -> Bucket | None:
+        """The smallest bucket that holds n items (None: none does)."""
+        return next((self.buckets[b] for b in self.sizes if b >= n), None)
 
-    def run(self, slots: torch.Tensor, pcm: torch.Tensor):
-        n = slots.shape[0]
-        g = self.graphs[self.bucket(n)]
-        g.slots[:n].copy_(slots)
-        g.slots[n:].fill_(self.engine.lm_state.scratch)
-        g.pcm[:n].copy_(pcm)
-        g.graph.replay()
-        return tuple(o[:n] for o in g.outputs)
+    def replay(self, bucket: Bucket):
+        """Runs the bucket's graph over its buffers as the caller filled them; its outputs."""
+        if bucket.graph is None:
+            return self.fn(*bucket.buffers)
+        bucket.graph.replay()
+        return bucket.outputs

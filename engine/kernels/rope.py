@@ -10,8 +10,11 @@ from __future__ import annotations
 import math
 
 import torch
+import triton
+import triton.language as tl
 
-from .dispatch import triton_enabled
+from ..quant import quantize_rows
+from .common import pdl_kw, pdl_start, triton_enabled
 
 
 def rope_freqs_ref(D: int, max_period: float, device) -> torch.Tensor:
@@ -40,13 +43,11 @@ def rope_qkv(qkv: torch.Tensor, pos: torch.Tensor, max_period: float):
     as `rope_ref` rounds them. On a GPU one launch: the decode step's rope-and-write kernel,
     writing k and v into a one-entry "ring" per row."""
     if triton_enabled(qkv):
-        from . import triton_ops
-
         N, _, H, D = qkv.shape
         k = torch.empty(N, H, 1, D, device=qkv.device, dtype=qkv.dtype)
         v = torch.empty_like(k)
         rows = torch.arange(N, device=qkv.device)
-        q = triton_ops.qkv_rope_write(qkv, pos, max_period, rows, torch.zeros_like(rows), k, v)
+        q = qkv_rope_write_triton(qkv, pos, max_period, rows, torch.zeros_like(rows), k, v)
         return q, k.view(N, H, D), v.view(N, H, D)
     q, k = rope_ref(qkv[:, 0], qkv[:, 1], pos, max_period)
     return q, k, qkv[:, 2]
@@ -70,7 +71,6 @@ def qkv_rope_write_ref(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring, k_
     q, k = rope_ref(qkv[:, 0], qkv[:, 1], pos, max_period)
     v = qkv[:, 2]
     if k_scale is not None:
-        from ..quant import quantize_rows
         (k, ks), (v, vs) = quantize_rows(k), quantize_rows(v)
         k_scale[slots, :, ring_idx] = ks
         v_scale[slots, :, ring_idx] = vs
@@ -79,9 +79,95 @@ def qkv_rope_write_ref(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring, k_
     return q
 
 
+@triton.jit
+def _qkv_rope_write_kernel(qkv_ptr, pos_ptr, slot_ptr, ridx_ptr, q_ptr, k_ring, v_ring, freq_ptr, ks_ptr, vs_ptr,
+                           s_b, s_h, sq_b, sq_h, sr_slot, sr_h, sr_w, ss_slot, ss_h, HD, PER, W,
+                           HALF: tl.constexpr, QUANT: tl.constexpr, RIDX: tl.constexpr, PDL: tl.constexpr):
+    # row b: position pos[b // PER] + b % PER of slot slots[b // PER]; its ring entry ridx[b]
+    # (RIDX), else the position mod W
+    pdl_start(PDL)
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    i = tl.arange(0, HALF)
+    p = tl.load(pos_ptr + b // PER) + b % PER
+    pos = p.to(tl.float32)
+    # the same float32 angle as the reference: far into a session (p ~ 1e4) one ulp of a
+    # frequency would already move it by 1e-3 rad
+    ang = pos * tl.load(freq_ptr + i)
+    c = tl.cos(ang)
+    s = tl.sin(ang)
+    base = qkv_ptr + b * s_b + h * s_h
+    qa = tl.load(base + 2 * i).to(tl.float32)
+    qb = tl.load(base + 2 * i + 1).to(tl.float32)
+    ka = tl.load(base + HD + 2 * i).to(tl.float32)
+    kb = tl.load(base + HD + 2 * i + 1).to(tl.float32)
+    va = tl.load(base + 2 * HD + 2 * i)
+    vb = tl.load(base + 2 * HD + 2 * i + 1)
+    qo = q_ptr + b * sq_b + h * sq_h
+    tl.store(qo + 2 * i, (qa * c - qb * s).to(q_ptr.dtype.element_ty))
+    tl.store(qo + 2 * i + 1, (qa * s + qb * c).to(q_ptr.dtype.element_ty))
+    slot = tl.load(slot_ptr + b // PER)
+    if RIDX:
+        r = tl.load(ridx_ptr + b)
+    else:
+        r = p % W
+    off = slot * sr_slot + h * sr_h + r * sr_w
+    # k is rounded to the activation dtype first, as the reference's rope returns it
+    kra = (ka * c - kb * s).to(q_ptr.dtype.element_ty).to(tl.float32)
+    krb = (ka * s + kb * c).to(q_ptr.dtype.element_ty).to(tl.float32)
+    if QUANT:
+        va = va.to(tl.float32)
+        vb = vb.to(tl.float32)
+        kscale = tl.maximum(tl.maximum(tl.max(tl.abs(kra), 0), tl.max(tl.abs(krb), 0)), 1e-12) / 448.0
+        vscale = tl.maximum(tl.maximum(tl.max(tl.abs(va), 0), tl.max(tl.abs(vb), 0)), 1e-12) / 448.0
+        kra = kra / kscale
+        krb = krb / kscale
+        va = va / vscale
+        vb = vb / vscale
+        soff = slot * ss_slot + h * ss_h + r
+        tl.store(ks_ptr + soff, kscale)
+        tl.store(vs_ptr + soff, vscale)
+    tl.store(k_ring + off + 2 * i, kra.to(k_ring.dtype.element_ty))
+    tl.store(k_ring + off + 2 * i + 1, krb.to(k_ring.dtype.element_ty))
+    tl.store(v_ring + off + 2 * i, va.to(v_ring.dtype.element_ty))
+    tl.store(v_ring + off + 2 * i + 1, vb.to(v_ring.dtype.element_ty))
+
+
+_FREQS: dict = {}
+
+
+def rope_freqs(D: int, max_period: float, device) -> torch.Tensor:
+    """`rope_freqs_ref`, computed once per (D, period, device)."""
+    key = (D, max_period, str(device))
+    if key not in _FREQS:
+        _FREQS[key] = rope_freqs_ref(D, max_period, device)
+    return _FREQS[key]
+
+
+def qkv_rope_write_triton(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring, k_scale=None, v_scale=None, per=1):
+    """`qkv_rope_write_ref` in one launch."""
+    B, three, H, D = qkv.shape
+    assert three == 3 and qkv.stride(-1) == 1 and qkv.stride(2) == D and qkv.stride(1) == H * D
+    assert k_ring.is_contiguous() and v_ring.is_contiguous() and k_ring.shape == v_ring.shape
+    quant = k_scale is not None
+    if quant:
+        assert k_scale.is_contiguous() and v_scale.is_contiguous()
+    # read by row: a stride-0 view (an expanded slot index) would be read past its storage
+    assert B % per == 0 and pos.numel() == slots.numel() == B // per
+    pos, slots = pos.contiguous(), slots.contiguous()
+    ridx = ring_idx is not None
+    ring_idx = ring_idx.contiguous() if ridx else pos
+    q = torch.empty(B, H, D, device=qkv.device, dtype=qkv.dtype)
+    ks, vs = (k_scale, v_scale) if quant else (q, q)
+    _qkv_rope_write_kernel[(B, H)](
+        qkv, pos, slots, ring_idx, q, k_ring, v_ring, rope_freqs(D, max_period, qkv.device), ks, vs,
+        qkv.stride(0), D, q.stride(0), q.stride(1), k_ring.stride(0), k_ring.stride(1), k_ring.stride(2),
+        ks.stride(0) if quant else 0, ks.stride(1) if quant else 0, H * D, per, k_ring.shape[2], HALF=D // 2,
+        QUANT=quant, RIDX=ridx, num_warps=1, **pdl_kw(qkv))
+    return q
+
+
 def qkv_rope_write(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring, k_scale=None, v_scale=None, per=1):
     if triton_enabled(qkv):
-        from . import triton_ops
-        return triton_ops.qkv_rope_write(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring, k_scale, v_scale,
-                                         per)
+        return qkv_rope_write_triton(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring, k_scale, v_scale, per)
     return qkv_rope_write_ref(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring, k_scale, v_scale, per)

@@ -6,11 +6,12 @@ import asyncio
 import collections
 import gc
 import logging
-import os
 import signal
 import socket
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from engine import switches
 
 from ..ogg_opus import OggError
 from ..protocol import (CLOSE_BAD_DATA, CLOSE_GOING_AWAY, CLOSE_POLICY, ERROR, ProtocolError, close_reason,
@@ -23,9 +24,6 @@ from .voices import VoiceStore
 log = logging.getLogger("ppx.serve")
 
 MAX_MESSAGE = 1 << 20          # bytes in one websocket message
-# No permessage-deflate: the audio is Opus, which does not compress, and deflating every frame
-# both ways costs the event loop CPU time (PPX_WS_COMPRESSION=deflate offers it again).
-COMPRESSION = "deflate" if os.environ.get("PPX_WS_COMPRESSION") == "deflate" else None
 SEND_BUFFER = 32 << 10         # socket send buffer (the kernel doubles it)
 CHAT = "/api/chat"
 
@@ -42,7 +40,7 @@ class Server:
         self.limits = SessionLimits(frame_seconds, burst_seconds=args.burst_seconds,
                                     client_buffer_seconds=args.client_buffer_seconds, idle_timeout=args.idle_timeout)
         self.max_sessions = args.max_sessions
-        self.api_key = args.api_key or os.environ.get("PPX_API_KEY") or None
+        self.api_key = args.api_key or switches.API_KEY
         self.warn = ClientWarnings()
         self.scheduler = Scheduler(engine, tick_period=args.tick_period_ms / 1000,
                                    max_wait=args.max_backlog_seconds, on_fatal=self._fatal)
@@ -195,7 +193,7 @@ class Server:
         ssl_ctx = make_ssl_context(self.args.ssl) if self.args.ssl else None
         async with serve(self.handler, self.args.host, self.args.port, process_request=self.routes,
                          max_size=MAX_MESSAGE, ssl=ssl_ctx, ping_interval=20, close_timeout=2,
-                         server_header="ppx", compression=COMPRESSION,
+                         server_header="ppx", compression=switches.WS_COMPRESSION,
                          create_connection=connection_class(self)) as server:
             port = next(iter(server.sockets)).getsockname()[1]
             scheme = "https" if ssl_ctx else "http"

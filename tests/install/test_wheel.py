@@ -20,7 +20,7 @@ import torch
 
 from conftest import TINY
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(cmd, cwd, timeout=600):

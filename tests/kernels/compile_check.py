@@ -13,24 +13,34 @@ import sys
 import time
 
 os.environ.pop("TRITON_INTERPRET", None)
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from engine.kernels import triton_ops as K  # noqa: E402
+from engine.kernels.codebook_sum import _codebook_sum_kernel  # noqa: E402
+from engine.kernels.conv_input import _conv_input_kernel  # noqa: E402
+from engine.kernels.elu import _elu_kernel  # noqa: E402
+from engine.kernels.layer_norm import _scale_add_ln_kernel  # noqa: E402
+from engine.kernels.overlap_add import _overlap_add_kernel  # noqa: E402
+from engine.kernels.products.one_row import _one_row_kernel  # noqa: E402
+from engine.kernels.products.rows import _rows_linear_kernel, _split_sum_kernel  # noqa: E402
+from engine.kernels.ring_attention import _ring_chunk_attn_kernel  # noqa: E402
+from engine.kernels.rope import _qkv_rope_write_kernel  # noqa: E402
+from engine.kernels.rvq_step import _rvq_step_kernel  # noqa: E402
+from engine.kernels.sampling import _sample_kernel, sample_warps  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
 
-def _gemv(w="*bf16", scaled=False, pro=0, delta=0, d=1, steps=1, pdl=True, cfg=(8, 256, 4, 3), vec=0):
+def _one_row(w="*bf16", scaled=False, pro=0, delta=0, d=1, steps=1, pdl=True, cfg=(8, 256, 4, 3), vec=0):
     sig = dict(x_ptr="*bf16", w_ptr=w, s_ptr="*fp32" if scaled else "*bf16", y_ptr="*bf16", N="i32", K="i32",
                swn="i32", d_ptr="*bf16", id_ptr="*i64", a_ptr="*bf16", xo_ptr="*bf16", eps="fp32", sdm="i32",
                step="i32")
     const = dict(BLOCK_N=cfg[0], BLOCK_K=cfg[1], SCALED=scaled, PRO=pro, HAS_DELTA=delta, D=d, STEPS=steps, PDL=pdl,
                  VEC=vec)
-    return K._gemv_kernel, sig, const, cfg[2:]
+    return _one_row_kernel, sig, const, cfg[2:]
 
 
 def _rows(x="*bf16", w="*bf16", fma=False, m=16, scaled=False, pdl=True, gelu=False, cfg=(16, 256, 4, 3),
@@ -39,7 +49,7 @@ def _rows(x="*bf16", w="*bf16", fma=False, m=16, scaled=False, pdl=True, gelu=Fa
                swn="i32", sym="i32", KC="i32")
     const = dict(BLOCK_M=m, BLOCK_N=cfg[0], BLOCK_K=cfg[1], SCALED=scaled, IEEE=x == "*fp32", FMA=fma, GELU=gelu,
                  PDL=pdl, FAST8=fast8, M_FAST=m_fast)
-    return K._rows_linear_kernel, sig, const, cfg[2:]
+    return _rows_linear_kernel, sig, const, cfg[2:]
 
 
 def _sample(logits="*bf16", block=2048, passes=8, forced=False, pdl=True):
@@ -47,7 +57,7 @@ def _sample(logits="*bf16", block=2048, passes=8, forced=False, pdl=True):
                counter_ptr="*i64", out_ptr="*i64", forced_ptr="*i64", fmask_ptr="*i1", V="i32", stride="i32",
                out_stride="i32", f_stride="i32", fm_stride="i32", stream_mix="i64")
     const = dict(BLOCK=block, FORCED=forced, PASSES=passes, PDL=pdl)
-    return K._sample_kernel, sig, const, (K.sample_warps(block), 1)
+    return _sample_kernel, sig, const, (sample_warps(block), 1)
 
 
 def _codec(name, act=True, fresh=False, ks=1):
@@ -57,51 +67,51 @@ def _codec(name, act=True, fresh=False, ks=1):
                    TAIL=i32, NU=i32, STRIDE=i32, DIL=i32, sxb=i32, sxc=i32, sxt=i32, sts=i32, stc=i32, sob=i32, sou=i32,
                    soc=i32)
         const = dict(ACT=act, FRESH=fresh, KS=ks, BLOCK_C=8, BLOCK_T=64, TAIL_P=8, PDL=True)
-        return K._conv_input_kernel, sig, const, (4, 1)
+        return _conv_input_kernel, sig, const, (4, 1)
     if name == "overlap-add":
         sig = dict(y_ptr="*fp32", part_ptr="*fp32", slot_ptr="*i64", bias_ptr="*fp32", out_ptr="*fp32", C=i32, T=i32,
                    S=i32, syb=i32, syt=i32, syc=i32, sps=i32, spc=i32, sob=i32, soc=i32, sot=i32)
-        return K._overlap_add_kernel, sig, dict(HAS_BIAS=True, BLOCK_C=16, BLOCK_T=128, S_P=8, PDL=True), (4, 1)
+        return _overlap_add_kernel, sig, dict(HAS_BIAS=True, BLOCK_C=16, BLOCK_T=128, S_P=8, PDL=True), (4, 1)
     if name == "codebook sum":
         sig = dict(code_ptr="*i64", tab_ptr="*fp32", sc_ptr="*fp32", out_ptr="*fp32", NCB=i32, BINS=i32, D=i32, K=i32,
                    scb=i32, sck=i32)
-        return K._codebook_sum_kernel, sig, dict(BLOCK_D=128, K_P=4, PDL=True), (4, 1)
+        return _codebook_sum_kernel, sig, dict(BLOCK_D=128, K_P=4, PDL=True), (4, 1)
     if name == "ring attention":
         sig = dict(q_ptr="*fp32", k_ring="*fp32", v_ring="*fp32", slot_ptr="*i64", end_ptr="*i64", o_ptr="*fp32",
                    po_ptr="*fp32", pm_ptr="*fp32", pl_ptr="*fp32", sq_b=i32, sq_t=i32, sq_h=i32, sr_slot=i32,
                    sr_h=i32, sr_w=i32, W=i32, H=i32, T=i32, CHUNK=i32, scale="fp32")
-        return K._ring_chunk_attn_kernel, sig, dict(D=64, BLOCK_W=32, NSPLIT=8, PDL=True), (2, 1)
+        return _ring_chunk_attn_kernel, sig, dict(D=64, BLOCK_W=32, NSPLIT=8, PDL=True), (2, 1)
     if name == "elu":
         sig = dict(x_ptr="*fp32", y_ptr="*fp32", n=i32, C=i32, T=i32, sxb=i32, sxc=i32, sxt=i32, syb=i32, syc=i32,
                    syt=i32)
-        return K._elu_kernel, sig, dict(BLOCK=1024, PDL=True), (4, 1)
+        return _elu_kernel, sig, dict(BLOCK=1024, PDL=True), (4, 1)
     if name == "rope":
         sig = dict(qkv_ptr="*fp32", pos_ptr="*i64", slot_ptr="*i64", ridx_ptr="*i64", q_ptr="*fp32", k_ring="*fp32",
                    v_ring="*fp32", freq_ptr="*fp32", ks_ptr="*fp32", vs_ptr="*fp32", s_b=i32, s_h=i32, sq_b=i32,
                    sq_h=i32, sr_slot=i32, sr_h=i32, sr_w=i32, ss_slot=i32, ss_h=i32, HD=i32, PER=i32, W=i32)
-        return K._qkv_rope_write_kernel, sig, dict(HALF=32, QUANT=False, RIDX=False, PDL=True), (1, 1)
+        return _qkv_rope_write_kernel, sig, dict(HALF=32, QUANT=False, RIDX=False, PDL=True), (1, 1)
     if name == "layer norm":
         sig = dict(x_ptr="*fp32", d_ptr="*fp32", s_ptr="*fp32", w_ptr="*fp32", b_ptr="*fp32", xo_ptr="*fp32",
                    y_ptr="*fp32", N=i32, eps="fp32", sx=i32, sd=i32, sxo=i32, sy=i32)
-        return K._scale_add_ln_kernel, sig, dict(HAS_DELTA=True, NORM=True, BLOCK=512, RN_MUL=True, PDL=True), (4, 1)
+        return _scale_add_ln_kernel, sig, dict(HAS_DELTA=True, NORM=True, BLOCK=512, RN_MUL=True, PDL=True), (4, 1)
     sig = dict(x_ptr="*fp32", s_ptr="*fp32", n_ptr="*fp32", cb_ptr="*fp32", xo_ptr="*fp32", code_ptr="*i64", N=i32,
                D=i32, sx=i32, ss=i32, sxo=i32, scode=i32)
-    return K._rvq_step_kernel, sig, dict(BLOCK_N=2048, BLOCK_D=256, PDL=True), (8, 1)
+    return _rvq_step_kernel, sig, dict(BLOCK_N=2048, BLOCK_D=256, PDL=True), (8, 1)
 
 
 VARIANTS = {
-    "gemv plain": _gemv(),
-    "gemv plain, no PDL": _gemv(pdl=False),
-    "gemv norm": _gemv(pro=1, cfg=(4, 1024, 4, 3)),
-    "gemv residual + norm": _gemv(pro=1, delta=1, cfg=(2, 1024, 4, 4)),
-    "gemv embedding + norm": _gemv(pro=1, delta=2, cfg=(8, 1024, 8, 3)),
-    "gemv silu": _gemv(pro=2, cfg=(4, 512, 4, 3)),
-    "gemv add": _gemv(pro=3, delta=1),
-    "gemv step attention": _gemv(pro=4, d=64, steps=8, cfg=(4, 1024, 4, 3)),
-    "gemv e4m3": _gemv(w="*fp8e4nv", scaled=True, pro=1, delta=1),
-    "gemv e4m3, runs of 8": _gemv(w="*fp8e4nv", scaled=True, pro=1, delta=1, vec=8),
-    "gemv e4m3 silu, runs of 8": _gemv(w="*fp8e4nv", scaled=True, pro=2, cfg=(4, 1024, 4, 3), vec=8),
-    "gemv e4m3 step attention, runs of 8": _gemv(w="*fp8e4nv", scaled=True, pro=4, d=64, steps=8, cfg=(4, 1024, 4, 3),
+    "one row plain": _one_row(),
+    "one row plain, no PDL": _one_row(pdl=False),
+    "one row norm": _one_row(pro=1, cfg=(4, 1024, 4, 3)),
+    "one row residual + norm": _one_row(pro=1, delta=1, cfg=(2, 1024, 4, 4)),
+    "one row embedding + norm": _one_row(pro=1, delta=2, cfg=(8, 1024, 8, 3)),
+    "one row silu": _one_row(pro=2, cfg=(4, 512, 4, 3)),
+    "one row add": _one_row(pro=3, delta=1),
+    "one row step attention": _one_row(pro=4, d=64, steps=8, cfg=(4, 1024, 4, 3)),
+    "one row e4m3": _one_row(w="*fp8e4nv", scaled=True, pro=1, delta=1),
+    "one row e4m3, runs of 8": _one_row(w="*fp8e4nv", scaled=True, pro=1, delta=1, vec=8),
+    "one row e4m3 silu, runs of 8": _one_row(w="*fp8e4nv", scaled=True, pro=2, cfg=(4, 1024, 4, 3), vec=8),
+    "one row e4m3 step attention, runs of 8": _one_row(w="*fp8e4nv", scaled=True, pro=4, d=64, steps=8, cfg=(4, 1024, 4, 3),
                                                  vec=8),
     "few rows float32": _rows("*fp32", "*fp32", fma=True, m=2, cfg=(4, 512, 4, 3)),
     "few rows bf16": _rows(fma=True, m=4, cfg=(16, 128, 4, 3)),
@@ -113,7 +123,7 @@ VARIANTS = {
                                                            fast8=True),
     "small batch e4m3, K split: the partial sums": _rows(w="*fp8e4nv", x="*bf16", m=64, cfg=(32, 256, 4, 3),
                                                          fast8=True, y="*fp32"),
-    "small batch e4m3, K split: their sum": (K._split_sum_kernel, dict(p_ptr="*fp32", s_ptr="*fp32", y_ptr="*bf16",
+    "small batch e4m3, K split: their sum": (_split_sum_kernel, dict(p_ptr="*fp32", s_ptr="*fp32", y_ptr="*bf16",
                                                                        MN="i32", N="i32"),
                                              dict(SPLITS=4, SCALED=True, BLOCK=1024, PDL=True), (4, 1)),
     "a prefill's rows against e4m3, blocks of 128 rows first": _rows(w="*fp8e4nv", m=128, scaled=True,

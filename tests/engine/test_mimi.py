@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-import engine.kernels.dispatch as dispatch
+from engine.kernels import common
 
 from engine import weights as W
 from engine.audio import first_channel, read_audio
@@ -22,10 +22,10 @@ def _mimi(cfg):
 def kernels(request):
     """Each test runs on the torch references and on the Triton kernels (the interpreter on the
     CPU), which the GPU runs: fused rope-and-ring-write, fused scale-add-LayerNorm, ELU."""
-    old = dispatch._on_cpu
-    dispatch._on_cpu = request.param == "triton"
+    old = common._state["on_cpu"]
+    common.triton_on_cpu(request.param == "triton")
     yield request.param
-    dispatch._on_cpu = old
+    common.triton_on_cpu(old)
 
 
 # Frames of the golden input each test streams: all of them on the torch references; through the
@@ -81,7 +81,7 @@ def test_transposed_convolution_streams_as_the_whole_signal(T, kernels):
     gives, chunk by chunk, what one transposed convolution of the whole signal gives; each
     slot's kept partial advances alone. (Up to 16 frames the ELU writes the product's rows
     transposed; more, the product reads a transposed view.)"""
-    from engine.kernels import elu_ref
+    from engine.kernels.elu import elu_ref
     from engine.mimi import ConvTr
 
     g = torch.Generator().manual_seed(T)
@@ -104,7 +104,7 @@ def test_transposed_convolution_streams_as_the_whole_signal(T, kernels):
 def test_streaming_convolution_runs_as_the_whole_signal(T, kernel, stride, kernels):
     """A causal convolution fed chunk by chunk (its tail kept per slot, the input through the
     ELU) gives what one convolution of the left-padded whole signal gives."""
-    from engine.kernels import elu_ref
+    from engine.kernels.elu import elu_ref
     from engine.mimi import Conv
 
     g = torch.Generator().manual_seed(T * kernel)

@@ -11,12 +11,13 @@ from engine.config import PERSONAPLEX_7B
 from engine.sampling import SamplingParams
 from engine.prompts import load_voice_pt
 from engine.kernels import use_triton
-from engine.random_weights import random_engine, random_voice
+from engine.engine import Engine
+from engine.random_weights import random_voice
 from engine.tick import lm_tick, teacher_force, user_mask
 
-from conftest import GOLDEN, GREEDY, TINY, forget_kernel_choices, gpu, make_tiny_engine
+from conftest import GOLDEN, GREEDY, TINY, forget_kernel_choices, make_tiny_engine
 
-pytestmark = gpu
+pytestmark = pytest.mark.gpu
 TOKENIZER = TINY / "tokenizer.model"
 
 
@@ -77,15 +78,15 @@ def test_the_prefill_graphs_leave_what_the_eager_prefill_leaves(no_tf32, golden_
     eager = make_tiny_engine(max_slots=2, device="cuda", window=250, kv_cache_dtype=kv_cache_dtype,
                              cuda_graphs=False)
     pg = graphed.prefill_graphs
-    assert pg is not None and pg.buckets[-1] <= 249 and eager.prefill_graphs is None
+    assert pg is not None and pg.sizes[-1] <= 249 and eager.prefill_graphs is None
     replays = []
-    run = pg.run
-    pg.run = lambda slot, rows: (replays.append(rows.shape[0]), run(slot, rows))
+    replay = graphed._prefill_replay
+    graphed._prefill_replay = lambda slot, rows: (replays.append(rows.shape[0]), replay(slot, rows))
     pcm = frames(first_channel(read_audio(TINY / "input.wav", 24000)), 1920)[:20]
     for voice, text in [(golden_voice, golden_prompt), (None, "Be brief.")]:
         a, b = graphed.open(voice, text, GREEDY), eager.open(voice, text, GREEDY)
         n = int(graphed.lm_state.offset[a]) - 1
-        assert replays[-1] == n and pg.bucket(n) > n
+        assert replays[-1] == n and pg.bucket(n).size > n
         kv_a, kv_b = graphed.lm_state.kv, eager.lm_state.kv
         for ring in ("k", "v") + (("k_scale", "v_scale") if kv_cache_dtype else ()):
             torch.testing.assert_close(getattr(kv_a, ring)[:, a, :, :n].float(), getattr(kv_b, ring)[:, b, :, :n].float(),
@@ -103,7 +104,7 @@ def test_a_collection_during_a_capture_frees_nothing_there():
     failed the next test's capture); `capturing` collects first and holds collections off."""
     import gc
 
-    from engine.graphs.capture import capturing
+    from engine.device import capturing
 
     x = torch.zeros(4, device="cuda")
 
@@ -203,8 +204,8 @@ def test_ref7b_bfloat16_lands_near_the_reference(no_tf32):
 
 
 def _seven_b(max_slots, **kw):
-    return random_engine(PERSONAPLEX_7B, TOKENIZER, device="cuda", dtype=torch.bfloat16, seed=1,
-                         max_slots=max_slots, **kw)
+    return Engine.load(config=PERSONAPLEX_7B, tokenizer=TOKENIZER, random_weights=True, cuda_graphs=False,
+                       device="cuda", dtype=torch.bfloat16, seed=1, max_slots=max_slots, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +214,7 @@ def seven_b_pair():
     on the graphs with the Triton kernels."""
     a = _seven_b(4)
     b = type(a)(a.cfg, a.lm, a.mimi, a.tokenizer, max_slots=4, checkpoint_id=a.checkpoint_id)
-    b.enable_graphs(buckets=(1, 4))
+    b.enable_graphs(buckets=(1, 4), logits=True)
     return a, b
 
 
@@ -234,7 +235,7 @@ def _lockstep(engines, graphed, slots, sb, n, triton_flags):
     for _ in range(n):
         pcm = (0.1 * torch.randn(1, 1920, generator=g)).cuda()
         o = int(graphed.lm_state.offset[sb])
-        _, _, tl_g, al_g = graphed.step_tensors(torch.tensor([sb], device="cuda"), pcm)
+        _, _, tl_g, al_g = graphed.step_tensors(torch.tensor([sb], device="cuda"), pcm, logits=True)
         for j, (eng, s, tri) in enumerate(zip(engines, slots, triton_flags)):
             _force_target(eng, s, graphed, sb, o)
             use_triton(tri)
@@ -275,7 +276,7 @@ def test_7b_batch_rows_equal_single_slot_runs(seven_b_pair):
     so the two are two bf16 implementations: ~sqrt(2) x 1.4e-2 apart, as in the test above."""
     _, b = seven_b_pair
     solo = type(b)(b.cfg, b.lm, b.mimi, b.tokenizer, max_slots=3, checkpoint_id=b.checkpoint_id)
-    solo.enable_graphs(buckets=(1,))
+    solo.enable_graphs(buckets=(1,), logits=True)
     prompts = ["You are a pirate.", "You answer questions about trains.", "You are a calm yoga teacher."]
     voices = [random_voice(b.cfg.lm, seed=s) for s in range(3)]
     reqs = [(v, p, SamplingParams(seed=i)) for i, (v, p) in enumerate(zip(voices, prompts))]
@@ -286,10 +287,10 @@ def test_7b_batch_rows_equal_single_slot_runs(seven_b_pair):
     for t in range(30):
         pcm = (0.1 * torch.randn(3, 1920, generator=g)).cuda()
         offs = [int(b.lm_state.offset[s]) for s in slots]
-        _, _, tl_b, al_b = b.step_tensors(torch.tensor(slots, device="cuda"), pcm)
+        _, _, tl_b, al_b = b.step_tensors(torch.tensor(slots, device="cuda"), pcm, logits=True)
         for i, s in enumerate(solo_slots):
             _force_target(solo, s, b, slots[i], offs[i])
-            _, _, tl_s, al_s = solo.step_tensors(torch.tensor([s], device="cuda"), pcm[i:i + 1])
+            _, _, tl_s, al_s = solo.step_tensors(torch.tensor([s], device="cuda"), pcm[i:i + 1], logits=True)
             worst = max(worst, _rel(tl_s[0], tl_b[i]), _rel(al_s[0], al_b[i]))
     print(f"batched vs single-slot over 30 frames: worst logit error {worst:.2e}")
     assert worst < 3e-2, worst
@@ -297,21 +298,21 @@ def test_7b_batch_rows_equal_single_slot_runs(seven_b_pair):
         b.close(s)
 
 
-
-
 def test_a_restart_takes_the_kernel_choices_kept_on_disk(monkeypatch, tmp_path):
     """The first product of a shape is timed and its choice written to PPX_KERNEL_CACHE; a
     process starting afresh on the same GPU reads it back instead of timing it again."""
-    from engine.kernels import choice_cache
+    from engine import switches
+    from engine.kernels.products import linear
+    from engine.kernels.products import choice_cache
 
-    monkeypatch.setenv(choice_cache.ENV, str(tmp_path))
+    monkeypatch.setattr(switches, "KERNEL_CACHE", tmp_path)
     x = torch.randn(3, 1024, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(768, 1024, device="cuda", dtype=torch.bfloat16)
-    lin = forget_kernel_choices(monkeypatch)
-    y = lin.linear(x, w)
-    assert lin.calibration()["products"] == 1 and (tmp_path / choice_cache.FILE).exists()
-    chosen = dict(lin._choice)
-    lin = forget_kernel_choices(monkeypatch)
-    torch.testing.assert_close(lin.linear(x, w), y)
-    assert lin.calibration()["products"] == 0 and lin.calibration()["from_cache"] == 1
-    assert lin._choice == chosen
+    cal = forget_kernel_choices(monkeypatch)
+    y = linear(x, w)
+    assert cal.calibration_stats()["products"] == 1 and (tmp_path / choice_cache.FILE).exists()
+    chosen = dict(cal._choice)
+    cal = forget_kernel_choices(monkeypatch)
+    torch.testing.assert_close(linear(x, w), y)
+    assert cal.calibration_stats()["products"] == 0 and cal.calibration_stats()["from_cache"] == 1
+    assert cal._choice == chosen

@@ -1,18 +1,17 @@
-"""The linear calibration's choices kept on disk: a restart on the same GPU and software takes
+"""The product calibration's choices kept on disk: a restart on the same GPU and software takes
 them instead of timing every shape again; anything else in the file is left alone or ignored."""
 from __future__ import annotations
 
-import importlib
 import logging
 
 import pytest
 import torch
 
-from engine.kernels import choice_cache
+from engine import switches
+from engine.kernels.products import calibration as cal
+from engine.kernels.products import choice_cache
 
 from conftest import forget_kernel_choices
-
-linear = importlib.import_module("engine.kernels.linear")  # (the package exports a function of that name)
 
 PRODUCTS = {(1, 4096, 4096, torch.bfloat16): 5, (8, 11264, 4096, torch.float8_e4m3fn): -1}
 FUSED = {(1, 22528, 4096, torch.bfloat16, 1, True, False): 7}
@@ -78,9 +77,10 @@ def test_an_unwritable_place_warns_and_keeps_going(tmp_path, caplog):
 def test_the_folder_follows_the_environment(monkeypatch, tmp_path, value, expect):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     if value is None:
-        monkeypatch.delenv(choice_cache.ENV, raising=False)
+        monkeypatch.delenv("PPX_KERNEL_CACHE", raising=False)
     else:
-        monkeypatch.setenv(choice_cache.ENV, value.format(tmp=tmp_path))
+        monkeypatch.setenv("PPX_KERNEL_CACHE", value.format(tmp=tmp_path))
+    monkeypatch.setattr(switches, "KERNEL_CACHE", switches._kernel_cache())  # (as a process starting now reads it)
     got = choice_cache.cache_file()
     assert got == (None if expect is None else tmp_path.joinpath(expect.format(tmp="").lstrip("/"), choice_cache.FILE))
 
@@ -89,26 +89,26 @@ def test_the_linear_calibration_keeps_and_rereads_its_choices(monkeypatch, tmp_p
     """What `linear` times is written as it is chosen; a new process (fresh tables) on the same
     GPU and kernels reads it back before timing anything, and counts it; kernels whose source
     differs read nothing."""
-    monkeypatch.setenv(choice_cache.ENV, str(tmp_path))
+    monkeypatch.setattr(switches, "KERNEL_CACHE", tmp_path)
     monkeypatch.setattr(choice_cache, "context", lambda device, digest: f"test GPU {digest}")
 
     def fresh_process():
         forget_kernel_choices(monkeypatch)
 
     fresh_process()
-    linear._read_kept_choices(torch.device("cpu"))
-    assert linear.calibration()["from_cache"] == 0
-    linear._choice.update(PRODUCTS)  # as `_kernel` records a timed pick
-    linear._keep_choices()
-    linear._fused_choice.update(FUSED)
-    linear._keep_choices()
+    cal._read_kept_choices(torch.device("cpu"))
+    assert cal.calibration_stats()["from_cache"] == 0
+    cal._choice.update(PRODUCTS)  # as `kernel_for` records a timed pick
+    cal._keep_choices()
+    cal._fused_choice.update(FUSED)
+    cal._keep_choices()
 
     fresh_process()
-    linear._read_kept_choices(torch.device("cpu"))
-    assert linear._choice == PRODUCTS and linear._fused_choice == FUSED
-    assert linear.calibration()["from_cache"] == 3
+    cal._read_kept_choices(torch.device("cpu"))
+    assert cal._choice == PRODUCTS and cal._fused_choice == FUSED
+    assert cal.calibration_stats()["from_cache"] == 3
 
     fresh_process()
     monkeypatch.setattr(choice_cache, "sources_digest", lambda *paths: "edited kernels")
-    linear._read_kept_choices(torch.device("cpu"))
-    assert linear._choice == {} and linear.calibration()["from_cache"] == 0
+    cal._read_kept_choices(torch.device("cpu"))
+    assert cal._choice == {} and cal.calibration_stats()["from_cache"] == 0

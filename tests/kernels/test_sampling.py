@@ -1,7 +1,10 @@
-"""Sampling: top-k, temperature, greedy, and per-slot reproducibility."""
+"""Sampling: top-k, temperature, greedy, per-slot reproducibility, and the kernel against the reference."""
+import pytest
 import torch
 
-from engine.kernels import sample_tokens_ref, uniform_noise
+from engine.kernels.sampling import sample_tokens_ref, sample_tokens_triton, uniform_noise
+
+from kernel_cases import DEVICE, gpu
 
 
 def _args(B, temp=1.0, k=50, greedy=False, seed=0):
@@ -60,3 +63,41 @@ def test_noise_is_uniform_and_strictly_inside_the_unit_interval():
     assert abs(u.mean().item() - 0.5) < 0.005
     hist = torch.histc(u, bins=10, min=0, max=1) / u.numel()
     assert (hist - 0.1).abs().max() < 0.005
+
+
+@pytest.mark.parametrize("B,V,k", [gpu(1, 32000, 25), gpu(8, 2048, 250), gpu(32, 2048, 250), (1, 37, 5), (3, 300, 25),
+                                   (2, 2048, 1), (2, 100, 100)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_kernel_matches_the_reference(B, V, k, dtype):
+    # bfloat16 logits (what the model gives) have many ties, and take the shorter search
+    g = torch.Generator().manual_seed(V + k)
+    logits = (3 * torch.randn(B, V, generator=g)).to(DEVICE, dtype)
+    temp = torch.linspace(0.5, 1.2, B).to(DEVICE)
+    top_k = torch.full((B,), k, dtype=torch.long, device=DEVICE)
+    greedy = torch.zeros(B, dtype=torch.bool, device=DEVICE)
+    seed = torch.arange(B, dtype=torch.long, device=DEVICE) * 1000 + 5
+    agree, n = 0, 0
+    for counter in range(40):
+        c = torch.full((B,), counter, dtype=torch.long, device=DEVICE)
+        out = sample_tokens_triton(logits, temp, top_k, greedy, seed, c, 3)
+        ref = sample_tokens_ref(logits, temp, top_k, greedy, seed, c, 3)
+        kth = logits.float().topk(k, dim=-1).values[:, -1]
+        assert (logits.float().gather(1, out[:, None])[:, 0] >= kth).all()  # within the top k, ties included
+        agree += (out == ref).sum().item()
+        n += B
+    # identical hash and threshold; only last-ulp differences of log() may flip a near-tie
+    assert agree >= 0.99 * n
+    greedy[:] = True
+    assert torch.equal(sample_tokens_triton(logits, temp, top_k, greedy, seed, c, 3), logits.argmax(-1))
+    # teacher-forced rows take the given token, written into a strided column of a buffer;
+    # half-precision logits are read as float32
+    forced = (torch.arange(2 * B, device=DEVICE) + 7).view(B, 2)[:, 1]   # strided, as a column of the ring
+    fmask = (torch.arange(3 * B, device=DEVICE) % 2 == 0).view(B, 3)[:, 0]
+    buf = torch.full((B, 3), -5, dtype=torch.long, device=DEVICE)
+    half = logits.to(torch.float16)
+    sample_tokens_triton(half, temp, top_k, greedy, seed, c, 3, forced=forced, forced_mask=fmask, out=buf[:, 1])
+    expect = torch.where(fmask, forced, half.float().argmax(-1))
+    assert torch.equal(buf[:, 1], expect) and (buf[:, 0] == -5).all() and (buf[:, 2] == -5).all()
+    ref_buf = torch.full((B, 3), -5, dtype=torch.long, device=DEVICE)
+    sample_tokens_ref(half, temp, top_k, greedy, seed, c, 3, forced, fmask, out=ref_buf[:, 1])
+    assert torch.equal(ref_buf, buf)

@@ -1,6 +1,4 @@
 """The language model against the reference's golden trace, and prefill against stepping."""
-import importlib
-
 import numpy as np
 import pytest
 import torch
@@ -8,14 +6,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine.config import SILENCE_TOKENS, SINE_TOKENS
 from engine.sampling import SamplingParams
-from engine.prompts import PROMPT_TEXT_TOKEN
+from engine.config import TEXT_PAD
 from engine.tick import lm_tick, start_stream, user_mask, user_streams, write_given, write_streams
 
 from engine.audio import first_channel, normalize_loudness, read_audio
 
-from conftest import CUDA, GREEDY, TINY, make_tiny_engine, user_frames
-
-_linear = importlib.import_module("engine.kernels.linear")  # (the package exports a function of that name)
+from conftest import GREEDY, TINY, gpu, make_tiny_engine, user_frames
 
 
 def _live(engine, slot, codes, return_logits=False):
@@ -74,7 +70,7 @@ def test_prefill_leaves_the_state_stepping_leaves(trace, golden_voice, golden_pr
     st.set_sampling(0, seed=1234, audio_seed=1234, temp_text=0.7, temp_audio=0.8, topk_text=25, topk_audio=250, greedy=False)
     slots = torch.tensor([0])
     full = torch.ones(1, cfg.num_streams, dtype=torch.bool)
-    dummy = torch.tensor([[PROMPT_TEXT_TOKEN] + [cfg.audio_initial_id] * cfg.n_q])
+    dummy = torch.tensor([[TEXT_PAD] + [cfg.audio_initial_id] * cfg.n_q])
     with torch.no_grad():
         for emb in golden_voice.embeddings if golden_voice is not None else []:
             if int(st.offset[0]) == 0:
@@ -82,7 +78,7 @@ def test_prefill_leaves_the_state_stepping_leaves(trace, golden_voice, golden_pr
             lm_tick(b.lm, st, slots, dummy, full, b.depformer_steps, input_embeddings=emb[None])
         if golden_voice is not None:
             st.tokens[0] = golden_voice.cache
-        texts = [PROMPT_TEXT_TOKEN] * 6 + b.tokenizer.encode_prompt(golden_prompt) + [PROMPT_TEXT_TOKEN] * 6
+        texts = [TEXT_PAD] * 6 + b.tokenizer.encode_prompt(golden_prompt) + [TEXT_PAD] * 6
         for text in texts:
             given = torch.tensor([[text, *SILENCE_TOKENS, *SINE_TOKENS]])
             if int(st.offset[0]) == 0:  # no voice: the first silence frame starts the stream, no step
@@ -166,19 +162,17 @@ def test_a_prompt_padded_to_its_graph_bucket_leaves_the_state_of_its_own_length(
     """The prefill graphs run a prompt padded with zero rows to their bucket's length and write
     every row to the rings (here their same code runs eagerly): the prompt's entries, and what
     the session then does, equal an unpadded prefill's."""
-    from engine.graphs import PrefillGraphs
-
     padded = make_tiny_engine(max_slots=3, window=250, kv_cache_dtype=kv_cache_dtype)
-    padded.prefill_graphs = PrefillGraphs(padded, buckets=(40, 64, 200, 256, 300))
-    padded.prefill_graphs.capture()
-    assert padded.prefill_graphs.buckets == [40, 64, 200]  # (none past the window)
+    padded.prefill_graphs = padded.prefill_graphs_for((40, 64, 200, 256, 300))
+    padded.prefill_graphs.capture(cuda=False)
+    assert padded.prefill_graphs.sizes == [40, 64, 200]  # (none past the window)
     plain = make_tiny_engine(max_slots=3, window=250, kv_cache_dtype=kv_cache_dtype)
     codes = user_frames(trace, 20)
     for voice, text in [(None, "Be brief."), (None, "You are a pirate. Speak only about ships and the sea."),
                         (golden_voice, golden_prompt)]:
         a, b = padded.open(voice, text, GREEDY), plain.open(voice, text, GREEDY)
         n = int(padded.lm_state.offset[a]) - 1
-        assert padded.prefill_graphs.bucket(n) > n  # (29, 57, 194 positions: each padded)
+        assert padded.prefill_graphs.bucket(n).size > n  # (29, 57, 194 positions: each padded)
         kv_a, kv_b = padded.lm_state.kv, plain.lm_state.kv
         for ring in ("k", "v") + (("k_scale", "v_scale") if kv_cache_dtype else ()):
             torch.testing.assert_close(getattr(kv_a, ring)[:, a, :, :n].float(), getattr(kv_b, ring)[:, b, :, :n].float(),
@@ -189,13 +183,17 @@ def test_a_prompt_padded_to_its_graph_bucket_leaves_the_state_of_its_own_length(
 def test_which_prompts_the_prefill_graphs_take():
     """Prompts that fit a bucket replay its graph, up to four opened together (one with e4m3
     weights, where one batched pass is faster); longer ones, or more, run the eager pass."""
-    from engine.graphs import PrefillGraphs
-
-    pg = PrefillGraphs(make_tiny_engine(window=100), buckets=(40, 64, 128))
-    assert pg.buckets == [40, 64] and pg.bucket(30) == 40 and pg.bucket(41) == 64 and pg.bucket(65) is None
-    assert pg.takes([30]) and pg.takes([30, 64, 1, 2]) and not pg.takes([30] * 5) and not pg.takes([30, 65])
-    pg8 = PrefillGraphs(make_tiny_engine(window=100, quantize="fp8"), buckets=(40, 64))
-    assert pg8.takes([30]) and not pg8.takes([30, 30])
+    eng = make_tiny_engine(window=100)
+    eng.prefill_graphs = pg = eng.prefill_graphs_for((40, 64, 128))
+    assert pg.sizes == [40, 64] and pg.bucket(65) is None
+    pg.capture(cuda=False)
+    assert pg.bucket(30).size == 40 and pg.bucket(41).size == 64
+    takes = eng._prefill_replays
+    assert takes([30]) and takes([30, 64, 1, 2]) and not takes([30] * 5) and not takes([30, 65])
+    eng8 = make_tiny_engine(window=100, quantize="fp8")
+    eng8.prefill_graphs = eng8.prefill_graphs_for((40, 64))
+    eng8.prefill_graphs.capture(cuda=False)
+    assert eng8._prefill_replays([30]) and not eng8._prefill_replays([30, 30])
 
 
 class _Touches(TorchDispatchMode):
@@ -257,16 +255,21 @@ def test_the_encoders_writes_leave_the_steps_entries_alone(golden_voice, golden_
     assert whole.writes & step.writes
 
 
-@pytest.mark.parametrize("config", [c for kind, c in _linear._CONFIGS if kind == "gemv"] if CUDA else [None])
+def _one_row_configs():
+    from engine.kernels.products.calibration import CONFIGS
+    return [c for kind, c in CONFIGS if kind == "one_row"]
+
+
+@pytest.mark.parametrize("config", [None] + [gpu(c) for c in _one_row_configs()])
 def test_depformer_one_row_launches_equal_the_separate_ops(monkeypatch, config):
     # One slot's depformer step runs its token embedding, in-frame attention and final residual
-    # add inside the products' launches (the Triton path, under the interpreter on the CPU; on
-    # a GPU with each block shape the calibration may pick): the logits equal those of the
+    # add inside the products' launches (None: the Triton path under the interpreter on the CPU;
+    # on a GPU, each block shape the calibration may pick): the logits equal those of the
     # separate ops (the torch references), for ids -1, negative and real.
-    import engine.kernels.dispatch as dispatch
-    from engine.kernels import triton_ops
+    from engine.kernels import common
+    from engine.kernels.products import calibration as cal
 
-    dev = "cuda" if CUDA else "cpu"
+    dev = "cpu" if config is None else "cuda"
     eng = make_tiny_engine(device=dev)
     lm, steps = eng.lm, eng.depformer_steps
     dim = lm.cfg.depformer.dim
@@ -274,17 +277,17 @@ def test_depformer_one_row_launches_equal_the_separate_ops(monkeypatch, config):
     inp = torch.randn(1, steps, dim, generator=g).to(dev)
     prev = torch.tensor([-1, 5, -3, 7, 2, 0, 1, 3], device=dev)
     kinds = []
-    gemv = triton_ops.gemv
-    monkeypatch.setattr(triton_ops, "gemv", lambda *a, **k: (kinds.append(a[4].kind if len(a) > 4 and a[4] else 0),
-                                                              gemv(*a, **k))[1])
-    if CUDA:  # the one-row kernel in this configuration for every one-row product, fused or not
-        monkeypatch.setattr(_linear, "_kernel", lambda rows, K, w, scale, like:
-                            ("gemv", config) if rows == 1 and dispatch.triton_enabled(like) else None)
-        monkeypatch.setattr(_linear, "_fused_choice", {})
-        monkeypatch.setattr(_linear, "_pick_fused", lambda *a: _linear._CONFIGS.index(("gemv", config)))
+    one_row = cal.one_row
+    monkeypatch.setattr(cal, "one_row", lambda *a, **k: (kinds.append(int(a[4].kind) if len(a) > 4 and a[4] else 0),
+                                                         one_row(*a, **k))[1])
+    if config is not None:  # the one-row kernel in this configuration for every one-row product, fused or not
+        monkeypatch.setattr(cal, "kernel_for", lambda rows, K, w, scale, like:
+                            ("one_row", config) if rows == 1 and common.triton_enabled(like) else None)
+        monkeypatch.setattr(cal, "_fused_choice", {})
+        monkeypatch.setattr(cal, "_pick_fused", lambda *a: cal.CONFIGS.index(("one_row", config)))
     logits = {}
     for on in (False, True):
-        monkeypatch.setattr(dispatch, "_enabled" if CUDA else "_on_cpu", on)
+        monkeypatch.setitem(common._state, "on_cpu" if config is None else "triton", on)
         kv = lm.depformer_cache(1, steps, dev)
         with torch.no_grad():
             logits[on] = [lm.depformer_step(k, inp[:, k], prev[k:k + 1], kv).cpu() for k in range(steps)]

@@ -1,11 +1,11 @@
-"""The linear calibration's choices kept on disk (`linear._kernel`, `linear._fused`), so that a
+"""The calibration's choices kept on disk (`calibration.kernel_for`, `calibration.fused_for`), so that a
 restart on the same GPU with the same torch, triton and kernels takes them instead of timing
 every product shape again. Each choice only picks among correct kernels, so a choice read
 from here can cost speed, never correctness; entries are keyed by the GPU, the software
 versions and a digest of the kernels' source, and anything unreadable is ignored.
 
-PPX_KERNEL_CACHE: the folder (default $XDG_CACHE_HOME/ppx or ~/.cache/ppx), or 0 to time every
-shape afresh and keep nothing.
+Where: `switches.KERNEL_CACHE` (PPX_KERNEL_CACHE; default $XDG_CACHE_HOME/ppx or ~/.cache/ppx),
+or nowhere when it is 0: every shape is then timed afresh.
 """
 from __future__ import annotations
 
@@ -18,19 +18,17 @@ from pathlib import Path
 
 import torch
 
+from ... import switches
+
 log = logging.getLogger("ppx.kernels")
 
-ENV = "PPX_KERNEL_CACHE"
 FILE = "linear-choices.json"
 
 
 def cache_file() -> Path | None:
-    """Where the choices are kept, or None when PPX_KERNEL_CACHE turns the cache off."""
-    v = os.environ.get(ENV)
-    if v is not None and v.strip().lower() in ("", "0", "off", "false", "no"):
-        return None
-    base = Path(v).expanduser() if v else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ppx"
-    return base / FILE
+    """Where the choices are kept, or None when the cache is off."""
+    d = switches.KERNEL_CACHE
+    return None if d is None else d / FILE
 
 
 def sources_digest(*paths: Path) -> str:
@@ -108,7 +106,8 @@ def save(path: Path, ctx: str, tables: dict[str, dict]) -> bool:
         tmp.write_text(json.dumps(data, indent=1))
         os.replace(tmp, path)
     except OSError as e:
-        log.warning("cannot keep the kernel choices in %s (%s); set %s to a writable folder, or to 0", path, e, ENV)
+        log.warning("cannot keep the kernel choices in %s (%s); set PPX_KERNEL_CACHE to a writable folder, or to 0",
+                    path, e)
         with contextlib.suppress(OSError):
             tmp.unlink()
         return False

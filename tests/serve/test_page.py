@@ -22,7 +22,7 @@ from conftest import TINY
 from frontends.ogg_opus import OggOpusReader, ogg_crc
 from serving import ServerProcess
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = ROOT / "artifacts"
 

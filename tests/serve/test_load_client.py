@@ -14,7 +14,7 @@ import pytest
 from benchmarks import load_client as lc
 from serving import ServerProcess
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "tests" / "data" / "golden" / "tiny-1234"
 WAV = TINY / "input.wav"
 
