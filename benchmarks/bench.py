@@ -165,7 +165,7 @@ def prompt_timings(engine, n: int = 10) -> dict:
     pg = engine.prefill_graphs
     res = {"positions": plan_positions, "uncached_ms": float(np.median(out["uncached_ms"])),
            "cached_ms": float(np.median(out["cached_ms"])), "runs": n,
-           "prefill_graph_buckets": pg.buckets if pg is not None else [],
+           "prefill_graph_buckets": pg.sizes if pg is not None else [],
            "prefill_capture_s": pg.seconds if pg is not None else 0.0}
     if engine.max_slots >= 4:
         together = {"graphs": [], "eager": []}

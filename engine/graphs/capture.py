@@ -50,6 +50,7 @@ class BucketGraphs:
         self.sizes = sorted(set(sizes))
         self.warmups = warmups
         self.buckets: dict[int, Bucket] = {}
+        self.seconds = 0.0  # the last capture's
 
     def capture(self, cuda: bool = True) -> float:
         """Makes every bucket's buffers and captures its graph (without a GPU, only the
@@ -66,7 +67,8 @@ class BucketGraphs:
                 self.buckets[b] = Bucket(b, bufs, None)
         if cuda:
             torch.cuda.synchronize()
-        return time.monotonic() - t0
+        self.seconds = time.monotonic() - t0
+        return self.seconds
 
     def bucket(self, n: int) -> Bucket | None:
         """The smallest bucket that holds n items (None: none does)."""

@@ -4,6 +4,7 @@ separate launches, against torch."""
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 from engine.kernels import triton_on_cpu
 from engine.kernels.embedding import embedding_ref
@@ -193,11 +194,14 @@ def test_e4m3_products(M, N, KD):
     outs = [rows_linear(x, w8, s, (32, 256, 4, 3) if every else (16, 32, 4, 1), splits=3)]  # K in 3 parts
     if M == 1:
         outs += [one_row(x, w8, s, c) for c in (ONE_ROW_CONFIGS if every else ONE_ROW_CONFIGS[:1])]
-    if M > 64:
-        outs += [cal.run_kernel(cal.CONFIGS[i], x, w8, s) for i in cal._candidates(M, fp8=True)] if every else \
-            [rows_linear(x, w8, s, (16, 32, 4, 1), block_m=32, m_fast=True)]
+    if M > 64 and not every:
+        outs.append(rows_linear(x, w8, s, (16, 32, 4, 1), block_m=32, m_fast=True))
     else:
-        outs += [cal.run_kernel(cal.CONFIGS[i], x, w8, s) for i in cal._candidates(M, fp8=True)][:None if every else 1]
+        for i in cal._candidates(M, fp8=True)[:None if every else 1]:
+            try:
+                outs.append(cal.run_kernel(cal.CONFIGS[i], x, w8, s))
+            except triton.runtime.errors.OutOfResources:  # (a block shape this GPU cannot hold: the calibration skips it)
+                continue
     for out in outs:
         # the same products accumulated in float32 in another order, then one rounding
         assert rel(out, ref) < 1e-2
