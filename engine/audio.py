@@ -69,7 +69,7 @@ def frames(pcm: np.ndarray, frame_size: int) -> np.ndarray:
 
 
 def write_wav(path: str | Path, pcm: np.ndarray, sample_rate: int) -> None:
-    """Mono PCM16, as the reference writes its output."""
+    """PCM16, as the reference writes its output: pcm [T] (mono) or [T, channels]."""
     import soundfile as sf
 
     try:

@@ -126,10 +126,12 @@ class Engine:
              tokenizer=None, hf_repo: str = W.DEFAULT_HF_REPO, device: str | torch.device = "cuda",
              dtype: torch.dtype | None = None, max_slots: int | None = 1, depformer_steps: int | None = None,
              kv_window: int | None = None, cuda_graphs: bool | None = None, quantize: str | None = None,
-             kv_cache_dtype: str | None = None, random_weights: bool = False, seed: int = 0) -> "Engine":
+             kv_cache_dtype: str | None = None, random_weights: bool = False, seed: int = 0,
+             most_slots: int | None = None) -> "Engine":
         """Loads the model (local files where given, the rest from the hub repo), then on a GPU
         warms up and captures the tick as CUDA graphs. max_slots None: as many sessions as the
-        free GPU memory holds once the weights are in (one on the CPU). random_weights: the
+        free GPU memory holds once the weights are in (one on the CPU), at most `most_slots`
+        (a batch of so many items needs no more). random_weights: the
         config's shapes with random values drawn on the device (benchmarks; only the tokenizer
         is read)."""
         from .device import check_device
@@ -170,6 +172,7 @@ class Engine:
         if max_slots is None:
             max_slots = sessions_that_fit(cfg, device, dtype, kv_window, kv_cache_dtype=kv_cache_dtype)
             log.info("room for %d sessions", max_slots)
+            max_slots = min(max_slots, most_slots or max_slots)
         eng = cls(cfg, lm, mimi, tok, max_slots=max_slots, depformer_steps=depformer_steps, checkpoint_id=lm_id,
                   mimi_id=mimi_id, kv_window=kv_window, kv_cache_dtype=kv_cache_dtype)
         t_load = time.monotonic() - t0
@@ -356,7 +359,7 @@ class Engine:
         off = self.lm_state.offset[slots]
 
         def encode_user():
-            write_streams(self.lm_state, slots, self._user_streams, self.mimi.encode(pcm, self.mimi_state, slots), off,
+            write_streams(self.lm_state, slots, self._user_streams, self._codec(self.mimi.encode, pcm, slots), off,
                           self._user_delays)
 
         # The user's codes of this frame land at entries the LM step neither reads nor writes
@@ -374,8 +377,16 @@ class Engine:
         out = lm_tick(self.lm, self.lm_state, slots, None, None, self.depformer_steps, return_logits=logits)
         if main is not None:
             main.wait_stream(self._side)
-        audio = self.mimi.decode(out.tokens[:, 1:1 + cfg.agent_codebooks], self.mimi_state, slots)
+        audio = self._codec(self.mimi.decode, out.tokens[:, 1:1 + cfg.agent_codebooks], slots)
         return StepOutput(audio, out.tokens, out.text_logits, out.audio_logits)
+
+    def _codec(self, fn, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Mimi's `fn` (encode or decode) over the batch. On the CPU slot by slot: its BLAS rounds
+        a product of several rows differently from one row's (by an ulp), which would make a
+        session's audio depend on who shares its tick; on a GPU the batch as one."""
+        if self.device.type != "cpu" or slots.shape[0] == 1:
+            return fn(x, self.mimi_state, slots)
+        return torch.cat([fn(x[i:i + 1], self.mimi_state, slots[i:i + 1]) for i in range(slots.shape[0])])
 
     def enable_graphs(self, buckets=None, prefill_buckets=None, logits: bool = False) -> float:
         """Captures the tick as CUDA graphs (one per batch bucket: 1, 2, 4, ... up to the slot

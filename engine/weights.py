@@ -158,12 +158,13 @@ def _params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return dict(module.named_parameters())
 
 
-def _assign(dst: torch.Tensor, src: torch.Tensor, key: str, kind: str, scale: torch.Tensor | None = None) -> None:
+def _assign(dst: torch.Tensor, src: torch.Tensor, key: str, kind: str, path: Path,
+            scale: torch.Tensor | None = None) -> None:
     """Copies src into dst (converting dtype); into an e4m3 dst, quantizes per row and fills
     `scale`, on dst's device."""
     if tuple(src.shape) != tuple(dst.shape):
-        raise WeightsError(f"checkpoint key '{key}' has shape {tuple(src.shape)}, expected {tuple(dst.shape)}"
-                           f" ({kind})")
+        raise WeightsError(f"'{path}': tensor '{key}' has shape {tuple(src.shape)}, this model expects "
+                           f"{tuple(dst.shape)} ({kind}): the checkpoint is of another model size or architecture")
     with torch.no_grad():
         if scale is not None:
             from .quant import quantize_rows
@@ -180,7 +181,7 @@ def load_lm_weights(model: torch.nn.Module, path: Path, cfg: LMConfig) -> None:
     plan = expand_table(LM_NAME_TABLE, _lm_ranges(cfg))
     extra = sorted(ck.keys - plan.keys())
     if extra:
-        raise WeightsError(f"unexpected key '{extra[0]}' in '{path}'"
+        raise WeightsError(f"'{path}': unexpected tensor '{extra[0]}'"
                            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
     steps = cfg.depformer.steps
     half = steps // 2
@@ -192,7 +193,7 @@ def load_lm_weights(model: torch.nn.Module, path: Path, cfg: LMConfig) -> None:
         if m and int(m.group(2)) >= half and steps == 16:
             src = key.replace(f"{m.group(1)}.{m.group(2)}.", f"{m.group(1)}.{int(m.group(2)) - half}.", 1)
         if src is None or src not in ck.keys:
-            raise WeightsError(f"missing key '{key}' in '{path}'")
+            raise WeightsError(f"'{path}': missing tensor '{key}'")
         sources[key] = src
         extended = True
     params = _params(model)
@@ -213,10 +214,10 @@ def load_lm_weights(model: torch.nn.Module, path: Path, cfg: LMConfig) -> None:
                 t = torch.cat([t, t], dim=0)  # an 8-step depformer, extended as the reference does
                 extended = True
             if t.dim() != 2 or t.shape[0] != steps * per:
-                raise WeightsError(f"checkpoint key '{key}' has shape {tuple(t.shape)}, expected "
+                raise WeightsError(f"'{path}': tensor '{key}' has shape {tuple(t.shape)}, this model expects "
                                    f"({steps * per}, {dst.shape[-1]})")
             t = t.view(dst.shape)
-        _assign(dst, t, key, tgt.kind, scale)
+        _assign(dst, t, key, tgt.kind, path, scale)
     if extended:
         log.info("extended an 8-step depformer checkpoint to %d steps, as the reference does", steps)
 
@@ -304,11 +305,11 @@ def load_mimi_weights(model: torch.nn.Module, path: Path, cfg: MimiConfig) -> No
     plan = {k: t for k, t in plan.items() if t.kind == "drop" or t.param in params}
     extra = sorted(ck.keys - plan.keys())
     if extra:
-        raise WeightsError(f"unexpected key '{extra[0]}' in '{path}'"
+        raise WeightsError(f"'{path}': unexpected tensor '{extra[0]}'"
                            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
     missing = sorted(plan.keys() - ck.keys)
     if missing:
-        raise WeightsError(f"missing key '{missing[0]}' in '{path}'")
+        raise WeightsError(f"'{path}': missing tensor '{missing[0]}'")
     filled = set()
     for key, tgt in plan.items():
         if tgt.kind == "drop":
@@ -322,7 +323,7 @@ def load_mimi_weights(model: torch.nn.Module, path: Path, cfg: MimiConfig) -> No
             # The reference's EuclideanCodebook.embedding, with its epsilon 1e-5.
             t = t / usage.clamp(min=1e-5)[:, None]
             dst = dst[tgt.index]
-        _assign(dst, t, key, tgt.kind)
+        _assign(dst, t, key, tgt.kind, path)
         filled.add(tgt.param)
     unfilled = sorted(set(params) - filled)
     if unfilled:

@@ -77,7 +77,7 @@ def model_config(args):
     return load_config(args.config) if args.config else PERSONAPLEX_7B
 
 
-def load_engine(args, cfg=None, max_slots: int | None = 1):
+def load_engine(args, cfg=None, max_slots: int | None = 1, most_slots: int | None = None):
     from engine.engine import Engine
 
     if getattr(args, "cpu_offload", False):
@@ -87,7 +87,7 @@ def load_engine(args, cfg=None, max_slots: int | None = 1):
     return Engine.load(config=cfg if cfg is not None else args.config, moshi_weight=args.moshi_weight,
                        mimi_weight=args.mimi_weight,
                        tokenizer=args.tokenizer, hf_repo=args.hf_repo, device=device, dtype=dtype,
-                       max_slots=max_slots, kv_window=getattr(args, "kv_window", None),
+                       max_slots=max_slots, most_slots=most_slots, kv_window=getattr(args, "kv_window", None),
                        cuda_graphs=False if getattr(args, "no_cuda_graphs", False) else None,  # (None: the switch)
                        quantize=None if args.quantize == "none" else args.quantize,
                        kv_cache_dtype=None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype,
