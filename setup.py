@@ -23,8 +23,9 @@ setup(
         "tqdm",
         "cryptography",   # the self-signed certificate of `ppx-serve --ssl` when none is given
     ],
-    # sphn: Kyutai's Ogg-Opus, to check ours against; playwright drives the system Chromium
-    extras_require={"test": ["pytest", "sphn", "playwright"]},
+    # sphn: Kyutai's Ogg-Opus, to check ours against; playwright drives the system Chromium; openai: its
+    # Realtime client talks to /v1/realtime in the tests
+    extras_require={"test": ["pytest", "sphn", "playwright", "openai[realtime]"]},
     entry_points={
         "console_scripts": [
             "ppx-serve=frontends.serve.cli:main",

@@ -1,4 +1,5 @@
-"""Load client for `ppx-serve`: N concurrent sessions on /api/chat, each streaming a WAV like a browser.
+"""Load client for `ppx-serve`: N concurrent sessions on /api/chat (or /v1/realtime), each streaming
+a WAV like a browser (or a Realtime client).
 
     python -m benchmarks.load_client --url ws://host:8998 --sessions 8 --duration 30 --wav user.wav
     python -m benchmarks.load_client --url ws://host:8998 --sweep 1,2,4,8 --duration 20 --wav user.wav
@@ -11,11 +12,18 @@ decoder needs the encoder's lookahead (6.5 ms of the *next* chunk) before input 
 lag includes one chunk period (80 ms) on top of queueing, the tick and the network.
 A session stayed real time when it got the handshake, saw no error, received every frame it sent
 and the p99 interval between consecutive output frames stayed under 100 ms.
+
+--endpoint realtime: the same sessions on /v1/realtime, the audio as base64 PCM16 in
+`input_audio_buffer.append` events (one per 80 ms chunk), the answers counted from the samples
+of `response.output_audio.delta` events; `session.created` stands for the handshake. The server
+sends no audio between responses (the agent quiet), so frame counts and lags are exact only for
+an agent that never stops, as random weights never do.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import struct
 import sys
@@ -84,15 +92,19 @@ def load_wav(path: str) -> np.ndarray:
     return np.clip(pcm, -1.0, 1.0)
 
 
-def chat_url(base: str, voice: str | None, text_prompt: str | None, seed: int | None) -> str:
-    """`base` with /api/chat as its path (when it has none) and the session's query parameters."""
+ENDPOINTS = {"chat": "/api/chat", "realtime": "/v1/realtime"}
+
+
+def chat_url(base: str, voice: str | None, text_prompt: str | None, seed: int | None, endpoint: str = "chat") -> str:
+    """`base` with the endpoint's path (when it has none) and the session's query parameters."""
     u = urlsplit(base)
     if u.scheme not in ("ws", "wss"):
         raise ValueError(f"--url must be ws:// or wss://, got {base!r}")
     query = parse_qsl(u.query, keep_blank_values=True)
     query += [(k, str(v)) for k, v in (("voice_prompt", voice), ("text_prompt", text_prompt), ("seed", seed))
               if v is not None]
-    return urlunsplit((u.scheme, u.netloc, u.path if u.path not in ("", "/") else "/api/chat", urlencode(query), ""))
+    path = u.path if u.path not in ("", "/") else ENDPOINTS[endpoint]
+    return urlunsplit((u.scheme, u.netloc, path, urlencode(query), ""))
 
 
 def _connector():
@@ -145,6 +157,52 @@ async def _receive(ws, st: SessionStats, caught_up: asyncio.Event, done_sending:
         caught_up.set()  # the sender stops too: it checks whether this task is done
 
 
+async def _receive_realtime(ws, st: SessionStats, caught_up: asyncio.Event, done_sending: asyncio.Event) -> None:
+    """`_receive` for /v1/realtime: output frames counted from the audio deltas' samples."""
+    from websockets.exceptions import ConnectionClosed
+
+    decoded = 0
+    try:
+        async for msg in ws:
+            event = json.loads(msg)
+            kind = event.get("type")
+            if kind == "response.output_audio.delta":
+                decoded += len(base64.b64decode(event["delta"])) // 2
+                now = time.monotonic()
+                while decoded >= (len(st.recv) + 1) * FRAME:
+                    st.recv.append(now)
+            elif kind == "response.output_audio_transcript.delta":
+                st.text_pieces += 1
+            elif kind == "error":
+                st.errors.append(f"{event['error'].get('code')}: {event['error'].get('message')}")
+            if done_sending.is_set() and len(st.recv) >= len(st.sent):
+                caught_up.set()
+        if not done_sending.is_set() or len(st.recv) < len(st.sent):
+            st.errors.append(f"the server closed the connection (close {ws.close_code} {ws.close_reason!r})")
+    except ConnectionClosed:
+        st.errors.append(f"the connection broke (close {ws.close_code} {ws.close_reason!r})")
+    except Exception as e:  # noqa: BLE001 - this session's error
+        st.errors.append(f"{type(e).__name__}: {e}")
+    finally:
+        caught_up.set()
+
+
+async def _send_realtime(ws, st: SessionStats, pcm: np.ndarray, duration: float, receiver: asyncio.Task) -> None:
+    """`_send` for /v1/realtime: each 80 ms chunk as base64 PCM16 in an append event."""
+    start = time.monotonic()
+    for k in range(max(1, round(duration / FRAME_S))):
+        delay = start + (k + 1) * FRAME_S - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if receiver.done():
+            return
+        chunk = np.take(pcm, np.arange(k * FRAME, (k + 1) * FRAME), mode="wrap")
+        data = (chunk * 32767).round().astype("<i2").tobytes()
+        await asyncio.wait_for(ws.send(json.dumps({"type": "input_audio_buffer.append",
+                                                   "audio": base64.b64encode(data).decode()})), SEND_TIMEOUT_S)
+        st.sent.append(time.monotonic())
+
+
 async def _send(ws, st: SessionStats, pcm: np.ndarray, duration: float, receiver: asyncio.Task) -> None:
     """Streams pcm (looped) in 80 ms chunks, each sent when its audio would have been captured."""
     # complexity 5, as the server encodes: at libopus's default (10) one client process spent
@@ -188,7 +246,18 @@ async def run_session(st: SessionStats, url: str, pcm: np.ndarray, duration: flo
         except TimeoutError:
             st.refusal = f"no handshake within {handshake_timeout:g} s"
             return
-        if isinstance(first, str) or first[:1] != bytes([HANDSHAKE]):
+        realtime = urlsplit(url).path.endswith("realtime")
+        if realtime:
+            event = json.loads(first)
+            if event.get("type") != "session.created":
+                try:
+                    await asyncio.wait_for(ws.wait_closed(), 2)
+                except TimeoutError:
+                    pass
+                st.refusal = (f"error before the session (close {ws.close_code}): "
+                              f"{event.get('error', {}).get('message', event.get('type'))}")
+                return
+        elif isinstance(first, str) or first[:1] != bytes([HANDSHAKE]):
             if first[:1] != bytes([ERROR]):
                 st.refusal = f"the first message is not the handshake: {first[:20]!r}"
                 return
@@ -200,9 +269,9 @@ async def run_session(st: SessionStats, url: str, pcm: np.ndarray, duration: flo
             return
         st.handshake_s = time.monotonic() - t0
         caught_up, done_sending = asyncio.Event(), asyncio.Event()
-        receiver = asyncio.create_task(_receive(ws, st, caught_up, done_sending))
+        receiver = asyncio.create_task((_receive_realtime if realtime else _receive)(ws, st, caught_up, done_sending))
         try:
-            await _send(ws, st, pcm, duration, receiver)
+            await (_send_realtime if realtime else _send)(ws, st, pcm, duration, receiver)
             done_sending.set()
             if len(st.recv) >= len(st.sent):
                 caught_up.set()
@@ -243,11 +312,11 @@ def aggregate(stats: list[SessionStats]) -> dict:
 
 async def run_round(url: str, sessions: int, duration: float, wavs: list[np.ndarray], voice: str | None = None,
                     text_prompt: str | None = None, seed: int | None = 0, ramp: float = 0.0,
-                    api_key: str | None = None, handshake_timeout: float = 30.0) -> dict:
+                    api_key: str | None = None, handshake_timeout: float = 30.0, endpoint: str = "chat") -> dict:
     """One round of `sessions` concurrent sessions; returns {"sessions": [...], "aggregate": {...}}."""
     stats = [SessionStats(i) for i in range(sessions)]
     tasks = [asyncio.create_task(run_session(
-        st, chat_url(url, voice, text_prompt, None if seed is None or seed < 0 else seed + st.index),
+        st, chat_url(url, voice, text_prompt, None if seed is None or seed < 0 else seed + st.index, endpoint),
         wavs[st.index % len(wavs)], duration, ramp * st.index / sessions, api_key, handshake_timeout))
         for st in stats]
     budget = ramp + handshake_timeout + duration + DRAIN_S + SEND_TIMEOUT_S + 10
@@ -284,7 +353,7 @@ async def amain(args) -> dict:
     wavs = [load_wav(p) for p in args.wav]
     counts = [int(c) for c in args.sweep.split(",")] if args.sweep else [args.sessions]
     kw = dict(voice=args.voice, text_prompt=args.text_prompt, seed=args.seed, ramp=args.ramp,
-              api_key=args.api_key, handshake_timeout=args.handshake_timeout)
+              api_key=args.api_key, handshake_timeout=args.handshake_timeout, endpoint=args.endpoint)
     rounds = []
     for i, n in enumerate(counts):
         if i:
@@ -293,7 +362,7 @@ async def amain(args) -> dict:
         res = await run_round(args.url, n, args.duration, wavs, **kw)
         print_round(res)
         rounds.append(dict(count=n, **res))
-    report = dict(url=args.url, duration_s=args.duration, rounds=rounds)
+    report = dict(url=args.url, endpoint=args.endpoint, duration_s=args.duration, rounds=rounds)
     if args.sweep:
         ok = [r["count"] for r in rounds if r["aggregate"]["all_real_time"]]
         report["max_real_time_sessions"] = max(ok, default=0)
@@ -308,7 +377,9 @@ async def amain(args) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.load_client", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--url", required=True, help="ws://host:port (path /api/chat is added when missing)")
+    ap.add_argument("--url", required=True, help="ws://host:port (the endpoint's path is added when missing)")
+    ap.add_argument("--endpoint", choices=sorted(ENDPOINTS), default="chat",
+                    help="chat: /api/chat, Ogg-Opus (default); realtime: /v1/realtime, base64 PCM16 in JSON events")
     ap.add_argument("--sessions", type=int, default=1)
     ap.add_argument("--duration", type=float, default=10.0, help="seconds of audio each session streams")
     ap.add_argument("--wav", action="append", required=True, help="input audio, looped; repeat to vary by session")

@@ -14,10 +14,11 @@ from urllib.parse import urlsplit
 from engine import switches
 
 from ..ogg_opus import OggError
-from ..protocol import (CLOSE_BAD_DATA, CLOSE_GOING_AWAY, CLOSE_POLICY, ERROR, ProtocolError, close_reason,
-                        parse_chat_query)
+from ..protocol import (CLOSE_BAD_DATA, CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_TRY_LATER, ERROR, ProtocolError,
+                        close_reason, parse_chat_query)
 from .http import ClientWarnings, HttpRoutes, limit_http_lines, prometheus
 from .scheduler import Scheduler
+from .realtime import RealtimeSession, close_frame_error
 from .session import ChatSession, CodecThreads, SessionLimits, refusal_for_capacity
 from .voices import VoiceStore
 
@@ -26,6 +27,8 @@ log = logging.getLogger("ppx.serve")
 MAX_MESSAGE = 1 << 20          # bytes in one websocket message
 SEND_BUFFER = 32 << 10         # socket send buffer (the kernel doubles it)
 CHAT = "/api/chat"
+# the Realtime API; an SDK pointed at ws://host:port (no /v1) asks for /realtime
+REALTIME = ("/v1/realtime", "/realtime")
 
 
 class Server:
@@ -47,7 +50,7 @@ class Server:
         self.codec = CodecThreads(args.codec_threads)
         self.voices = VoiceStore(VoiceLibrary(voices_dir), engine, cache_dir)
         self.routes = HttpRoutes(api_key=self.api_key, static=Path(args.static) if args.static else None,
-                                 websocket_paths=(CHAT,), ready=self.ready, metrics_text=self.metrics_text,
+                                 websocket_paths=(CHAT, *REALTIME), ready=self.ready, metrics_text=self.metrics_text,
                                  voice_names=self.voices.names, warn=self.warn)
         self.sessions: set = set()
         self.sessions_total = 0
@@ -105,44 +108,50 @@ class Server:
     # websocket side
 
     async def handler(self, ws) -> None:
-        url = urlsplit(ws.request.path)
-        if url.path != CHAT:
+        path = urlsplit(ws.request.path).path
+        if path not in (CHAT, *REALTIME):
             await ws.close(CLOSE_POLICY, "unknown path")
             return
-        s: ChatSession | None = None
+        s = None
         try:
             if len(self.sessions) >= self.max_sessions:
                 self.refusals += 1
                 raise refusal_for_capacity(self.max_sessions)
-            req = parse_chat_query(url.query, self.defaults, self.args.voice_prompt, self.args.text_prompt)
-            if req.voice is not None and ("\x00" in req.voice or "/" in req.voice or "\\" in req.voice):
-                raise ProtocolError("voice_prompt must be a voice name from /api/voices")
-            s = ChatSession(self, ws, req)
+            if path == CHAT:
+                req = parse_chat_query(urlsplit(ws.request.path).query, self.defaults, self.args.voice_prompt,
+                                       self.args.text_prompt)
+                if req.voice is not None and ("\x00" in req.voice or "/" in req.voice or "\\" in req.voice):
+                    raise ProtocolError("voice_prompt must be a voice name from /api/voices")
+                s = ChatSession(self, ws, req)
+            else:
+                s = RealtimeSession(self, ws)
             self.sessions.add(s)
             _small_send_buffer(ws)
             await s.serve()
             if s.error is not None:
                 await self.fail(ws, s, *s.error)
         except ProtocolError as e:
-            await self.fail(ws, s, str(e), e.close_code)
+            await self.fail(ws, s, str(e), e.close_code, path)
         except OggError as e:
-            await self.fail(ws, s, f"bad audio stream: {e}", CLOSE_BAD_DATA)
+            await self.fail(ws, s, f"bad audio stream: {e}", CLOSE_BAD_DATA, path)
         except asyncio.CancelledError:
             raise
+        except ConnectionAbortedError:  # the client left during its prompt phase
+            pass
         except Exception as e:  # noqa: BLE001 - a connection error ends this session only
             if s is not None and s.error is not None:
                 await self.fail(ws, s, *s.error)
             elif not _is_disconnect(e):
                 log.exception("session %s failed", s.id if s else "-")
-                await self.fail(ws, s, "internal error", 1011)
+                await self.fail(ws, s, "internal error", 1011, path)
         finally:
             if s is not None:
                 s.end()
                 self.sessions.discard(s)
 
-    async def fail(self, ws, s: ChatSession | None, message: str, code: int) -> None:
-        """A 0x05 message and a close with `code`, within seconds, or the connection dropped
-        (once per session)."""
+    async def fail(self, ws, s, message: str, code: int, path: str = CHAT) -> None:
+        """The endpoint's error message (0x05, or a Realtime `error` event) and a close with
+        `code`, within seconds, or the connection dropped (once per session)."""
         if s is not None:
             if s.reported:
                 return
@@ -151,7 +160,8 @@ class Server:
             self.errors += 1
             self.warn(s.id if s else _peer(ws), message)
         try:
-            await asyncio.wait_for(ws.send(bytes([ERROR]) + message.encode("utf-8")), 1.0)
+            msg = s.error_message(message, code) if s is not None else error_frame(path, message, code)
+            await asyncio.wait_for(ws.send(msg), 1.0)
             await asyncio.wait_for(ws.close(code, close_reason(message)), 2.0)
         except Exception:  # noqa: BLE001 - the client is gone or not reading
             transport = getattr(ws, "transport", None)
@@ -213,6 +223,13 @@ class Server:
         log.info("stopped")
 
 
+def error_frame(path: str, message: str, code: int):
+    """How an endpoint tells a client about an error before a session exists."""
+    if path in REALTIME:
+        return close_frame_error(message, "server_full" if code == CLOSE_TRY_LATER else "session_refused")
+    return bytes([ERROR]) + message.encode("utf-8")
+
+
 def connection_class(server: Server):
     """websockets' server connection, telling a client why its message was refused: the library
     closes a connection whose message is over `max_size` with 1009 by itself; this queues the
@@ -227,8 +244,13 @@ def connection_class(server: Server):
             def fail(code, reason=""):
                 if code == CloseCode.MESSAGE_TOO_BIG and protocol.state.name == "OPEN":
                     message = f"a message is over the {MAX_MESSAGE >> 20} MiB limit"
+                    request = getattr(self, "request", None)
+                    frame = error_frame(urlsplit(request.path).path if request else CHAT, message, code)
                     try:
-                        protocol.send_binary(bytes([ERROR]) + message.encode("utf-8"))
+                        if isinstance(frame, str):
+                            protocol.send_text(frame.encode("utf-8"))
+                        else:
+                            protocol.send_binary(frame)
                     except Exception:  # noqa: BLE001 - the close below still tells the code
                         pass
                     server.errors += 1

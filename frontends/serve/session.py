@@ -29,8 +29,8 @@ import numpy as np
 from engine.errors import UserError
 
 from ..ogg_opus import OggOpusReader, OggOpusWriter
-from ..protocol import (AUDIO, CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_TRY_LATER, CONTROL, HANDSHAKE, METADATA, PING,
-                        TEXT, ProtocolError)
+from ..protocol import (AUDIO, CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_TRY_LATER, CONTROL, ERROR, HANDSHAKE, METADATA,
+                        PING, TEXT, ProtocolError)
 from .scheduler import OpenRequest
 
 log = logging.getLogger("ppx.serve")
@@ -156,25 +156,27 @@ class Outbox:
             self.frame_ends.append(self.written)
 
 
-class ChatSession:
-    """One `/api/chat` client: its slot, codec state, pacing and outbox. The scheduler hears back
-    through `answer` and `behind` (the `scheduler.Sink` of this session)."""
+class Session:
+    """What every endpoint's session shares: its slot, pacing, outbox, idle timeout, and the
+    scheduler's sink (`answer`, `behind`: the `scheduler.Sink` of this session). An endpoint
+    says how its frames are written (`encode_frame`, on a codec thread), how an error is told
+    (`error_message`) and how the client's messages are read (`serve`)."""
 
-    def __init__(self, server, ws, request):
+    endpoint = ""
+
+    def __init__(self, server, ws):
         self.id = secrets.token_hex(4)
         self.server = server
         self.ws = ws
-        self.request = request
         self.loop = asyncio.get_running_loop()
         self.limits: SessionLimits = server.limits
-        self.reader = OggOpusReader(server.sample_rate)
-        self.writer = OggOpusWriter(server.sample_rate, complexity=server.args.opus_complexity)
         self.pacing = Pacing(self.limits.frame_seconds, self.limits.burst_seconds)
         self.outbox = Outbox(ws, self.limits.frame_seconds)
         self.pending = np.zeros(0, dtype=np.float32)
         self.codec = server.codec.assign()
         self.open: OpenRequest | None = None
         self.slot: int | None = None
+        self.voice_name: str | None = None
         self.prompt_tokens = 0
         self.frames_out = 0
         self.late = 0
@@ -183,6 +185,17 @@ class ChatSession:
         self.reported = False      # its error was told (`Server.fail`)
         self.error: tuple[str, int] | None = None   # set off the event loop: (message, close code)
         self.last_audio = time.monotonic()
+
+    # ------------------------------------------------------------------------------
+    # what an endpoint says
+
+    def encode_frame(self, out) -> list:
+        """One output frame (`engine.FrameOut`) as the messages to send; on a codec thread."""
+        raise NotImplementedError
+
+    def error_message(self, message: str, code: int):
+        """The message that tells the client about an error before its connection closes."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------------------
     # the scheduler's sink (tick thread)
@@ -200,14 +213,7 @@ class ChatSession:
         if self.closed:
             return
         try:
-            self.writer.append_pcm(out.pcm)
-            msgs = []
-            data = self.writer.read_bytes()
-            if data:
-                msgs.append(bytes([AUDIO]) + data)
-            piece = self.server.engine.tokenizer.piece(out.text_id)
-            if piece is not None:
-                msgs.append(bytes([TEXT]) + piece.encode("utf-8"))
+            msgs = self.encode_frame(out)
         except Exception as e:  # noqa: BLE001
             log.exception("session %s: encoding a frame failed", self.id)
             self.loop.call_soon_threadsafe(self._stop, f"internal error while sending audio "
@@ -215,7 +221,7 @@ class ChatSession:
             return
         self.loop.call_soon_threadsafe(self._enqueue, msgs, late, born)
 
-    def _enqueue(self, msgs: list[bytes], late: bool, born: float) -> None:
+    def _enqueue(self, msgs: list, late: bool, born: float) -> None:
         if self.closed:
             return
         self.server.answer_window.append(time.monotonic() - born)
@@ -239,55 +245,30 @@ class ChatSession:
         else:
             self.loop.create_task(self.server.fail(self.ws, self, message, code))
 
-    # ------------------------------------------------------------------------------
-    # the handler
-
-    async def serve(self) -> None:
-        """From the upgrade to the close."""
+    async def open_slot(self, voice_name: str | None, text_prompt: str, sampling) -> None:
+        """Loads the voice (off the tick thread), then runs the prompt phase into a slot."""
         server = self.server
-        req = self.request
-        voice = await server.voices.get(req.voice)
+        voice = await server.voices.get(voice_name)
         if self.closed:
-            return
-        self.open = OpenRequest(voice, req.text_prompt, req.sampling, self)
+            raise ConnectionAbortedError("the client left")
+        self.open = OpenRequest(voice, text_prompt, sampling, self)
         try:
             self.slot = await asyncio.wrap_future(server.scheduler.open(self.open))
         except UserError as e:
             raise ProtocolError(str(e)) from None
-        self.prompt_tokens = server.engine.slots[self.slot].prompt_tokens \
-            if self.slot in server.engine.slots else 0
+        self.prompt_tokens = server.engine.slots[self.slot].prompt_tokens if self.slot in server.engine.slots else 0
         if server.stopping:
             raise ProtocolError("the server is shutting down", CLOSE_GOING_AWAY)
         server.sessions_total += 1
-        log.info("session %s started: voice %s, %d prompt tokens, slot %d", self.id, req.voice or "none",
-                 self.prompt_tokens, self.slot)
-        await self.ws.send(bytes([HANDSHAKE]))
+        self.voice_name = voice_name
+        log.info("session %s started (%s): voice %s, %d prompt tokens, slot %d", self.id, self.endpoint,
+                 voice_name or "none", self.prompt_tokens, self.slot)
         self.last_audio = time.monotonic()
-        sender = asyncio.create_task(self.outbox.run())
-        idle = asyncio.create_task(self._idle_watch())
-        try:
-            await self._receive()
-        finally:
-            sender.cancel()
-            idle.cancel()
 
-    async def _receive(self) -> None:
-        async for msg in self.ws:
-            if isinstance(msg, str) or not msg:
-                raise ProtocolError("messages must be binary with a kind byte")
-            kind = msg[0]
-            if kind == AUDIO:
-                self.last_audio = time.monotonic()
-                self.reader.append_bytes(bytes(msg[1:]))
-                pcm = self.reader.read_pcm()
-                if pcm.size:
-                    self._push_audio(pcm)
-            elif kind in (PING, CONTROL, METADATA):
-                continue  # nothing the server needs to act on
-            else:
-                raise ProtocolError(f"unknown message kind 0x{kind:02x}")
-
-    def _push_audio(self, pcm: np.ndarray) -> None:
+    def push_audio(self, pcm: np.ndarray) -> None:
+        """The client's audio (float32, 24 kHz), cut into frames for the scheduler, paced by the
+        client's own sending."""
+        self.last_audio = time.monotonic()
         size = self.server.frame_size
         buf = np.concatenate([self.pending, pcm]) if self.pending.size else pcm
         n = buf.shape[0] // size
@@ -318,8 +299,61 @@ class ChatSession:
             self.server.scheduler.close(self.open)
         if self.slot is not None:
             log.info("session %s ended: voice %s, %d prompt tokens, %d frames, %d late, %d input frames dropped "
-                     "while the server was behind", self.id, self.request.voice or "none", self.prompt_tokens,
+                     "while the server was behind", self.id, self.voice_name or "none", self.prompt_tokens,
                      self.frames_out, self.late, self.dropped)
+
+
+
+
+class ChatSession(Session):
+    """One `/api/chat` client: the reference's binary protocol, Ogg-Opus both ways."""
+
+    endpoint = "/api/chat"
+
+    def __init__(self, server, ws, request):
+        super().__init__(server, ws)
+        self.request = request
+        self.reader = OggOpusReader(server.sample_rate)
+        self.writer = OggOpusWriter(server.sample_rate, complexity=server.args.opus_complexity)
+
+    def encode_frame(self, out) -> list[bytes]:
+        self.writer.append_pcm(out.pcm)
+        msgs = []
+        data = self.writer.read_bytes()
+        if data:
+            msgs.append(bytes([AUDIO]) + data)
+        piece = self.server.engine.tokenizer.piece(out.text_id)
+        if piece is not None:
+            msgs.append(bytes([TEXT]) + piece.encode("utf-8"))
+        return msgs
+
+    def error_message(self, message: str, code: int) -> bytes:
+        return bytes([ERROR]) + message.encode("utf-8")
+
+    async def serve(self) -> None:
+        """From the upgrade to the close: the prompt phase, the handshake, then the audio."""
+        req = self.request
+        await self.open_slot(req.voice, req.text_prompt, req.sampling)
+        await self.ws.send(bytes([HANDSHAKE]))
+        sender = asyncio.create_task(self.outbox.run())
+        idle = asyncio.create_task(self._idle_watch())
+        try:
+            async for msg in self.ws:
+                if isinstance(msg, str) or not msg:
+                    raise ProtocolError("messages must be binary with a kind byte")
+                kind = msg[0]
+                if kind == AUDIO:
+                    self.reader.append_bytes(bytes(msg[1:]))
+                    pcm = self.reader.read_pcm()
+                    if pcm.size:
+                        self.push_audio(pcm)
+                elif kind in (PING, CONTROL, METADATA):
+                    continue  # nothing the server needs to act on
+                else:
+                    raise ProtocolError(f"unknown message kind 0x{kind:02x}")
+        finally:
+            sender.cancel()
+            idle.cancel()
 
 
 def refusal_for_capacity(max_sessions: int) -> ProtocolError:
