@@ -115,7 +115,7 @@ def main() -> int:
             if not line and srv.poll() is not None:
                 print("the stand-in server did not start")
                 return 1
-        port = int(line.split("port=")[1])
+        port = int(line.split("port=")[1].split()[0])
         rounds = {}
         for n in (int(x) for x in args.sweep.split(",")):
             per = [n // args.clients + (1 if i < n % args.clients else 0) for i in range(args.clients)]

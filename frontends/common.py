@@ -41,9 +41,11 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
                    help="accepted for compatibility with the reference; the engine keeps the model on one device")
 
 
-def setup_logging(verbose: bool = False) -> None:
+def setup_logging(verbose: bool = False, tag: str | None = None) -> None:
+    """One line per record; `tag` (such as "gpu 1") marks the lines of one of several processes."""
+    where = f"[{tag}] " if tag else ""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+                        format=f"%(asctime)s %(levelname)s {where}%(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
 def die(msg: str, code: int = 1) -> NoReturn:

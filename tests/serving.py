@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -69,6 +70,7 @@ class ServerProcess:
         self.log = open(self.log_path, "w+")
         self.stdout: list[str] = []
         self.port: int | None = None
+        self.ready_fields: dict = {}
         env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.proc = subprocess.Popen(cmd, cwd=tmp, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
                                      preexec_fn=_die_with_parent)
@@ -78,7 +80,8 @@ class ServerProcess:
             for line in self.proc.stdout:
                 self.stdout.append(line)
                 if line.startswith("PPX_READY port=") and self.port is None:
-                    self.port = int(line.split("=", 1)[1])
+                    self.ready_fields = dict(f.split("=", 1) for f in line.split()[1:])
+                    self.port = int(self.ready_fields["port"])
                     ready.set()
             ready.set()
 
@@ -110,8 +113,9 @@ class ServerProcess:
         return self.log_path.read_text()
 
     def stop(self) -> None:
+        """SIGINT: stop at once (SIGTERM would drain live sessions first)."""
         if self.proc.poll() is None:
-            self.proc.terminate()
+            self.proc.send_signal(signal.SIGINT)
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:

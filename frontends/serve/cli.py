@@ -85,9 +85,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cpu-threads", type=int, default=None,
                    help="torch threads of the model's step when --device is cpu (default: the cores the codec "
                         "threads leave, at least 1; threads beyond the free cores wait on each other)")
+    g.add_argument("--drain-timeout", type=float, default=20.0,
+                   help="after SIGTERM, how long live sessions may go on while no new ones are taken (default 20 s; "
+                        "0: stop at once); SIGINT or a second SIGTERM stops at once")
     g.add_argument("--opus-complexity", type=int, default=5, choices=range(11), metavar="0-10",
                    help="Opus encoder complexity of the answers (default 5; from 7 up libopus also analyses the "
                         "signal, several times the host time per frame)")
+    s = ap.add_argument_group("scale-out")
+    s.add_argument("--gpus", type=str, default=None,
+                   help="'all' or a list such as 0,1: one engine process per GPU behind the one port, each new "
+                        "session placed on the GPU with the most free slots (--max-sessions is per GPU); with "
+                        "--device cpu, a list runs that many engine processes on the CPU")
+    s.add_argument("--agent-port", type=int, default=None,
+                   help="also answer HAProxy's agent check on this TCP port: the share of free slots as a weight "
+                        "('up 40%%'), 0%% when full or draining (deploy/haproxy)")
+    s.add_argument("--log-tag", type=str, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--kv-window", type=int, default=None, help="frames of history per session (default: the "
                                                                 "model's full context)")
     ap.add_argument("--random-weights", action="store_true",
@@ -172,7 +184,7 @@ def run(args) -> int:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    setup_logging()
+    setup_logging(tag=args.log_tag)
     logging.getLogger("websockets").setLevel(logging.WARNING)  # one line per session is ours
 
     def body() -> int:
@@ -185,6 +197,12 @@ def main(argv=None) -> int:
             args = build_parser().parse_args(demo_argv(argv))
             log.warning("DEMO: a tiny model with random weights on the CPU; its output is noise, not speech "
                         "(the real model: set HF_TOKEN and run on a GPU without --demo)")
+        if args.gpus is not None:
+            from .placement import run_front
+
+            check_limits(args)
+            voice_dir(args)
+            return run_front(build_parser(), args)
         return run(args)
 
     return run_main(body)

@@ -1,6 +1,7 @@
-"""The HTTP side of `ppx-serve`: the API key check before a websocket upgrade, `/health`,
-`/metrics` (Prometheus text), `/api/voices`, the page's static files, the limits on what a
-request may hold before it is authorised, and one rate-limited warning per client mistake."""
+"""The HTTP side of `ppx-serve`: the API key check before a websocket upgrade, `/health`
+(readiness: 503 when full or draining), `/health/live` (liveness), `/metrics` (Prometheus
+text), `/api/voices`, the page's static files, the limits on what a request may hold before it
+is authorised, and one rate-limited warning per client mistake."""
 from __future__ import annotations
 
 import collections
@@ -11,6 +12,8 @@ import secrets
 import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
+
+from engine.errors import UserError
 
 log = logging.getLogger("ppx.serve")
 
@@ -117,11 +120,13 @@ class HttpRoutes:
     upgrade through (returns None) only to a websocket path, with the API key when one is set."""
 
     def __init__(self, *, api_key: str | None, static: Path | None, websocket_paths: tuple[str, ...], ready,
-                 metrics_text, voice_names, warn: ClientWarnings):
+                 health, live, metrics_text, voice_names, warn: ClientWarnings):
         self.api_key = api_key
         self.static = (static or STATIC).resolve()
         self.websocket_paths = websocket_paths
-        self.ready = ready                  # () -> (bool, reason)
+        self.ready = ready                  # () -> (bool, reason): may a session start
+        self.health = health                # () -> (bool, text): ready and room for one more
+        self.live = live                    # () -> (bool, text): the process serves (full or not)
         self.metrics_text = metrics_text    # () -> str
         self.voice_names = voice_names      # () -> list[str]
         self.warn = warn
@@ -146,10 +151,10 @@ class HttpRoutes:
                 if not ok:
                     return respond(connection, http.HTTPStatus.SERVICE_UNAVAILABLE, f"{why}\n")
                 return None
-            if path == "/health":
-                ok, why = self.ready()
+            if path in ("/health", "/health/live"):
+                ok, text = (self.health if path == "/health" else self.live)()
                 return respond(connection, http.HTTPStatus.OK if ok else http.HTTPStatus.SERVICE_UNAVAILABLE,
-                               "ready\n" if ok else f"not ready: {why}\n")
+                               f"{text}\n")
             if path == "/metrics":
                 return respond(connection, http.HTTPStatus.OK, self.metrics_text(), "text/plain; version=0.0.4")
             if path == "/api/voices":
@@ -192,3 +197,38 @@ def prometheus(gauges: list[tuple[str, str, float]], counters: list[tuple[str, s
         lines += [f"# HELP {name} {help_}", f"# TYPE {name} summary", f'{name}{{quantile="0.5"}} {q[0]:.6f}',
                   f'{name}{{quantile="0.99"}} {q[1]:.6f}', *extra]
     return "\n".join(lines) + "\n"
+
+
+def room_text(free: int, capacity: int) -> str:
+    return f"{free} of {capacity} session slot{'s' if capacity != 1 else ''} free"
+
+
+def agent_reply(free: int, capacity: int, *, alive: bool, accepting: bool) -> bytes:
+    """HAProxy's agent-check answer: the share of free slots as the server's weight ("up 50%"),
+    0% when full or draining (no new sessions; live ones go on), "down" when the engine stopped."""
+    if not alive:
+        return b"down\n"
+    pct = 0 if not accepting or free <= 0 or capacity <= 0 else max(1, round(100 * free / capacity))
+    return f"up {pct}%\n".encode()
+
+
+async def serve_agent(host: str, port: int, reply) -> "asyncio.base_events.Server":
+    """A TCP port answering HAProxy's agent check: one line from `reply()` per connection."""
+    import asyncio
+
+    async def answer(reader, writer):
+        try:
+            writer.write(reply())
+            await asyncio.wait_for(writer.drain(), 2.0)
+        except Exception:  # noqa: BLE001 - the checker went away
+            pass
+        finally:
+            writer.close()
+
+    try:
+        server = await asyncio.start_server(answer, host, port)
+    except OSError as e:
+        raise UserError(f"--agent-port {port}: {e.strerror or e}") from None
+    log.info("agent check on %s:%d (HAProxy agent-check: the free share of slots as the weight)", host,
+             server.sockets[0].getsockname()[1])
+    return server

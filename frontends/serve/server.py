@@ -1,22 +1,28 @@
 """The server: one engine, its tick scheduler, the voice store, the codec threads, and the
-websocket endpoints, wired together; start-up, metrics and shutdown."""
+websocket endpoints, wired together; start-up, readiness, metrics, draining and shutdown.
+
+SIGTERM drains: new sessions are refused (/health answers 503, the agent check 0%), live ones
+go on until they end or --drain-timeout passes, then the server exits. SIGINT, or a second
+SIGTERM, stops at once, telling live sessions that the server is shutting down."""
 from __future__ import annotations
 
 import asyncio
 import collections
 import gc
 import logging
+import os
 import signal
 import socket
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from engine import switches
+from engine.errors import UserError
 
 from ..ogg_opus import OggError
 from ..protocol import (CLOSE_BAD_DATA, CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_TRY_LATER, ERROR, ProtocolError,
                         close_reason, parse_chat_query)
-from .http import ClientWarnings, HttpRoutes, limit_http_lines, prometheus
+from .http import ClientWarnings, HttpRoutes, agent_reply, limit_http_lines, prometheus, room_text, serve_agent
 from .scheduler import Scheduler
 from .realtime import RealtimeSession, close_frame_error
 from .session import ChatSession, CodecThreads, SessionLimits, refusal_for_capacity
@@ -50,7 +56,8 @@ class Server:
         self.codec = CodecThreads(args.codec_threads)
         self.voices = VoiceStore(VoiceLibrary(voices_dir), engine, cache_dir)
         self.routes = HttpRoutes(api_key=self.api_key, static=Path(args.static) if args.static else None,
-                                 websocket_paths=(CHAT, *REALTIME), ready=self.ready, metrics_text=self.metrics_text,
+                                 websocket_paths=(CHAT, *REALTIME), ready=self.ready, health=self.health,
+                                 live=self.live, metrics_text=self.metrics_text,
                                  voice_names=self.voices.names, warn=self.warn)
         self.sessions: set = set()
         self.sessions_total = 0
@@ -58,6 +65,7 @@ class Server:
         self.errors = 0
         self.answer_window: collections.deque = collections.deque(maxlen=4000)
         self.stopping = False
+        self.draining = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Future | None = None
 
@@ -65,11 +73,35 @@ class Server:
     # state
 
     def ready(self) -> tuple[bool, str]:
+        """May a new session start (a full server lets it in to refuse it with 1013)."""
         if self.stopping:
             return False, "the server is shutting down"
         if not self.scheduler.is_alive():
             return False, "the engine stopped"
+        if self.draining:
+            return False, "the server is draining: it takes no new sessions and stops when its live ones end"
         return True, ""
+
+    def free_slots(self) -> int:
+        return max(0, self.max_sessions - len(self.sessions))
+
+    def health(self) -> tuple[bool, str]:
+        """Readiness, for load balancers and Kubernetes: ready while a new session would start."""
+        ok, why = self.ready()
+        if not ok:
+            return False, f"not ready: {why}"
+        free = self.free_slots()
+        return free > 0, f"{'ready' if free else 'not ready: full'}: {room_text(free, self.max_sessions)}"
+
+    def live(self) -> tuple[bool, str]:
+        """Liveness: the engine runs (full or draining are still alive)."""
+        if not self.scheduler.is_alive():
+            return False, "not live: the engine stopped"
+        return True, "live"
+
+    def agent(self) -> bytes:
+        return agent_reply(self.free_slots(), self.max_sessions, alive=self.scheduler.is_alive(),
+                           accepting=self.ready()[0])
 
     def metrics_text(self) -> str:
         m = self.scheduler.metrics
@@ -79,6 +111,10 @@ class Server:
                     ("ppx_connections", "Open websocket connections.", len(self.sessions)),
                     ("ppx_free_slots", "Free session slots of the engine.",
                      self.engine.max_slots - len(self.engine.slots)),
+                    ("ppx_max_sessions", "Sessions this server takes at once.", self.max_sessions),
+                    ("ppx_slot_utilization", "Open sessions over --max-sessions (1: full; what an autoscaler "
+                     "targets).", len(self.sessions) / self.max_sessions),
+                    ("ppx_draining", "1 while the server drains (after SIGTERM).", int(self.draining)),
                     ("ppx_tasks", "Tasks of the event loop.", len(asyncio.all_tasks(self.loop)) if self.loop else 0)],
             counters=[("ppx_sessions_total", "Sessions started.", self.sessions_total),
                       ("ppx_refusals_total", "Connections refused (capacity, API key).",
@@ -179,6 +215,27 @@ class Server:
         if self._stop is not None and not self._stop.done():
             self._stop.set_result(None)
 
+    def drain(self) -> None:
+        """SIGTERM: no new sessions; stop once the live ones end or --drain-timeout passes. A
+        second SIGTERM stops at once."""
+        if self.draining or not self.sessions or self.args.drain_timeout <= 0:
+            self.shutdown()
+            return
+        self.draining = True
+        log.info("draining: %d live session(s) go on for up to %g s; new sessions are refused",
+                 len(self.sessions), self.args.drain_timeout)
+        self.loop.create_task(self._drained())
+
+    async def _drained(self) -> None:
+        deadline = self.loop.time() + self.args.drain_timeout
+        while self.sessions and self.loop.time() < deadline and not self.stopping:
+            await asyncio.sleep(0.1)
+        if self.sessions:
+            log.info("drain timeout: closing %d session(s)", len(self.sessions))
+        else:
+            log.info("drained: every session ended")
+        self.shutdown()
+
     async def serve(self) -> None:
         from websockets.asyncio.server import serve
 
@@ -187,12 +244,27 @@ class Server:
         limit_http_lines()
         self.loop = asyncio.get_running_loop()
         self._stop = self.loop.create_future()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig, what in ((signal.SIGTERM, self.drain), (signal.SIGINT, self.shutdown)):
             try:
-                self.loop.add_signal_handler(sig, self.shutdown)
+                self.loop.add_signal_handler(sig, what)
             except (NotImplementedError, RuntimeError):
                 pass
+        # (first: a port in use stops start-up before any thread runs)
+        agent = (await serve_agent(self.args.host, self.args.agent_port, self.agent)
+                 if self.args.agent_port is not None else None)
         self.voices.warm_up()
+        ssl_ctx = make_ssl_context(self.args.ssl) if self.args.ssl else None
+        try:
+            server = await serve(self.handler, self.args.host, self.args.port, process_request=self.routes,
+                                 max_size=MAX_MESSAGE, ssl=ssl_ctx, ping_interval=20, close_timeout=2,
+                                 server_header="ppx", compression=switches.WS_COMPRESSION,
+                                 create_connection=connection_class(self))
+        except OSError as e:
+            if agent is not None:
+                agent.close()
+            why = os.strerror(e.errno) if e.errno else str(e)
+            raise UserError(f"cannot listen on {self.args.host}:{self.args.port}: {why}") from None
+        # (no await since the listening began: no connection is handled before these run)
         # What start-up made (modules, the model's objects) lives as long as the server: kept out
         # of the collector's full passes, which would otherwise walk it all and hold every
         # thread, the tick thread included, for a sizeable part of a frame.
@@ -200,26 +272,26 @@ class Server:
         gc.freeze()
         self.codec.start()
         self.scheduler.start()
-        ssl_ctx = make_ssl_context(self.args.ssl) if self.args.ssl else None
-        async with serve(self.handler, self.args.host, self.args.port, process_request=self.routes,
-                         max_size=MAX_MESSAGE, ssl=ssl_ctx, ping_interval=20, close_timeout=2,
-                         server_header="ppx", compression=switches.WS_COMPRESSION,
-                         create_connection=connection_class(self)) as server:
-            port = next(iter(server.sockets)).getsockname()[1]
-            scheme = "https" if ssl_ctx else "http"
-            log.info("serving on %s://%s:%d (up to %d sessions)", scheme, self.args.host, port, self.max_sessions)
+        port = next(iter(server.sockets)).getsockname()[1]
+        scheme = "https" if ssl_ctx else "http"
+        log.info("serving on %s://%s:%d (up to %d sessions)", scheme, self.args.host, port, self.max_sessions)
+        if not self.args.log_tag:  # (an engine behind `--gpus` is reached through the front)
             host = "localhost" if self.args.host in ("0.0.0.0", "::", "") else self.args.host
             log.info("open %s://%s:%d/ in a browser to talk to the model", scheme, host, port)
-            print(f"PPX_READY port={port}", flush=True)
-            await self._stop
-            log.info("shutting down: %d sessions", len(self.sessions))
-            self.stopping = True
-            await asyncio.gather(*(self.fail(s.ws, s, "the server is shutting down", CLOSE_GOING_AWAY)
-                                   for s in list(self.sessions)), return_exceptions=True)
-            server.close()
+        print(f"PPX_READY port={port} sessions={self.max_sessions}", flush=True)
+        await self._stop
+        if agent is not None:
+            agent.close()
+        log.info("shutting down: %d sessions", len(self.sessions))
+        self.stopping = True
+        await asyncio.gather(*(self.fail(s.ws, s, "the server is shutting down", CLOSE_GOING_AWAY)
+                               for s in list(self.sessions)), return_exceptions=True)
+        server.close()
+        await server.wait_closed()
         self.scheduler.stop()
         self.codec.stop()
         self.voices.close()
+        gc.unfreeze()  # (what start-up made is freed as the process exits, as bindings expect)
         log.info("stopped")
 
 

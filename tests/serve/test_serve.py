@@ -2,8 +2,11 @@
 import asyncio
 import json
 import os
+import re
 import signal
 import time
+import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
@@ -100,7 +103,8 @@ def test_audio_from_sphn_is_accepted_and_ours_decodes_with_sphn(server):
 
 
 def test_http_endpoints(server):
-    assert server.get("/health").strip() == "ready"
+    assert re.fullmatch(r"ready: [0-3] of 3 session slots free", server.get("/health").strip())
+    assert server.get("/health/live").strip() == "live"
     assert json.loads(server.get("/api/voices")) == {"voices": ["NATF2", "VARM0"]}
     m = server.get("/metrics")
     for name in ("ppx_live_sessions", "ppx_tick_seconds_count", "ppx_late_frames_total", "ppx_refusals_total",
@@ -291,7 +295,49 @@ def test_wrong_api_key_is_refused_before_the_upgrade(tmp_path):
         s.stop()
 
 
-def test_sigterm_tells_clients_and_exits(tmp_path):
+def _status(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_sigterm_drains_then_stops(tmp_path):
+    """SIGTERM: /health turns 503 and new sessions are refused while the live one goes on; at
+    --drain-timeout it is told the server is shutting down (1001) and the server exits 0."""
+    import threading
+
+    s = ServerProcess(tmp_path, "--drain-timeout", "2.5", max_sessions=2)
+    out = {}
+    msgs = encode(input_pcm()[: 1920 * 100])
+    t = threading.Thread(target=lambda: out.setdefault("r", run(session(s.url, {"voice_prompt": "NATF2"}, msgs,
+                                                                        pace=0.08))))
+    t.start()
+    time.sleep(2.5)
+    assert _status(s.base + "/health") == (200, "ready: 1 of 2 session slots free\n")
+    t0 = time.monotonic()
+    s.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    code, text = _status(s.base + "/health")
+    assert code == 503 and "draining" in text
+    assert _status(s.base + "/health/live")[0] == 200
+    with pytest.raises(Exception, match="503"):
+        run(session(s.url, {"voice_prompt": "NATF2"}, []))
+    assert "r" not in out  # the session is still live
+    assert s.proc.wait(10) == 0
+    stopped = time.monotonic() - t0
+    assert 2.3 < stopped < 6, stopped
+    t.join(10)
+    r = out["r"]
+    assert r.handshake and any("shutting down" in e for e in r.errors) and r.close_code == 1001
+    # it kept getting answers through the drain
+    assert sum(1 for a in r.arrivals if a > t0 + 1.0) > 10
+    assert "draining: 1 live session(s)" in s.log_text()
+    s.stop()
+
+
+def test_sigint_stops_at_once(tmp_path):
     import threading
 
     s = ServerProcess(tmp_path, max_sessions=1)
@@ -302,7 +348,7 @@ def test_sigterm_tells_clients_and_exits(tmp_path):
     t.start()
     time.sleep(2.5)
     t0 = time.monotonic()
-    s.proc.send_signal(signal.SIGTERM)
+    s.proc.send_signal(signal.SIGINT)
     assert s.proc.wait(10) == 0
     assert time.monotonic() - t0 < 5
     t.join(10)
