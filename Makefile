@@ -22,6 +22,10 @@ $(STAMP): setup.py Makefile
 	  echo "installing chromium for the web page's test (apt-get install chromium)"; \
 	  { apt-get update -qq >/dev/null; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "chromium could not be installed: the web page's test will skip"; }
+	@command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || { \
+	  echo "installing haproxy for the scale-out test (apt-get install haproxy)"; \
+	  { apt-get update -qq >/dev/null; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null; } || \
+	  echo "haproxy could not be installed: the scale-out test will skip"; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[test]"

@@ -25,7 +25,7 @@ setup(
     ],
     # sphn: Kyutai's Ogg-Opus, to check ours against; playwright drives the system Chromium; openai: its
     # Realtime client talks to /v1/realtime in the tests
-    extras_require={"test": ["pytest", "sphn", "playwright", "openai[realtime]"]},
+    extras_require={"test": ["pytest", "sphn", "playwright", "openai[realtime]", "kubernetes-validate"]},
     entry_points={
         "console_scripts": [
             "ppx-serve=frontends.serve.cli:main",

@@ -59,7 +59,7 @@ def engine_pids(front: ServerProcess) -> list[int]:
 class Background:
     """A paced session in a thread: `frames` frames of audio at real time."""
 
-    def __init__(self, url: str, frames: int = 100, params: dict | None = None):
+    def __init__(self, url: str, frames: int = 60, params: dict | None = None):
         self.result = None
         msgs = encode(input_pcm()[: 1920 * frames])
         self.thread = threading.Thread(target=lambda: setattr(self, "result", run(
@@ -123,7 +123,7 @@ def test_sessions_go_to_the_engine_with_most_free_slots_and_the_full_server_refu
 
 
 def test_an_engine_that_dies_is_taken_out_and_its_sessions_are_told(front):
-    a, b = Background(front.url, frames=150), Background(front.url, frames=150)
+    a, b = Background(front.url, frames=80), Background(front.url, frames=80)
     wait_until(lambda: engine_sessions(front) == {"0": 1, "1": 1}, what="one session per engine")
     pids = engine_pids(front)
     assert len(pids) == 2
@@ -137,7 +137,7 @@ def test_an_engine_that_dies_is_taken_out_and_its_sessions_are_told(front):
         else:
             survivor = r
     assert rb is not None and any("engine for this session stopped" in e for e in rb.errors), (a.result, b.result)
-    assert survivor.handshake and not survivor.errors and len(survivor.audio) > 100
+    assert survivor.handshake and not survivor.errors and len(survivor.audio) > 70
     code, text = status(front.base + "/health")
     lines = text.splitlines()
     assert code == 200 and lines[0] == "ready: 2 of 2 session slots free on 1 GPU"
@@ -152,7 +152,7 @@ def test_an_engine_that_dies_is_taken_out_and_its_sessions_are_told(front):
 
 
 def test_sigterm_drains_every_engine(front):
-    a = Background(front.url, frames=60)
+    a = Background(front.url, frames=40)
     wait_until(lambda: sum(engine_sessions(front).values()) == 1, what="a session")
     t0 = time.monotonic()
     front.proc.send_signal(signal.SIGTERM)
@@ -163,7 +163,7 @@ def test_sigterm_drains_every_engine(front):
         run(session(front.url, {"voice_prompt": "NATF2"}, []))
     r = a.join()
     # the live session ran to its end, then everything stopped
-    assert r.handshake and not r.errors and len(r.audio) >= 55, r
+    assert r.handshake and not r.errors and len(r.audio) >= 35, r
     assert front.proc.wait(20) == 0
     assert time.monotonic() - t0 < 15
     assert "draining" in front.log_text()

@@ -108,6 +108,7 @@ def test_http_endpoints(server):
     assert json.loads(server.get("/api/voices")) == {"voices": ["NATF2", "VARM0"]}
     m = server.get("/metrics")
     for name in ("ppx_live_sessions", "ppx_tick_seconds_count", "ppx_late_frames_total", "ppx_refusals_total",
+                 "ppx_slot_utilization", "ppx_max_sessions", "ppx_draining",
                  "ppx_errors_total"):
         assert name in m
     # where a frame's time goes on the host: an answer is queued after its frame waited for its
