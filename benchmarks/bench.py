@@ -75,7 +75,8 @@ def kv_read_bytes(engine, positions: int) -> int:
 def prepare_slots(engine, B: int, voice, full: bool) -> list[int]:
     from engine.sampling import SamplingParams
 
-    slots = engine.open_many([(voice, PROMPT_100, SamplingParams(seed=i)) for i in range(B)])
+    prompt = (None, None) if engine.cfg.moshi else (voice, PROMPT_100)
+    slots = engine.open_many([(*prompt, SamplingParams(seed=i)) for i in range(B)])
     if full:
         st = engine.lm_state
         idx = torch.tensor(slots, device=engine.device)
@@ -122,7 +123,7 @@ def long_session(engine, voice, frames: int) -> dict:
     tick time and GPU memory at the start and at the end, which must match."""
     from engine.sampling import SamplingParams
 
-    slot = engine.open(voice, PROMPT_100, SamplingParams(seed=1))
+    slot = engine.open(*((None, None) if engine.cfg.moshi else (voice, PROMPT_100)), SamplingParams(seed=1))
     idx = torch.tensor([slot], device="cuda")
     pcm = 0.1 * torch.randn(1, engine.frame_size, device="cuda")
     marks, window = {}, 200
@@ -233,12 +234,14 @@ def main(argv=None) -> int:
     ap.add_argument("--long-session", type=int, default=10000, help="frames of the one-session run (0: none)")
     ap.add_argument("--quantize", choices=["none", "fp8"], default="none", help="fp8: e4m3 weights")
     ap.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto", help="fp8: e4m3 KV cache")
+    ap.add_argument("--model", choices=["personaplex", "moshi"], default="personaplex",
+                    help="moshi: Kyutai's Moshi 7B shapes (a depformer of 8 steps, no prompt phase)")
     ap.add_argument("--reference-only", action="store_true", help="only Kyutai's moshi, added to an existing result")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("make bench needs a CUDA GPU; none is visible")
         return 1
-    from engine.config import PERSONAPLEX_7B
+    from engine.config import MOSHI_7B, PERSONAPLEX_7B
     from engine.engine import Engine
     from engine.random_weights import random_voice
 
@@ -269,7 +272,9 @@ def main(argv=None) -> int:
     quantize = None if args.quantize == "none" else args.quantize
     kv_dtype = None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype
     results["variant"] = {"weights": quantize or "bf16", "kv_cache": kv_dtype or "bf16"}
-    base = Engine.load(config=PERSONAPLEX_7B, tokenizer=TOKENIZER, random_weights=True, cuda_graphs=False,
+    cfg = MOSHI_7B if args.model == "moshi" else PERSONAPLEX_7B
+    results["model"] = cfg.name
+    base = Engine.load(config=cfg, tokenizer=TOKENIZER, random_weights=True, cuda_graphs=False,
                        device="cuda", dtype=torch.bfloat16, seed=0, max_slots=1, quantize=quantize,
                        kv_cache_dtype=kv_dtype)
     wb = weight_bytes(base)
@@ -285,11 +290,12 @@ def main(argv=None) -> int:
     gc.collect()
     torch.cuda.empty_cache()
     free = torch.cuda.mem_get_info()[0]
-    full_window = PERSONAPLEX_7B.lm.temporal.window
+    full_window = cfg.lm.temporal.window
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     slug = card_slug() + ("" if results["variant"] == {"weights": "bf16", "kv_cache": "bf16"} else
-                          f"-w{results['variant']['weights']}-kv{results['variant']['kv_cache']}")
+                          f"-w{results['variant']['weights']}-kv{results['variant']['kv_cache']}") + \
+        ("-moshi" if cfg.moshi else "")
 
     def engine(slots: int, window: int) -> Engine:
         # (a short-context engine's 512-frame rings are deliberate: it reads only the prompt's
@@ -298,7 +304,7 @@ def main(argv=None) -> int:
         was = log.disabled
         log.disabled = was or window < full_window
         try:
-            return Engine(PERSONAPLEX_7B, lm, mimi, tok, max_slots=slots, kv_window=window, checkpoint_id="bench",
+            return Engine(cfg, lm, mimi, tok, max_slots=slots, kv_window=window, checkpoint_id="bench",
                           kv_cache_dtype=kv_dtype)
         finally:
             log.disabled = was
@@ -347,13 +353,15 @@ def main(argv=None) -> int:
             del eng
             gc.collect()
             torch.cuda.empty_cache()
-    # the prompt phase on an engine of 4 slots (prompts opened together too), its prefill graphs captured
+    # the prompt phase on an engine of 4 slots (prompts opened together too), its prefill graphs
+    # captured (Moshi has none)
     eng = engine(4, 512)
-    eng.enable_graphs(buckets=(1,))
-    results["prompt_phase"] = prompt_timings(eng)
-    p = results["prompt_phase"]
-    print(f"prompt phase ({p['positions']} positions): {p['uncached_ms']:.1f} ms uncached, "
-          f"{p['cached_ms']:.2f} ms cached; four opened together {p.get('four_together_ms')}", flush=True)
+    if not cfg.moshi:
+        eng.enable_graphs(buckets=(1,))
+        results["prompt_phase"] = prompt_timings(eng)
+        p = results["prompt_phase"]
+        print(f"prompt phase ({p['positions']} positions): {p['uncached_ms']:.1f} ms uncached, "
+              f"{p['cached_ms']:.2f} ms cached; four opened together {p.get('four_together_ms')}", flush=True)
     del eng
     gc.collect()
     torch.cuda.empty_cache()

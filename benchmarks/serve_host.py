@@ -30,6 +30,7 @@ class StandInEngine:
 
     frame_size = 1920
     sample_rate = 24000
+    from engine.config import PERSONAPLEX_7B as cfg  # (a PersonaPlex engine's config: prompts taken)
 
     def __init__(self, max_slots: int, tick_s: float = 0.0, answer: str = "noise"):
         self.tick_s, self.answer = tick_s, answer

@@ -69,10 +69,12 @@ def frames(pcm: np.ndarray, frame_size: int) -> np.ndarray:
 
 
 def write_wav(path: str | Path, pcm: np.ndarray, sample_rate: int) -> None:
-    """PCM16, as the reference writes its output: pcm [T] (mono) or [T, channels]."""
+    """PCM16, as the reference writes its output (sphn: each sample times 32767, truncated):
+    pcm [T] (mono) or [T, channels]."""
     import soundfile as sf
 
+    data = np.trunc(np.clip(np.asarray(pcm, dtype=np.float64), -1.0, 1.0) * 32767).astype(np.int16)
     try:
-        sf.write(str(path), np.clip(pcm, -1.0, 1.0), sample_rate, subtype="PCM_16")
+        sf.write(str(path), data, sample_rate, subtype="PCM_16")
     except (sf.LibsndfileError, RuntimeError, OSError) as e:
         raise AudioError(f"cannot write '{path}' ({e})") from None

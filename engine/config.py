@@ -45,6 +45,7 @@ class TemporalConfig:
     context: int = 3000          # a query at p sees keys p - context + 1 .. p
     max_period: float = 10_000.0  # RoPE
     norm_eps: float = 1e-8
+    full_window: bool = False    # Moshi: a query sees all `context` keys (see `window`)
 
     @property
     def head_dim(self) -> int:
@@ -52,9 +53,10 @@ class TemporalConfig:
 
     @property
     def window(self) -> int:
-        """Keys a query sees: the reference's ring cache of `context` entries never shows its
-        oldest entry, so a query at p sees p - context + 2 .. p (pinned by the golden traces)."""
-        return self.context - 1
+        """Keys a query sees: PersonaPlex's ring cache of `context` entries never shows its
+        oldest entry, so a query at p sees p - context + 2 .. p (pinned by the golden traces);
+        Kyutai's Moshi shows all `context` (pinned by its trace)."""
+        return self.context if self.full_window else self.context - 1
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,7 @@ class MimiTransformerConfig:
     context: int = 250
     max_period: float = 10_000.0
     norm_eps: float = 1e-5
+    full_window: bool = False    # Moshi's Mimi: all `context` keys (see TemporalConfig.window)
 
     @property
     def head_dim(self) -> int:
@@ -145,8 +148,9 @@ class MimiTransformerConfig:
 
     @property
     def window(self) -> int:
-        """Ring entries: the newest context - 1 keys (see TemporalConfig.window)."""
-        return self.context - 1
+        """Ring entries: the newest context - 1 keys, or context with `full_window` (see
+        TemporalConfig.window)."""
+        return self.context if self.full_window else self.context - 1
 
 
 @dataclass(frozen=True)
@@ -181,14 +185,34 @@ class MimiConfig:
         return int(self.encoder_frame_rate / self.frame_rate)
 
 
+FAMILIES = ("personaplex", "moshi")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
+    """A model: its LM, its Mimi, and its family. "personaplex": a voice prompt and a role
+    prompt before the conversation (the prompt phase). "moshi": Kyutai's Moshi checkpoints, no
+    prompt: a conversation starts cold from the model's initial tokens (`moshi_config`)."""
     name: str
     lm: LMConfig
     mimi: MimiConfig
+    family: str = "personaplex"
+
+    @property
+    def moshi(self) -> bool:
+        return self.family == "moshi"
 
     def to_reference_json(self) -> dict[str, Any]:
-        return {"lm": lm_config_to_reference(self.lm), "mimi": mimi_config_to_reference(self.mimi)}
+        return {"lm": lm_config_to_reference(self.lm), "mimi": mimi_config_to_reference(self.mimi),
+                "model": self.family}
+
+
+def moshi_config(cfg: ModelConfig, name: str | None = None) -> ModelConfig:
+    """`cfg` run as Kyutai's Moshi: the family, and attention windows of the full context in the
+    LM and in Mimi."""
+    lm = replace(cfg.lm, temporal=replace(cfg.lm.temporal, full_window=True))
+    mimi = replace(cfg.mimi, transformer=replace(cfg.mimi.transformer, full_window=True))
+    return ModelConfig(name=name or cfg.name, lm=lm, mimi=mimi, family="moshi")
 
 
 # ----------------------------------------------------------------------------------------
@@ -381,7 +405,13 @@ TINY = ModelConfig(
     ),
 )
 
-PRESETS: dict[str, ModelConfig] = {c.name: c for c in (PERSONAPLEX_7B, TINY)}
+# Kyutai's moshiko / moshika (and their RL post-trained versions): PersonaPlex's shapes with a
+# depformer of 8 steps
+MOSHI_7B = moshi_config(ModelConfig(name="moshi-7b", lm=replace(LMConfig(), depformer=DepformerConfig(steps=8)),
+                                    mimi=MimiConfig()))
+MOSHI_REPOS = ("kyutai/moshiko-pytorch-bf16", "kyutai/moshika-pytorch-bf16", "kyutai/moshika-rl-seamless")
+
+PRESETS: dict[str, ModelConfig] = {c.name: c for c in (PERSONAPLEX_7B, MOSHI_7B, TINY)}
 
 
 def get_preset(name: str) -> ModelConfig:
@@ -409,13 +439,22 @@ def load_config(path: str | Path, name: str | None = None) -> ModelConfig:
         lm, mimi = lm_config_from_reference(d), MimiConfig()
     else:
         raise ConfigError(f"config file '{path}' has neither an 'lm' section nor LM fields")
-    return ModelConfig(name=name or path.stem, lm=lm, mimi=mimi)
+    cfg = ModelConfig(name=name or path.stem, lm=lm, mimi=mimi)
+    family = d.get("model", d.get("family"))
+    if family is not None and family not in FAMILIES:
+        raise ConfigError(f"config file '{path}': 'model' = {family!r} is not one the engine runs "
+                          f"({', '.join(FAMILIES)})")
+    if family is None:
+        # (Kyutai's own configs say "model_type": "moshi" for every model of the architecture,
+        # PersonaPlex's too: the depformer tells them apart)
+        family = "moshi" if lm.depformer.steps == lm.agent_codebooks else "personaplex"
+    return moshi_config(cfg) if family == "moshi" else cfg
 
 
 __all__ = [
     "ConfigError", "TemporalConfig", "DepformerConfig", "LMConfig", "SeanetConfig",
     "MimiTransformerConfig", "QuantizerConfig", "MimiConfig", "ModelConfig", "PRESETS",
-    "PERSONAPLEX_7B", "TINY", "get_preset", "load_config", "lm_config_from_reference",
+    "PERSONAPLEX_7B", "MOSHI_7B", "MOSHI_REPOS", "FAMILIES", "moshi_config", "TINY", "get_preset", "load_config", "lm_config_from_reference",
     "mimi_config_from_reference", "SILENCE_TOKENS", "SINE_TOKENS", "TEXT_PAD", "TEXT_EPAD",
     "DEFAULT_TEXT_PROMPT", "asdict", "replace",
 ]

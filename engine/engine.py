@@ -1,9 +1,11 @@
 """`Engine`: session slots over one loaded model, and `step`, the only call a frontend makes
 per 80 ms frame.
 
-A slot is opened with a voice prompt, a role prompt, sampling settings and a seed; opening
-runs the prompt phase as one prefill pass. `step` takes one frame of user audio for every
-slot that has one and returns, per slot, one frame of agent audio and the text token.
+A PersonaPlex slot is opened with a voice prompt, a role prompt, sampling settings and a seed;
+opening runs the prompt phase as one prefill pass. A Moshi slot (Kyutai's checkpoints) is opened
+with sampling settings alone and starts from the model's initial tokens. `step` takes one frame
+of user audio for every slot that has one and returns, per slot, one frame of agent audio and
+the text token (none yet for a Moshi slot's first frame: its acoustic delay).
 """
 from __future__ import annotations
 
@@ -20,13 +22,13 @@ import torch
 from . import switches
 from . import weights as W
 from .errors import UserError
-from .config import DEFAULT_TEXT_PROMPT, ModelConfig, PERSONAPLEX_7B, load_config
+from .config import DEFAULT_TEXT_PROMPT, MOSHI_7B, ModelConfig, PERSONAPLEX_7B, TEXT_PAD, load_config
 from .lm import LM
 from .mimi import Mimi, MimiState
 from .sampling import SamplingParams
 from .prompts import PromptCache, PromptPlan, PromptState, VoicePrompt, check_voice, plan_prompt
 from .state import LMState
-from .tick import lm_tick, user_streams, write_streams
+from .tick import lm_tick, start_stream, user_streams, write_streams
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("ppx.engine")
@@ -61,6 +63,7 @@ class FrameOut:
     pcm: np.ndarray        # [frame_size] float32, 24 kHz
     text_id: int           # the frame's text token
     tokens: np.ndarray     # [17] all streams of the output frame
+    valid: bool = True     # False: no output yet (a Moshi slot's first frame); pcm is silence
 
 
 @dataclass
@@ -70,6 +73,7 @@ class _Slot:
     seed: int
     frames: int = 0
     opened_at: float = field(default_factory=time.monotonic)
+    fresh: bool = False    # a Moshi slot before its first step
 
 
 class Engine:
@@ -144,12 +148,7 @@ class Engine:
             check_fp8_device(device)
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        if config is None:
-            cfg = PERSONAPLEX_7B
-        elif isinstance(config, ModelConfig):
-            cfg = config
-        else:
-            cfg = load_config(config)
+        cfg = PERSONAPLEX_7B if random_weights and config is None else resolve_config(config, moshi_weight, hf_repo)
         tok_path = W.resolve_file(tokenizer, W.TOKENIZER_FILE, hf_repo)
         if random_weights:
             from .random_weights import random_lm, random_mimi
@@ -173,6 +172,9 @@ class Engine:
             max_slots = sessions_that_fit(cfg, device, dtype, kv_window, kv_cache_dtype=kv_cache_dtype)
             log.info("room for %d sessions", max_slots)
             max_slots = min(max_slots, most_slots or max_slots)
+        if cfg.moshi:
+            log.info("%s: Kyutai's Moshi: no voice or role prompt, a conversation starts from the model's initial "
+                     "tokens", cfg.name)
         eng = cls(cfg, lm, mimi, tok, max_slots=max_slots, depformer_steps=depformer_steps, checkpoint_id=lm_id,
                   mimi_id=mimi_id, kv_window=kv_window, kv_cache_dtype=kv_cache_dtype)
         t_load = time.monotonic() - t0
@@ -232,21 +234,29 @@ class Engine:
     # slots
 
     @torch.no_grad()
-    def open(self, voice: VoicePrompt | None, text_prompt: str = DEFAULT_TEXT_PROMPT,
+    def open(self, voice: VoicePrompt | None = None, text_prompt: str | None = None,
              sampling: SamplingParams | None = None) -> int:
-        """Takes a free slot and runs the prompt phase into it; returns the slot index."""
+        """Takes a free slot and runs the prompt phase into it (PersonaPlex: `text_prompt` None is
+        the default role prompt; Moshi: no voice or role prompt); returns the slot index."""
         return self.open_many([(voice, text_prompt, sampling)])[0]
 
     @torch.no_grad()
-    def open_many(self, requests: list[tuple[VoicePrompt | None, str, SamplingParams | None]]) -> list[int]:
+    def open_many(self, requests: list[tuple[VoicePrompt | None, str | None, SamplingParams | None]]) -> list[int]:
         """Opens several slots; their uncached prompts run as one batched prefill pass."""
         prepared = []
         for voice, text, sampling in requests:
             sampling = sampling or SamplingParams()
             sampling.validate()
-            if voice is not None:
-                check_voice(self.cfg.lm, voice)
-            ids = self.tokenizer.encode_prompt(text)
+            if self.cfg.moshi:
+                if voice is not None:
+                    raise UserError("a Moshi checkpoint takes no voice prompt: it speaks in its own voice")
+                if text:
+                    raise UserError("a Moshi checkpoint takes no role prompt: it starts every conversation cold")
+                ids = []
+            else:
+                if voice is not None:
+                    check_voice(self.cfg.lm, voice)
+                ids = self.tokenizer.encode_prompt(DEFAULT_TEXT_PROMPT if text is None else text)
             prepared.append((voice, ids, sampling))
         if len(prepared) > len(self._free):
             raise EngineFull(f"all {self.max_slots} session slots are in use")
@@ -254,6 +264,9 @@ class Engine:
         try:
             todo = []
             for slot, (voice, ids, sampling) in zip(slots, prepared):
+                if self.cfg.moshi:
+                    self._start_cold(slot)
+                    continue
                 key = (self.checkpoint_id, voice.key if voice is not None else None, tuple(ids))
                 cached = self.prompt_cache.get(key)
                 if cached is not None:
@@ -271,13 +284,26 @@ class Engine:
                                            topk_audio=sampling.topk_audio, greedy=sampling.greedy,
                                            audio_seed=sampling.resolved_audio_seed(seed))
                 self.mimi_state.reset(slot)
-                self.slots[slot] = _Slot(voice=voice.name if voice else "", prompt_tokens=len(ids), seed=seed)
+                self.slots[slot] = _Slot(voice=voice.name if voice else "", prompt_tokens=len(ids), seed=seed,
+                                         fresh=self.cfg.moshi)
         except BaseException:
             for slot in slots:
                 self.slots.pop(slot, None)
             self._free = sorted(set(self._free) | set(slots))
             raise
         return slots
+
+    def _start_cold(self, slot: int) -> None:
+        """A Moshi conversation's start: an empty token ring with the initial tokens at column 0
+        and offset 1, as Kyutai's generator begins (its KV rings are read only up to each step's
+        position, so what an earlier session left there is never seen)."""
+        st = self.lm_state
+        st.tokens[slot] = -2
+        st.provided[slot] = False
+        K = self.cfg.lm.num_streams
+        idx = torch.tensor([slot], device=self.device)
+        start_stream(st, idx, torch.zeros(1, K, dtype=torch.long, device=self.device),
+                     torch.zeros(1, K, dtype=torch.bool, device=self.device))
 
     def close(self, slot: int) -> None:
         if slot in self.slots:
@@ -355,6 +381,8 @@ class Engine:
         """The whole per-frame step for a batch of slots, as pure tensor code (the graphs
         capture exactly this). slots: [B]; pcm: [B, frame_size]. The logits only when asked
         (tests and measurements): the served step does not copy them."""
+        if self.cfg.moshi:
+            return self._tick_moshi(slots, pcm, logits)
         cfg = self.cfg.lm
         off = self.lm_state.offset[slots]
 
@@ -379,6 +407,40 @@ class Engine:
             main.wait_stream(self._side)
         audio = self._codec(self.mimi.decode, out.tokens[:, 1:1 + cfg.agent_codebooks], slots)
         return StepOutput(audio, out.tokens, out.text_logits, out.audio_logits)
+
+    def _tick_moshi(self, slots: torch.Tensor, pcm: torch.Tensor, logits: bool) -> StepOutput:
+        """Kyutai's step: the frame's codes are the input of this very step (written at column
+        offset - 1 + delay, where the step reads), so the encoder runs first; at a stream's first
+        step (offset 1) the initial tokens stand instead. The decoder gets each stream's first
+        frame too (`step` keeps it from the decoder; a caller of `step_tensors` gets its noise)."""
+        cfg = self.cfg.lm
+        off = self.lm_state.offset[slots]
+        codes = self._codec(self.mimi.encode, pcm, slots)
+        write_streams(self.lm_state, slots, self._user_streams, codes, off - 1, self._user_delays, where=off > 1)
+        out = lm_tick(self.lm, self.lm_state, slots, None, None, self.depformer_steps, return_logits=logits)
+        agent = out.tokens[:, 1:1 + cfg.agent_codebooks].clamp(0, cfg.card - 1)
+        audio = self._codec(self.mimi.decode, agent, slots)
+        return StepOutput(audio, out.tokens, out.text_logits, out.audio_logits)
+
+    @torch.no_grad()
+    def _first_step(self, slots: torch.Tensor, pcm: torch.Tensor | None) -> None:
+        """A Moshi slot's first step, eager: the encoder takes the frame (when there is one; its
+        codes are not read, the initial tokens are) and the LM steps; the acoustic delay leaves
+        nothing to decode, so the decoder does not run."""
+        if pcm is not None:
+            self._codec(self.mimi.encode, pcm, slots)
+        lm_tick(self.lm, self.lm_state, slots, None, None, self.depformer_steps)
+
+    @torch.no_grad()
+    def prime(self, slot: int) -> None:
+        """A Moshi slot's first step without audio, as `moshi.run_inference` starts (it steps the
+        first frame's codes twice): the next `step` answers its frame at once, so a recording's
+        answer has the recording's length. PersonaPlex slots need none (their prompt phase)."""
+        s = self.slots[slot]
+        if not s.fresh:
+            raise ValueError(f"slot {slot} has stepped already (prime only a fresh Moshi slot)")
+        self._first_step(torch.tensor([slot], device=self.device), None)
+        s.fresh = False
 
     def _codec(self, fn, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """Mimi's `fn` (encode or decode) over the batch. On the CPU slot by slot: its BLAS rounds
@@ -457,13 +519,28 @@ class Engine:
         return StepOutput(*(t[:n] if t is not None else None for t in out))
 
     def step(self, frames: Mapping[int, np.ndarray]) -> dict[int, FrameOut]:
-        """One frame of user audio per slot in, one frame of agent audio and text per slot out."""
+        """One frame of user audio per slot in, one frame of agent audio and text per slot out
+        (`valid` False, silence, for a Moshi slot's first frame)."""
         if not frames:
             return {}
         slot_list = sorted(frames)
         for s in slot_list:
             if s not in self.slots:
                 raise KeyError(f"slot {s} is not open")
+        fresh = [s for s in slot_list if self.slots[s].fresh]
+        out = {}
+        if fresh:
+            pcm = np.stack([np.asarray(frames[s], dtype=np.float32).reshape(self.frame_size) for s in fresh])
+            self._first_step(torch.tensor(fresh, device=self.device), torch.from_numpy(pcm).to(self.device))
+            for s in fresh:
+                self.slots[s].fresh = False
+                self.slots[s].frames += 1
+                tokens = np.full(self.cfg.lm.num_streams, -1, dtype=np.int64)
+                out[s] = FrameOut(pcm=np.zeros(self.frame_size, np.float32), text_id=TEXT_PAD, tokens=tokens,
+                                  valid=False)
+            slot_list = [s for s in slot_list if s not in out]
+            if not slot_list:
+                return out
         pcm = np.stack([np.asarray(frames[s], dtype=np.float32).reshape(self.frame_size) for s in slot_list])
         res = self.step_tensors(torch.tensor(slot_list, device=self.device), torch.from_numpy(pcm).to(self.device))
         audio, tokens = res.audio, res.tokens
@@ -471,11 +548,25 @@ class Engine:
             # wait with the GIL released, so a server's other threads run during the tick
             torch.cuda.current_stream(self.device).synchronize()
         audio, tokens = audio.cpu().numpy(), tokens.cpu().numpy()
-        out = {}
         for i, s in enumerate(slot_list):
             self.slots[s].frames += 1
             out[s] = FrameOut(pcm=audio[i], text_id=int(tokens[i, 0]), tokens=tokens[i])
         return out
+
+
+def resolve_config(config: ModelConfig | str | None = None, moshi_weight=None,
+                   hf_repo: str = W.DEFAULT_HF_REPO) -> ModelConfig:
+    """The model's config: `config` (a ModelConfig, or a JSON file with the reference's names)
+    when given; else the 7B's, PersonaPlex's, or Moshi's when the checkpoint's depformer has 8
+    steps (Kyutai's checkpoints). Finding the checkpoint may fetch it from the hub."""
+    if isinstance(config, ModelConfig):
+        return config
+    if config is not None:
+        return load_config(config)
+    path = W.resolve_file(moshi_weight, W.LM_FILE, hf_repo)
+    if W.depformer_steps(path) == MOSHI_7B.lm.depformer.steps:
+        return MOSHI_7B
+    return PERSONAPLEX_7B
 
 
 def sessions_that_fit(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, kv_window: int | None = None,

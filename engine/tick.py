@@ -47,19 +47,25 @@ def write_given(state: LMState, slots: torch.Tensor, given: torch.Tensor, mask: 
 
 
 def write_streams(state: LMState, slots: torch.Tensor, streams: torch.Tensor, tokens: torch.Tensor,
-                  off: torch.Tensor, delays: torch.Tensor | None = None) -> None:
+                  off: torch.Tensor, delays: torch.Tensor | None = None, where: torch.Tensor | None = None) -> None:
     """Writes tokens [B, n] of the streams `streams` ([n]) at column off + delay of each, marked
     provided, and touches no other entry: the engine's encoder writes the user's codes this way
     on its own stream while the step runs, which reads and writes only other entries. delays:
-    those streams' (`state.delays[streams]`), when picked once beforehand."""
+    those streams' (`state.delays[streams]`), when picked once beforehand; where: [B] bool, the
+    rows to write (the others keep their entries)."""
     B, n = tokens.shape
     R = state.tokens.shape[2]
     s = slots.view(B, 1).expand(B, n)
     k = streams.view(1, n).expand(B, n)
     delays = state.delays[streams] if delays is None else delays
     cols = (off.view(B, 1) + delays.view(1, n)) % R
-    state.tokens[s, k, cols] = tokens
-    state.provided[s, k, cols] = torch.ones_like(tokens, dtype=torch.bool)
+    if where is None:
+        state.tokens[s, k, cols] = tokens
+        state.provided[s, k, cols] = torch.ones_like(tokens, dtype=torch.bool)
+    else:
+        w = where.view(B, 1).expand(B, n)
+        state.tokens[s, k, cols] = torch.where(w, tokens, state.tokens[s, k, cols])
+        state.provided[s, k, cols] = state.provided[s, k, cols] | w
 
 
 def write_initial(state: LMState, slots: torch.Tensor, off: torch.Tensor | None = None) -> None:

@@ -175,6 +175,13 @@ def _assign(dst: torch.Tensor, src: torch.Tensor, key: str, kind: str, path: Pat
             dst.copy_(src)
 
 
+def depformer_steps(path: Path) -> int:
+    """The depformer steps an LM checkpoint holds weights for (its `linears.{k}` heads): 16 in
+    PersonaPlex's, 8 in Kyutai's Moshi's."""
+    keys = _Checkpoint(path).keys
+    return sum(1 for k in keys if re.fullmatch(r"linears\.\d+\.weight", k))
+
+
 def load_lm_weights(model: torch.nn.Module, path: Path, cfg: LMConfig) -> None:
     """Fills `model` (an `lm.LM`, parameters allocated) from a reference-format checkpoint."""
     ck = _Checkpoint(path)

@@ -73,10 +73,18 @@ def cache_dir() -> Path:
 
 
 def model_config(args):
-    """The model's config from --config (the reference's JSON names), or the 7B's."""
-    from engine.config import PERSONAPLEX_7B, load_config
+    """The model's config from --config (the reference's JSON names), or the 7B's: PersonaPlex's,
+    or Moshi's when the checkpoint's depformer has 8 steps (finding it may fetch it from the hub)."""
+    from engine.config import PERSONAPLEX_7B
+    from engine.engine import resolve_config
 
-    return load_config(args.config) if args.config else PERSONAPLEX_7B
+    if getattr(args, "random_weights", False) and not args.config:
+        return PERSONAPLEX_7B
+    cfg = resolve_config(args.config, args.moshi_weight, args.hf_repo)
+    if cfg.moshi:
+        log.info("a Moshi checkpoint (%s): no voice or role prompt, conversations start from the model's initial "
+                 "tokens", cfg.name)
+    return cfg
 
 
 def load_engine(args, cfg=None, max_slots: int | None = 1, most_slots: int | None = None):

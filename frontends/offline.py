@@ -6,6 +6,10 @@ model step per 80 ms frame of the input; the output WAV has the input's exact le
 new item taking a slot as soon as one frees; each item's outputs are those a one-file run with
 the same settings writes (on the CPU byte for byte; on a GPU batched products round differently
 from one row's, so long sampled runs may part). A bad item is reported and skipped.
+
+A Moshi checkpoint (Kyutai's moshiko, moshika: recognised from its depformer of 8 steps) takes no
+voice or role prompt and runs as `python -m moshi.run_inference` does: the first frame is stepped
+twice (once to start, once for its answer), so the output has the input's length.
 """
 from __future__ import annotations
 
@@ -21,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.config import DEFAULT_TEXT_PROMPT
 from engine.errors import UserError
 from engine.sampling import SAMPLING_DEFAULTS, SamplingParams
 from .common import add_model_args, load_engine, model_config, resolve_device, run_main, setup_logging
@@ -55,9 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--resume", action="store_true", help="skip items whose two outputs already exist")
     io.add_argument("--stereo-output", action="store_true",
                     help="write the user's input as channel 0 and the agent as channel 1 (Full-Duplex-Bench's layout)")
-    ap.add_argument("--text-prompt", type=str, default=DEFAULT_TEXT_PROMPT, help="the role prompt")
-    ap.add_argument("--voice-prompt", required=True, type=str,
-                    help="a voice name in --voice-prompt-dir (NATF2 or NATF2.pt), or a .pt or WAV file")
+    ap.add_argument("--text-prompt", type=str, default=None,
+                    help="the role prompt (default: a friendly teacher's; a Moshi checkpoint takes none)")
+    ap.add_argument("--voice-prompt", type=str,
+                    help="a voice name in --voice-prompt-dir (NATF2 or NATF2.pt), or a .pt or WAV file (needed, "
+                         "except for a Moshi checkpoint, which takes none)")
     ap.add_argument("--voice-prompt-dir", type=str,
                     help="directory of voice prompts (default: the hub repo's voices.tgz, fetched once)")
     add_model_args(ap)
@@ -80,8 +85,8 @@ class Item:
     input: Path
     output_wav: Path
     output_text: Path
-    voice: str
-    text_prompt: str
+    voice: str | None
+    text_prompt: str | None
     sampling: SamplingParams
     seconds: float = 0.0     # the input's length (read before the model loads)
     error: str | None = None
@@ -160,8 +165,10 @@ def _manifest_items(path: Path, out_dir: Path | None, args, base: SamplingParams
             if unknown:
                 raise ValueError(f"unknown field {sorted(unknown)[0]!r}")
             sampling = replace(base, **{SAMPLING_KEYS[k]: d[k] for k in SAMPLING_KEYS if k in d})
-            items.append(Item(f"{name} ({d['input']})", inp, wav, text, str(d.get("voice_prompt", args.voice_prompt)),
-                              str(d.get("text_prompt", args.text_prompt)), sampling))
+            voice, prompt = d.get("voice_prompt", args.voice_prompt), d.get("text_prompt", args.text_prompt)
+            if not all(v is None or isinstance(v, str) for v in (voice, prompt)):
+                raise ValueError("voice_prompt and text_prompt must be strings")
+            items.append(Item(f"{name} ({d['input']})", inp, wav, text, voice, prompt, sampling))
         except (ValueError, TypeError) as e:
             items.append(Item(name, path, path, path, "", "", base, error=f"not a valid item: {e}"))
     if not items:
@@ -223,13 +230,15 @@ def run_items(engine, items: list[Item], voices: dict, stereo: bool, progress: b
         while pending and len(running) < engine.max_slots:
             item = pending.popleft()
             try:
-                voice = voices[item.voice]
+                voice = voices.get(item.voice)
                 if isinstance(voice, UserError):
                     raise voice
                 audio = read_audio(item.input, engine.sample_rate)
                 user = first_channel(audio)
                 # one prompt at a time: a prompt's prefill is then the one a one-file run makes
                 slot = engine.open(voice, item.text_prompt, item.sampling)
+                if engine.cfg.moshi:
+                    engine.prime(slot)  # (moshi.run_inference's double first step)
             except UserError as e:
                 item.error = str(e)
                 failed.append(item)
@@ -274,7 +283,6 @@ def run(args) -> int:
 
     # Everything that can be checked without the model is checked before it loads (a minute
     # for the 7B): the inputs, the outputs, the voices and the sampling settings.
-    cfg = model_config(args)
     items = items_from_args(args)
     batch = not args.input_wav
     if args.batch_size is not None and args.batch_size < 1:
@@ -295,9 +303,18 @@ def run(args) -> int:
         if item.error is not None:
             failed.append(item)
             log.warning("%s: %s", item.name, item.error)
+    cfg = model_config(args)
+    for item in items:
+        if item.error is None:
+            item.error = _prompt_error(item, cfg)
+            if item.error is not None:
+                if not batch:
+                    raise UserError(item.error)
+                failed.append(item)
+                log.warning("%s: %s", item.name, item.error)
     todo = [i for i in items if i.error is None]
     voices: dict = {}
-    for name in sorted({i.voice for i in todo}):
+    for name in sorted({i.voice for i in todo if i.voice is not None}):
         try:
             path = resolve_voice_arg(name, args.voice_prompt_dir, args.hf_repo)
             voices[name] = (path, read_voice(path, cfg))
@@ -329,6 +346,19 @@ def run(args) -> int:
                  seconds / max(wall, 1e-9), todo[0].output_wav, todo[0].output_text)
         return 0
     return _summary(items, failed, skipped, seconds, wall, engine.max_slots)
+
+
+def _prompt_error(item: Item, cfg) -> str | None:
+    """What is wrong with an item's voice and role prompt for this model, if anything."""
+    if cfg.moshi:
+        given = [f for f, v in (("--voice-prompt", item.voice), ("--text-prompt", item.text_prompt)) if v is not None]
+        if given:
+            return (f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} PersonaPlex's: this Moshi checkpoint "
+                    f"takes no voice or role prompt (it starts every conversation from its initial tokens)")
+        return None
+    if item.voice is None:
+        return "--voice-prompt is needed: a voice name (NATF2), or a .pt or WAV file"
+    return None
 
 
 def _summary(items: list[Item], failed: list[Item], skipped: int, seconds: float, wall: float, batch: int = 0) -> int:

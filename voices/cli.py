@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from frontends.common import add_model_args, die, load_engine, run_main, setup_logging
+from frontends.common import add_model_args, die, load_engine, model_config, run_main, setup_logging
 from .library import VOICE_EXTS, VoiceLibrary, hub_voice_dir, load_voice
 
 
@@ -36,7 +36,10 @@ def main(argv=None) -> int:
         out = Path(args.output)
         if out.suffix != ".pt":
             die(f"the output '{out}' must end in .pt")
-        engine = load_engine(args, max_slots=1)
+        cfg = model_config(args)
+        if cfg.moshi:
+            die("this is a Moshi checkpoint, which takes no voice prompt: it speaks in its own voice")
+        engine = load_engine(args, cfg, max_slots=1)
         from engine.prompts import save_voice_pt
         voice = engine.voice_embeddings(load_voice(args.input, engine))
         save_voice_pt(voice, out)

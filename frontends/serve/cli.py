@@ -123,12 +123,14 @@ def demo_argv(argv: list[str]) -> list[str]:
 
 def check_cpu_serving(args, device) -> None:
     """A 7B-sized model on the CPU cannot keep up with real time: it runs there only when
-    `--device cpu` asks for it by name."""
+    `--device cpu` asks for it by name (checked before anything is fetched: without --config,
+    PersonaPlex and Moshi are both 7Bs)."""
     if device.type != "cpu" or args.device == "cpu":
         return
+    from engine.config import PERSONAPLEX_7B, load_config
     from engine.lm import LM, count_parameters
 
-    params = count_parameters(LM(model_config(args).lm, device="meta"))
+    params = count_parameters(LM((load_config(args.config) if args.config else PERSONAPLEX_7B).lm, device="meta"))
     if params > 1e9:
         raise UserError(f"no CUDA GPU is visible, and a model of {params / 1e9:.1f} B parameters does not run in real "
                         f"time on the CPU (an 80 ms frame takes seconds there): pass --device cpu to serve it anyway, "
@@ -145,12 +147,22 @@ def check_limits(args) -> None:
         raise UserError(f"--max-sessions must be at least 1 (got {args.max_sessions})")
 
 
-def voice_dir(args):
+def voice_dir(args, cfg):
     """The voice directory, checked (and fetched from the hub when none is given) before the
-    model loads; the default voice must be in it."""
+    model loads; the default voice must be in it. None for a Moshi checkpoint, which takes no
+    voice (nor a role prompt: either flag is refused)."""
     from pathlib import Path
 
     from voices import VoiceLibrary, hub_voice_dir
+
+    if cfg.moshi:
+        given = [f for f, v in (("--voice-prompt", args.voice_prompt), ("--voice-prompt-dir", args.voice_prompt_dir),
+                                ("--text-prompt", args.text_prompt if args.text_prompt != DEFAULT_TEXT_PROMPT
+                                 else None)) if v is not None]
+        if given:
+            raise UserError(f"{', '.join(given)}: this Moshi checkpoint takes no voice or role prompt (it starts every "
+                            f"conversation from its initial tokens)")
+        return None
 
     d = Path(args.voice_prompt_dir) if args.voice_prompt_dir else hub_voice_dir(args.hf_repo)
     library = VoiceLibrary(d)
@@ -168,13 +180,14 @@ def run(args) -> int:
     check_limits(args)
     device = resolve_device(args.device)
     check_cpu_serving(args, device)
+    cfg = model_config(args)
     if device.type == "cpu":
         threads = step_threads(args)
         torch.set_num_threads(threads)
         log.info("the step runs on the CPU with %d torch thread(s) beside %d codec thread(s) on %d core(s)",
                  threads, args.codec_threads, cpu_cores())
-    voices = voice_dir(args)
-    engine = load_engine(args, model_config(args), max_slots=args.max_sessions)
+    voices = voice_dir(args, cfg)
+    engine = load_engine(args, cfg, max_slots=args.max_sessions)
     args.max_sessions = engine.max_slots
     server = Server(engine, args, voices, cache_dir())
     asyncio.run(server.serve())
@@ -201,7 +214,7 @@ def main(argv=None) -> int:
             from .placement import run_front
 
             check_limits(args)
-            voice_dir(args)
+            voice_dir(args, model_config(args))
             return run_front(build_parser(), args)
         return run(args)
 

@@ -49,7 +49,8 @@ class RealtimeSession(Session):
         # the /api/chat query parameters set the sampling, seeds, voice and role prompt to start from
         self.request = parse_chat_query(urlsplit(ws.request.path).query, server.defaults, server.args.voice_prompt,
                                         server.args.text_prompt)
-        self.config = SessionConfig(self.request.text_prompt, self.request.voice)
+        moshi = server.engine.cfg.moshi  # (no instructions or voice: `_moshi_settings`)
+        self.config = SessionConfig("" if moshi else self.request.text_prompt, None if moshi else self.request.voice)
         self.ids = itertools.count(1)      # event ids
         self.responses_ids = itertools.count(1)
         self.responses: Responses | None = None
@@ -112,6 +113,7 @@ class RealtimeSession(Session):
         elif kind == "session.update":
             voice = self.config.voice
             errors = self.config.update(event.get("session"), self.started)
+            errors += self._moshi_settings()
             if self.config.voice != voice and self.config.voice not in self.server.voices.names():
                 errors.append(RealtimeError("invalid_voice", f"voice {self.config.voice[:64]!r} is not available "
                                             f"(voices: {', '.join(self.server.voices.names())})",
@@ -131,6 +133,21 @@ class RealtimeSession(Session):
             raise RealtimeError("unsupported_event", UNSUPPORTED[kind], "type")
         else:
             raise RealtimeError("unknown_event", f"unknown event type {kind[:64]!r}", "type")
+
+    def _moshi_settings(self) -> list[RealtimeError]:
+        """A Moshi checkpoint takes no role prompt or voice: either, set, is refused (and unset)."""
+        if not self.server.engine.cfg.moshi:
+            return []
+        errors = []
+        if self.config.instructions:
+            errors.append(RealtimeError("unsupported_setting", "this model (Moshi) takes no instructions: it starts "
+                                        "every conversation cold", "session.instructions"))
+            self.config.instructions = ""
+        if self.config.voice:
+            errors.append(RealtimeError("unsupported_setting", "this model (Moshi) speaks in its own voice: it takes "
+                                        "no voice", "session.audio.output.voice"))
+            self.config.voice = None
+        return errors
 
     async def _start(self) -> None:
         """The first audio: the session's settings are set, the prompt phase runs."""

@@ -38,7 +38,7 @@ REALTIME = ("/v1/realtime", "/realtime")
 
 
 class Server:
-    def __init__(self, engine, args, voices_dir: Path, cache_dir: Path | None):
+    def __init__(self, engine, args, voices_dir: Path | None, cache_dir: Path | None):
         from voices import VoiceLibrary
 
         self.engine = engine
@@ -54,7 +54,7 @@ class Server:
         self.scheduler = Scheduler(engine, tick_period=args.tick_period_ms / 1000,
                                    max_wait=args.max_backlog_seconds, on_fatal=self._fatal)
         self.codec = CodecThreads(args.codec_threads)
-        self.voices = VoiceStore(VoiceLibrary(voices_dir), engine, cache_dir)
+        self.voices = VoiceStore(VoiceLibrary(voices_dir) if voices_dir is not None else None, engine, cache_dir)
         self.routes = HttpRoutes(api_key=self.api_key, static=Path(args.static) if args.static else None,
                                  websocket_paths=(CHAT, *REALTIME), ready=self.ready, health=self.health,
                                  live=self.live, metrics_text=self.metrics_text,

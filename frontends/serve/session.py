@@ -201,6 +201,8 @@ class Session:
     # the scheduler's sink (tick thread)
 
     def answer(self, out, born: float, late: bool) -> None:
+        if not out.valid:  # (a Moshi session's first frame: nothing to say yet, as Kyutai's server)
+            return
         self.server.codec.submit(self.codec, self._encode, out, born, late)
 
     def behind(self, dropped: int) -> None:
@@ -248,6 +250,8 @@ class Session:
     async def open_slot(self, voice_name: str | None, text_prompt: str, sampling) -> None:
         """Loads the voice (off the tick thread), then runs the prompt phase into a slot."""
         server = self.server
+        if server.engine.cfg.moshi:  # (no voice or role prompt: those of the query are ignored)
+            voice_name, text_prompt = None, None
         voice = await server.voices.get(voice_name)
         if self.closed:
             raise ConnectionAbortedError("the client left")

@@ -31,7 +31,8 @@ MAX_KEPT = 256   # voices kept in memory
 
 
 class VoiceStore:
-    def __init__(self, library: VoiceLibrary, engine, cache_dir: Path | None):
+    def __init__(self, library: VoiceLibrary | None, engine, cache_dir: Path | None):
+        """library None: a model without voices (Moshi)."""
         self.library = library
         self.engine = engine
         self.cache_dir = cache_dir
@@ -40,7 +41,7 @@ class VoiceStore:
         self._loading: dict[tuple, asyncio.Future] = {}
 
     def names(self) -> list[str]:
-        return self.library.names()
+        return self.library.names() if self.library is not None else []
 
     def warm_up(self) -> None:
         """Before serving: the audio libraries imported and the voice encoder's state made, so
@@ -55,7 +56,7 @@ class VoiceStore:
     async def get(self, name: str | None) -> VoicePrompt | None:
         """The voice a session named (None: none), loaded once; a `ProtocolError` the client may
         read when the name is unknown or the file unusable (the server's paths stay private)."""
-        if name is None:
+        if name is None or self.library is None:
             return None
         loop = asyncio.get_running_loop()
         try:
