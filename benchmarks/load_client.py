@@ -123,28 +123,15 @@ def _opus_pre_skip(data: bytes) -> int:
     return 0 if i < 0 or len(data) < i + 12 else struct.unpack_from("<H", data, i + 10)[0] * RATE // 48000
 
 
-async def _receive(ws, st: SessionStats, caught_up: asyncio.Event, done_sending: asyncio.Event) -> None:
-    """Reads the server's messages until it closes; records when each output frame is complete."""
+async def _receive_loop(ws, st: SessionStats, caught_up: asyncio.Event, done_sending: asyncio.Event,
+                        on_message) -> None:
+    """Reads the server's messages until it closes, each through `on_message(msg, now)`; records
+    why the stream ended early, if it did."""
     from websockets.exceptions import ConnectionClosed
 
-    reader, decoded, skip = OggOpusReader(RATE), 0, None
     try:
         async for msg in ws:
-            if isinstance(msg, str) or not msg:
-                continue
-            kind = msg[0]
-            if kind == AUDIO:
-                if skip is None:
-                    skip = _opus_pre_skip(msg[1:])
-                reader.append_bytes(msg[1:])
-                decoded += len(reader.read_pcm())
-                now = time.monotonic()
-                while decoded + skip >= (len(st.recv) + 1) * FRAME:
-                    st.recv.append(now)
-            elif kind == TEXT:
-                st.text_pieces += 1
-            elif kind == ERROR:
-                st.errors.append(msg[1:].decode("utf-8", "replace"))
+            on_message(msg, time.monotonic())
             if done_sending.is_set() and len(st.recv) >= len(st.sent):
                 caught_up.set()
         if not done_sending.is_set() or len(st.recv) < len(st.sent):
@@ -157,34 +144,48 @@ async def _receive(ws, st: SessionStats, caught_up: asyncio.Event, done_sending:
         caught_up.set()  # the sender stops too: it checks whether this task is done
 
 
-async def _receive_realtime(ws, st: SessionStats, caught_up: asyncio.Event, done_sending: asyncio.Event) -> None:
-    """`_receive` for /v1/realtime: output frames counted from the audio deltas' samples."""
-    from websockets.exceptions import ConnectionClosed
+async def _receive(ws, st: SessionStats, caught_up: asyncio.Event, done_sending: asyncio.Event) -> None:
+    """/api/chat: records when each output frame is complete (decoded from the Ogg-Opus stream)."""
+    reader, decoded, skip = OggOpusReader(RATE), 0, None
 
+    def on_message(msg, now):
+        nonlocal decoded, skip
+        if isinstance(msg, str) or not msg:
+            return
+        kind = msg[0]
+        if kind == AUDIO:
+            if skip is None:
+                skip = _opus_pre_skip(msg[1:])
+            reader.append_bytes(msg[1:])
+            decoded += len(reader.read_pcm())
+            while decoded + skip >= (len(st.recv) + 1) * FRAME:
+                st.recv.append(now)
+        elif kind == TEXT:
+            st.text_pieces += 1
+        elif kind == ERROR:
+            st.errors.append(msg[1:].decode("utf-8", "replace"))
+
+    await _receive_loop(ws, st, caught_up, done_sending, on_message)
+
+
+async def _receive_realtime(ws, st: SessionStats, caught_up: asyncio.Event, done_sending: asyncio.Event) -> None:
+    """/v1/realtime: output frames counted from the audio deltas' samples."""
     decoded = 0
-    try:
-        async for msg in ws:
-            event = json.loads(msg)
-            kind = event.get("type")
-            if kind == "response.output_audio.delta":
-                decoded += len(base64.b64decode(event["delta"])) // 2
-                now = time.monotonic()
-                while decoded >= (len(st.recv) + 1) * FRAME:
-                    st.recv.append(now)
-            elif kind == "response.output_audio_transcript.delta":
-                st.text_pieces += 1
-            elif kind == "error":
-                st.errors.append(f"{event['error'].get('code')}: {event['error'].get('message')}")
-            if done_sending.is_set() and len(st.recv) >= len(st.sent):
-                caught_up.set()
-        if not done_sending.is_set() or len(st.recv) < len(st.sent):
-            st.errors.append(f"the server closed the connection (close {ws.close_code} {ws.close_reason!r})")
-    except ConnectionClosed:
-        st.errors.append(f"the connection broke (close {ws.close_code} {ws.close_reason!r})")
-    except Exception as e:  # noqa: BLE001 - this session's error
-        st.errors.append(f"{type(e).__name__}: {e}")
-    finally:
-        caught_up.set()
+
+    def on_message(msg, now):
+        nonlocal decoded
+        event = json.loads(msg)
+        kind = event.get("type")
+        if kind == "response.output_audio.delta":
+            decoded += len(base64.b64decode(event["delta"])) // 2
+            while decoded >= (len(st.recv) + 1) * FRAME:
+                st.recv.append(now)
+        elif kind == "response.output_audio_transcript.delta":
+            st.text_pieces += 1
+        elif kind == "error":
+            st.errors.append(f"{event['error'].get('code')}: {event['error'].get('message')}")
+
+    await _receive_loop(ws, st, caught_up, done_sending, on_message)
 
 
 async def _send_realtime(ws, st: SessionStats, pcm: np.ndarray, duration: float, receiver: asyncio.Task) -> None:

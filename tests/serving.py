@@ -233,3 +233,33 @@ async def session(url: str, params: dict, messages: list[bytes] = (), pace: floa
             task.cancel()
     res.close_code = res.close_code if res.close_code is not None else ws.close_code
     return res
+
+
+def http_status(url: str) -> tuple[int, str]:
+    """The status and body of a GET, errors included."""
+    import urllib.error
+
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+class Background:
+    """A session in a thread: `frames` frames of the golden input sent at real time (`params`:
+    the query; NATF2 by default). `join` returns its `Result`."""
+
+    def __init__(self, url: str, frames: int = 60, params: dict | None = None):
+        self.result = None
+        msgs = encode(input_pcm()[: 1920 * frames])
+        self.thread = threading.Thread(target=lambda: setattr(self, "result", asyncio.run(
+            session(url, params or {"voice_prompt": "NATF2"}, msgs, pace=0.08))), daemon=True)
+        self.thread.start()
+
+    def done(self) -> bool:
+        return not self.thread.is_alive()
+
+    def join(self, timeout: float = 40) -> Result:
+        self.thread.join(timeout)
+        return self.result

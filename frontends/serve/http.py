@@ -4,6 +4,7 @@ text), `/api/voices`, the page's static files, the limits on what a request may 
 is authorised, and one rate-limited warning per client mistake."""
 from __future__ import annotations
 
+import asyncio
 import collections
 import http
 import json
@@ -212,9 +213,8 @@ def agent_reply(free: int, capacity: int, *, alive: bool, accepting: bool) -> by
     return f"up {pct}%\n".encode()
 
 
-async def serve_agent(host: str, port: int, reply) -> "asyncio.base_events.Server":
+async def serve_agent(host: str, port: int, reply) -> asyncio.Server:
     """A TCP port answering HAProxy's agent check: one line from `reply()` per connection."""
-    import asyncio
 
     async def answer(reader, writer):
         try:

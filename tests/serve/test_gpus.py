@@ -8,28 +8,17 @@ import json
 import os
 import re
 import signal
-import threading
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
-from serving import ServerProcess, encode, input_pcm, session
+from serving import Background, ServerProcess, encode, http_status, input_pcm, session
 
 CAP = 2  # sessions per engine
 
 
 def run(coro):
     return asyncio.run(coro)
-
-
-def status(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
 
 
 def engine_sessions(front: ServerProcess) -> dict[str, int]:
@@ -56,21 +45,6 @@ def engine_pids(front: ServerProcess) -> list[int]:
     return pids
 
 
-class Background:
-    """A paced session in a thread: `frames` frames of audio at real time."""
-
-    def __init__(self, url: str, frames: int = 60, params: dict | None = None):
-        self.result = None
-        msgs = encode(input_pcm()[: 1920 * frames])
-        self.thread = threading.Thread(target=lambda: setattr(self, "result", run(
-            session(url, params or {"voice_prompt": "NATF2"}, msgs, pace=0.08))), daemon=True)
-        self.thread.start()
-
-    def join(self, timeout: float = 30):
-        self.thread.join(timeout)
-        return self.result
-
-
 def wait_until(pred, timeout: float = 20, what: str = ""):
     t = time.monotonic() + timeout
     while time.monotonic() < t:
@@ -89,7 +63,7 @@ def front(tmp_path):
 
 def test_sessions_go_to_the_engine_with_most_free_slots_and_the_full_server_refuses(front):
     assert front.ready_fields == {"port": str(front.port), "sessions": "4", "engines": "2"}
-    code, text = status(front.base + "/health")
+    code, text = http_status(front.base + "/health")
     assert code == 200 and text.splitlines() == ["ready: 4 of 4 session slots free on 2 GPUs",
                                                  "gpu 0: 2 of 2 session slots free",
                                                  "gpu 1: 2 of 2 session slots free"]
@@ -98,7 +72,7 @@ def test_sessions_go_to_the_engine_with_most_free_slots_and_the_full_server_refu
     for want in expected:
         live.append(Background(front.url))
         wait_until(lambda: engine_sessions(front) == want, what=f"sessions {want}")
-    code, text = status(front.base + "/health")
+    code, text = http_status(front.base + "/health")
     assert code == 503 and text.startswith("not ready: full: 0 of 4 session slots free on 2 GPUs")
     # every engine full: the session still reaches one, which refuses it as a lone server does
     r = run(session(front.url, {"voice_prompt": "NATF2"}, []))
@@ -138,11 +112,11 @@ def test_an_engine_that_dies_is_taken_out_and_its_sessions_are_told(front):
             survivor = r
     assert rb is not None and any("engine for this session stopped" in e for e in rb.errors), (a.result, b.result)
     assert survivor.handshake and not survivor.errors and len(survivor.audio) > 70
-    code, text = status(front.base + "/health")
+    code, text = http_status(front.base + "/health")
     lines = text.splitlines()
     assert code == 200 and lines[0] == "ready: 2 of 2 session slots free on 1 GPU"
     assert any(re.fullmatch(r"gpu \d: stopped \(exit code -9\)", x) for x in lines), lines
-    assert status(front.base + "/health/live") == (200, "live: 1 of 2 engines running\n")
+    assert http_status(front.base + "/health/live") == (200, "live: 1 of 2 engines running\n")
     # new sessions go to the engine left
     r = run(session(front.url, {"voice_prompt": "NATF2"}, encode(input_pcm()[: 1920 * 10]), pace=0.08))
     assert r.handshake and not r.errors
@@ -157,7 +131,7 @@ def test_sigterm_drains_every_engine(front):
     t0 = time.monotonic()
     front.proc.send_signal(signal.SIGTERM)
     time.sleep(0.5)
-    code, text = status(front.base + "/health")
+    code, text = http_status(front.base + "/health")
     assert code == 503 and "draining" in text
     with pytest.raises(Exception, match="503"):
         run(session(front.url, {"voice_prompt": "NATF2"}, []))

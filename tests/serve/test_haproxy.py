@@ -14,13 +14,12 @@ import shutil
 import signal
 import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from serving import ROOT, ServerProcess, encode, input_pcm, session
+from serving import ROOT, Background, ServerProcess
 
 HAPROXY = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin")
 pytestmark = pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (make install installs it as "
@@ -91,19 +90,6 @@ class HAProxy:
         self.proc.terminate()
         self.proc.wait(10)
         self.log.close()
-
-
-class Background:
-    def __init__(self, url: str, frames: int):
-        self.result = None
-        msgs = encode(input_pcm()[: 1920 * frames])
-        self.thread = threading.Thread(target=lambda: setattr(self, "result", run(
-            session(url, {"voice_prompt": "NATF2"}, msgs, pace=0.08))), daemon=True)
-        self.thread.start()
-
-    def join(self, timeout: float = 40):
-        self.thread.join(timeout)
-        return self.result
 
 
 def connections(server: ServerProcess) -> int:

@@ -5,8 +5,6 @@ import os
 import re
 import signal
 import time
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
@@ -14,7 +12,7 @@ import soundfile as sf
 
 from frontends.offline import main as offline
 from frontends.serve import build_parser
-from serving import ServerProcess, encode, heard, input_pcm, session
+from serving import Background, ServerProcess, encode, heard, http_status, input_pcm, session
 
 PROMPT = "You are a pirate who repairs washing machines."
 
@@ -296,41 +294,26 @@ def test_wrong_api_key_is_refused_before_the_upgrade(tmp_path):
         s.stop()
 
 
-def _status(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-
-
 def test_sigterm_drains_then_stops(tmp_path):
     """SIGTERM: /health turns 503 and new sessions are refused while the live one goes on; at
     --drain-timeout it is told the server is shutting down (1001) and the server exits 0."""
-    import threading
-
     s = ServerProcess(tmp_path, "--drain-timeout", "2.5", max_sessions=2)
-    out = {}
-    msgs = encode(input_pcm()[: 1920 * 100])
-    t = threading.Thread(target=lambda: out.setdefault("r", run(session(s.url, {"voice_prompt": "NATF2"}, msgs,
-                                                                        pace=0.08))))
-    t.start()
+    live = Background(s.url, frames=100)
     time.sleep(2.5)
-    assert _status(s.base + "/health") == (200, "ready: 1 of 2 session slots free\n")
+    assert http_status(s.base + "/health") == (200, "ready: 1 of 2 session slots free\n")
     t0 = time.monotonic()
     s.proc.send_signal(signal.SIGTERM)
     time.sleep(0.3)
-    code, text = _status(s.base + "/health")
+    code, text = http_status(s.base + "/health")
     assert code == 503 and "draining" in text
-    assert _status(s.base + "/health/live")[0] == 200
+    assert http_status(s.base + "/health/live")[0] == 200
     with pytest.raises(Exception, match="503"):
         run(session(s.url, {"voice_prompt": "NATF2"}, []))
-    assert "r" not in out  # the session is still live
+    assert not live.done()
     assert s.proc.wait(10) == 0
     stopped = time.monotonic() - t0
     assert 2.3 < stopped < 6, stopped
-    t.join(10)
-    r = out["r"]
+    r = live.join(10)
     assert r.handshake and any("shutting down" in e for e in r.errors) and r.close_code == 1001
     # it kept getting answers through the drain
     assert sum(1 for a in r.arrivals if a > t0 + 1.0) > 10
@@ -339,21 +322,14 @@ def test_sigterm_drains_then_stops(tmp_path):
 
 
 def test_sigint_stops_at_once(tmp_path):
-    import threading
-
     s = ServerProcess(tmp_path, max_sessions=1)
-    out = {}
-    msgs = encode(input_pcm()[: 1920 * 100])
-    t = threading.Thread(target=lambda: out.setdefault("r", run(session(s.url, {"voice_prompt": "NATF2"}, msgs,
-                                                                        pace=0.08))))
-    t.start()
+    live = Background(s.url, frames=100)
     time.sleep(2.5)
     t0 = time.monotonic()
     s.proc.send_signal(signal.SIGINT)
     assert s.proc.wait(10) == 0
     assert time.monotonic() - t0 < 5
-    t.join(10)
-    r = out["r"]
+    r = live.join(10)
     assert r.handshake and any("shutting down" in e for e in r.errors) and r.close_code == 1001
     s.stop()
 
