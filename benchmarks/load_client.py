@@ -18,6 +18,13 @@ and the p99 interval between consecutive output frames stayed under 100 ms.
 of `response.output_audio.delta` events; `session.created` stands for the handshake. The server
 sends no audio between responses (the agent quiet), so frame counts and lags are exact only for
 an agent that never stops, as random weights never do.
+
+Sessions of mixed lengths (`--duration 60,300`: session i gets the (i mod n)-th) start at spread
+times (`--ramp` evenly, `--spread` a seeded random extra delay), not in lockstep. Each session
+records how late its own client sent each chunk: a session whose client fell a frame behind its
+pacing is marked, so a busy client machine is not taken for a slow server. Each round reports
+the clients' CPU per session-frame and, from the server's /metrics sampled every second, the
+server's CPU per session-frame (over every frame it stepped), its busy cores and its GPU memory.
 """
 from __future__ import annotations
 
@@ -40,6 +47,7 @@ FRAME_S = FRAME / RATE
 GAP_LIMIT_S = 0.100            # a session is real time while its p99 gap stays under this
 SEND_TIMEOUT_S = 5.0           # one send that blocks longer means the server stopped reading
 DRAIN_S = 3.0                  # after the last chunk, how long to wait for the answers still due
+CLIENT_LATE_S = FRAME / RATE   # a client that sent a chunk a frame late fell behind itself
 HANDSHAKE, AUDIO, TEXT, ERROR = 0x00, 0x01, 0x02, 0x05
 
 
@@ -51,6 +59,8 @@ class SessionStats:
     errors: list[str] = field(default_factory=list)   # after the handshake
     sent: list[float] = field(default_factory=list)   # monotonic time input chunk k went out
     recv: list[float] = field(default_factory=list)   # monotonic time output frame k was complete
+    late: list[float] = field(default_factory=list)   # how late this client sent chunk k (its own pacing)
+    start_s: float | None = None          # when it connected, from the round's start
     text_pieces: int = 0
 
     def lags(self) -> np.ndarray:
@@ -62,13 +72,17 @@ class SessionStats:
 
     def summary(self) -> dict:
         lags, gaps = self.lags(), self.gaps()
+        late = np.array(self.late)
         real_time = (self.handshake_s is not None and not self.errors and len(gaps) > 0
                      and len(self.recv) >= len(self.sent) and np.percentile(gaps, 99) < GAP_LIMIT_S)
-        return dict(session=self.index, handshake_ms=_ms(self.handshake_s), refusal=self.refusal,
+        return dict(session=self.index, start_ms=_ms(self.start_s), handshake_ms=_ms(self.handshake_s),
+                    refusal=self.refusal,
                     errors=self.errors, frames_sent=len(self.sent), frames_received=len(self.recv),
                     text_pieces=self.text_pieces, lag_median_ms=_q(lags, 50), lag_p99_ms=_q(lags, 99),
                     lag_max_ms=_q(lags, 100), gap_p99_ms=_q(gaps, 99), gap_max_ms=_q(gaps, 100),
-                    gaps_over_100ms=int((gaps > GAP_LIMIT_S).sum()), real_time=bool(real_time))
+                    gaps_over_100ms=int((gaps > GAP_LIMIT_S).sum()), real_time=bool(real_time),
+                    send_late_p99_ms=_q(late, 99), send_late_max_ms=_q(late, 100),
+                    client_behind=bool(len(late) and late.max() > CLIENT_LATE_S))
 
 
 def _ms(s: float | None) -> float | None:
@@ -188,15 +202,24 @@ async def _receive_realtime(ws, st: SessionStats, caught_up: asyncio.Event, done
     await _receive_loop(ws, st, caught_up, done_sending, on_message)
 
 
-async def _send_realtime(ws, st: SessionStats, pcm: np.ndarray, duration: float, receiver: asyncio.Task) -> None:
-    """`_send` for /v1/realtime: each 80 ms chunk as base64 PCM16 in an append event."""
+async def _paced(st: SessionStats, duration: float, receiver: asyncio.Task):
+    """Chunk indices k = 0, 1, ..., each when its 80 ms of audio would have been captured (against
+    the clock: no drift), until `duration` or the receiver ends; records how late the client itself
+    was for each (a busy client process is not a slow server)."""
     start = time.monotonic()
     for k in range(max(1, round(duration / FRAME_S))):
-        delay = start + (k + 1) * FRAME_S - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
+        due = start + (k + 1) * FRAME_S
+        if due > time.monotonic():
+            await asyncio.sleep(due - time.monotonic())
         if receiver.done():
             return
+        st.late.append(max(0.0, time.monotonic() - due))
+        yield k
+
+
+async def _send_realtime(ws, st: SessionStats, pcm: np.ndarray, duration: float, receiver: asyncio.Task) -> None:
+    """`_send` for /v1/realtime: each 80 ms chunk as base64 PCM16 in an append event."""
+    async for k in _paced(st, duration, receiver):
         chunk = np.take(pcm, np.arange(k * FRAME, (k + 1) * FRAME), mode="wrap")
         data = (chunk * 32767).round().astype("<i2").tobytes()
         await asyncio.wait_for(ws.send(json.dumps({"type": "input_audio_buffer.append",
@@ -209,16 +232,12 @@ async def _send(ws, st: SessionStats, pcm: np.ndarray, duration: float, receiver
     # complexity 5, as the server encodes: at libopus's default (10) one client process spent
     # 4.5x the time encoding, time the server on the same machine then lacks
     writer = OggOpusWriter(RATE, complexity=5)
-    start = time.monotonic()
-    for k in range(max(1, round(duration / FRAME_S))):
-        delay = start + (k + 1) * FRAME_S - time.monotonic()  # against the clock: no drift
-        if delay > 0:
-            await asyncio.sleep(delay)
-        if receiver.done():
-            return
+    async for k in _paced(st, duration, receiver):
         writer.append_pcm(np.take(pcm, np.arange(k * FRAME, (k + 1) * FRAME), mode="wrap"))
         await asyncio.wait_for(ws.send(bytes([AUDIO]) + writer.read_bytes()), SEND_TIMEOUT_S)
         st.sent.append(time.monotonic())
+    if receiver.done():
+        return
     await asyncio.wait_for(ws.send(bytes([AUDIO]) + writer.flush()), SEND_TIMEOUT_S)  # completes the last frame
 
 
@@ -226,7 +245,9 @@ async def run_session(st: SessionStats, url: str, pcm: np.ndarray, duration: flo
                       api_key: str | None, handshake_timeout: float) -> None:
     from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+    begin = time.monotonic()
     await asyncio.sleep(delay)
+    st.start_s = time.monotonic() - begin
     headers = {"X-API-Key": api_key} if api_key else {}
     t0 = time.monotonic()
     try:
@@ -311,22 +332,96 @@ def aggregate(stats: list[SessionStats]) -> dict:
                 all_real_time=bool(stats) and rt == len(stats))
 
 
-async def run_round(url: str, sessions: int, duration: float, wavs: list[np.ndarray], voice: str | None = None,
-                    text_prompt: str | None = None, seed: int | None = 0, ramp: float = 0.0,
-                    api_key: str | None = None, handshake_timeout: float = 30.0, endpoint: str = "chat") -> dict:
-    """One round of `sessions` concurrent sessions; returns {"sessions": [...], "aggregate": {...}}."""
+async def run_round(url: str, sessions: int, duration: float | list[float], wavs: list[np.ndarray],
+                    voice: str | None = None, text_prompt: str | None = None, seed: int | None = 0, ramp: float = 0.0,
+                    api_key: str | None = None, handshake_timeout: float = 30.0, endpoint: str = "chat",
+                    spread: float = 0.0) -> dict:
+    """One round of `sessions` concurrent sessions (session i streams duration[i % len] seconds and
+    starts at ramp * i / sessions plus a random share of `spread`, so sessions are not in lockstep);
+    returns {"sessions": [...], "aggregate": {...}, "server": {...}}, the last from the server's
+    /metrics sampled every second (its CPU, GPU memory and live sessions over the round)."""
+    import resource
+
+    durations = list(duration) if isinstance(duration, (list, tuple)) else [duration]
+    rng = np.random.default_rng(seed if seed is not None and seed >= 0 else None)
+    offsets = [ramp * i / sessions + (float(rng.uniform(0, spread)) if spread > 0 else 0.0) for i in range(sessions)]
     stats = [SessionStats(i) for i in range(sessions)]
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    sampler = asyncio.create_task(sample_server(url))
     tasks = [asyncio.create_task(run_session(
         st, chat_url(url, voice, text_prompt, None if seed is None or seed < 0 else seed + st.index, endpoint),
-        wavs[st.index % len(wavs)], duration, ramp * st.index / sessions, api_key, handshake_timeout))
-        for st in stats]
-    budget = ramp + handshake_timeout + duration + DRAIN_S + SEND_TIMEOUT_S + 10
+        wavs[st.index % len(wavs)], durations[st.index % len(durations)], offsets[st.index], api_key,
+        handshake_timeout)) for st in stats]
+    budget = max(offsets, default=0) + handshake_timeout + max(durations) + DRAIN_S + SEND_TIMEOUT_S + 10
     _, late = await asyncio.wait(tasks, timeout=budget)
     for t in late:  # cannot happen with the timeouts above; never hang anyway
         t.cancel()
         stats[tasks.index(t)].errors.append("session cancelled at the round's deadline")
     await asyncio.gather(*tasks, return_exceptions=True)
-    return dict(sessions=[s.summary() for s in stats], aggregate=aggregate(stats))
+    sampler.cancel()
+    samples = await asyncio.gather(sampler, return_exceptions=True)
+    samples = samples[0] if isinstance(samples[0], list) else []
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    agg = aggregate(stats)
+    client_cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
+    agg["client_cpu_s"] = round(client_cpu, 3)
+    agg["client_cpu_ms_per_frame"] = round(client_cpu * 1e3 / agg["frames_sent"], 3) if agg["frames_sent"] else None
+    return dict(sessions=[s.summary() for s in stats], aggregate=agg, server=server_summary(samples, agg))
+
+
+SAMPLED = ("process_cpu_seconds_total", "ppx_frames_total", "ppx_gpu_memory_bytes", "ppx_live_sessions")
+
+
+async def sample_server(url: str, every: float = 1.0) -> list[dict]:
+    """The server's /metrics, every `every` seconds until cancelled: [{t, name: value}]."""
+    import urllib.request
+
+    u = urlsplit(url)
+    metrics = urlunsplit(("https" if u.scheme == "wss" else "http", u.netloc, "/metrics", "", ""))
+    out: list[dict] = []
+
+    def get() -> dict:
+        with urllib.request.urlopen(metrics, timeout=2) as r:
+            text = r.read().decode()
+        row = {"t": time.monotonic()}
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name in SAMPLED:
+                row[name] = float(value)
+        return row
+
+    try:
+        while True:
+            try:
+                out.append(await asyncio.to_thread(get))
+            except OSError:
+                pass  # the server is busy or gone: a missing sample
+            await asyncio.sleep(every)
+    except asyncio.CancelledError:
+        return out
+
+
+def server_summary(samples: list[dict], agg: dict) -> dict:
+    """The server's CPU per session-frame over the round, and its GPU memory and live sessions."""
+    out: dict = {"samples": len(samples)}
+    cpu = [s for s in samples if "process_cpu_seconds_total" in s and "ppx_frames_total" in s]
+    if len(cpu) >= 2:
+        d = cpu[-1]["process_cpu_seconds_total"] - cpu[0]["process_cpu_seconds_total"]
+        frames = cpu[-1]["ppx_frames_total"] - cpu[0]["ppx_frames_total"]
+        span = cpu[-1]["t"] - cpu[0]["t"]
+        out["cpu_s"] = round(d, 3)
+        out["cpu_cores_busy"] = round(d / span, 3) if span > 0 else None
+        # over the frames the server stepped meanwhile (every client's: several load-client
+        # processes may share a round)
+        out["cpu_ms_per_session_frame"] = round(d * 1e3 / frames, 3) if frames else None
+    mem = [s["ppx_gpu_memory_bytes"] for s in samples if "ppx_gpu_memory_bytes" in s]
+    if mem:
+        out["gpu_memory_GB_max"] = round(max(mem) / 1e9, 3)
+        out["gpu_memory_GB"] = [round(m / 1e9, 3) for m in mem]
+    live = [s["ppx_live_sessions"] for s in samples if "ppx_live_sessions" in s]
+    if live:
+        out["live_sessions_max"] = int(max(live))
+    return out
 
 
 def _f(v) -> str:
@@ -341,6 +436,8 @@ def print_round(res: dict, out=sys.stdout) -> None:
     for r in res["sessions"]:
         status = ("refused: " + r["refusal"] if r["refusal"] else "error: " + r["errors"][0][:60] if r["errors"]
                   else "real time" if r["real_time"] else "NOT real time")
+        if r["client_behind"]:
+            status += f" (the client itself fell behind by up to {_f(r['send_late_max_ms'])} ms)"
         print("  ".join(f"{_f(r[c]):>8}" for c in cols) + f"  {status}", file=out)
     a = res["aggregate"]
     print(f"all: {a['handshakes']}/{a['sessions']} handshakes (median {_f(a['handshake_median_ms'])} ms), "
@@ -348,22 +445,28 @@ def print_round(res: dict, out=sys.stdout) -> None:
           f"{a['frames_received']} received; lag p50 {_f(a['lag_median_ms'])} ms, p99 {_f(a['lag_p99_ms'])} ms; "
           f"gap p99 {_f(a['gap_p99_ms'])} ms, max {_f(a['gap_max_ms'])} ms, {a['gaps_over_100ms']} over 100 ms; "
           f"real time {a['real_time_sessions']}/{a['sessions']}", file=out)
+    behind = sum(r["client_behind"] for r in res["sessions"])
+    srv = res.get("server", {})
+    print(f"clients: {a.get('client_cpu_ms_per_frame', '-')} ms CPU per session-frame, {behind} session(s) whose "
+          f"client fell a frame behind its own pacing; server: {srv.get('cpu_ms_per_session_frame', '-')} ms CPU per "
+          f"session-frame, GPU memory max {srv.get('gpu_memory_GB_max', '-')} GB", file=out)
 
 
 async def amain(args) -> dict:
     wavs = [load_wav(p) for p in args.wav]
     counts = [int(c) for c in args.sweep.split(",")] if args.sweep else [args.sessions]
-    kw = dict(voice=args.voice, text_prompt=args.text_prompt, seed=args.seed, ramp=args.ramp,
+    kw = dict(voice=args.voice, text_prompt=args.text_prompt, seed=args.seed, ramp=args.ramp, spread=args.spread,
               api_key=args.api_key, handshake_timeout=args.handshake_timeout, endpoint=args.endpoint)
     rounds = []
     for i, n in enumerate(counts):
         if i:
             await asyncio.sleep(1.0)  # let the server free the last round's slots
-        print(f"== {n} session(s) for {args.duration:g} s against {args.url}", flush=True)
-        res = await run_round(args.url, n, args.duration, wavs, **kw)
+        print(f"== {n} session(s) for {args.duration} s against {args.url}", flush=True)
+        res = await run_round(args.url, n, args.durations, wavs, **kw)
         print_round(res)
         rounds.append(dict(count=n, **res))
-    report = dict(url=args.url, endpoint=args.endpoint, duration_s=args.duration, rounds=rounds)
+    report = dict(url=args.url, endpoint=args.endpoint, duration_s=args.durations, spread_s=args.spread,
+                  rounds=rounds)
     if args.sweep:
         ok = [r["count"] for r in rounds if r["aggregate"]["all_real_time"]]
         report["max_real_time_sessions"] = max(ok, default=0)
@@ -382,12 +485,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--endpoint", choices=sorted(ENDPOINTS), default="chat",
                     help="chat: /api/chat, Ogg-Opus (default); realtime: /v1/realtime, base64 PCM16 in JSON events")
     ap.add_argument("--sessions", type=int, default=1)
-    ap.add_argument("--duration", type=float, default=10.0, help="seconds of audio each session streams")
+    ap.add_argument("--duration", default="10",
+                    help="seconds of audio each session streams; a list such as 60,300 gives session i the "
+                         "(i mod n)-th length")
     ap.add_argument("--wav", action="append", required=True, help="input audio, looped; repeat to vary by session")
     ap.add_argument("--voice", help="voice_prompt query parameter (default: the server's)")
     ap.add_argument("--text-prompt", help="text_prompt query parameter (default: the server's)")
     ap.add_argument("--seed", type=int, default=0, help="session i gets seed + i (-1: leave it to the server)")
-    ap.add_argument("--ramp", type=float, default=0.0, help="spread the session starts over this many seconds")
+    ap.add_argument("--ramp", type=float, default=0.0, help="start the sessions evenly over this many seconds")
+    ap.add_argument("--spread", type=float, default=0.0,
+                    help="and each at a random extra delay within this many seconds (seeded by --seed)")
     ap.add_argument("--api-key", help="sent as X-API-Key")
     ap.add_argument("--handshake-timeout", type=float, default=30.0)
     ap.add_argument("--sweep", help="comma-separated session counts, one round each (e.g. 1,2,4,8)")
@@ -397,8 +504,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.sessions < 1 or args.duration <= 0:
-        print("--sessions must be >= 1 and --duration > 0", file=sys.stderr)
+    try:
+        args.durations = [float(d) for d in str(args.duration).split(",")]
+    except ValueError:
+        args.durations = []
+    if args.sessions < 1 or not args.durations or min(args.durations) <= 0 or args.spread < 0:
+        print("--sessions must be >= 1, every --duration > 0 and --spread >= 0", file=sys.stderr)
         return 2
     try:
         report = asyncio.run(amain(args))

@@ -189,9 +189,9 @@ def prometheus(gauges: list[tuple[str, str, float]], counters: list[tuple[str, s
     recent values, extra lines) summaries with their median and 99th percentile."""
     lines = []
     for name, help_, value in gauges:
-        lines += [f"# HELP {name} {help_}", f"# TYPE {name} gauge", f"{name} {value:g}"]
+        lines += [f"# HELP {name} {help_}", f"# TYPE {name} gauge", f"{name} {value:.12g}"]
     for name, help_, value in counters:
-        lines += [f"# HELP {name} {help_}", f"# TYPE {name} counter", f"{name} {value:g}"]
+        lines += [f"# HELP {name} {help_}", f"# TYPE {name} counter", f"{name} {value:.12g}"]
     for name, help_, window, extra in summaries:
         w = sorted(window.copy())  # a deque's copy is atomic; other threads append meanwhile
         q = [w[min(len(w) - 1, int(p * len(w)))] if w else 0.0 for p in (0.5, 0.99)]

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -115,8 +116,12 @@ class Server:
                     ("ppx_slot_utilization", "Open sessions over --max-sessions (1: full; what an autoscaler "
                      "targets).", len(self.sessions) / self.max_sessions),
                     ("ppx_draining", "1 while the server drains (after SIGTERM).", int(self.draining)),
+                    ("ppx_gpu_memory_bytes", "GPU memory the engine's tensors hold (0 on the CPU).",
+                     self._gpu_memory()),
                     ("ppx_tasks", "Tasks of the event loop.", len(asyncio.all_tasks(self.loop)) if self.loop else 0)],
-            counters=[("ppx_sessions_total", "Sessions started.", self.sessions_total),
+            counters=[("process_cpu_seconds_total", "CPU time of the server process, every thread.",
+                       time.process_time()),
+                      ("ppx_sessions_total", "Sessions started.", self.sessions_total),
                       ("ppx_refusals_total", "Connections refused (capacity, API key).",
                        self.refusals + self.routes.refusals),
                       ("ppx_errors_total", "Sessions ended by an error.", self.errors),
@@ -132,6 +137,12 @@ class Server:
                        ("ppx_answer_seconds", "From an input frame being complete to its answer being queued for "
                         "sending: the wait, the tick and the Opus encoding (recent frames).", self.answer_window,
                         [])])
+
+    def _gpu_memory(self) -> int:
+        import torch
+
+        device = getattr(self.engine, "device", None)
+        return torch.cuda.memory_allocated(device) if device is not None and device.type == "cuda" else 0
 
     @property
     def defaults(self):

@@ -9,6 +9,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmarks import load_client as lc
@@ -120,3 +121,26 @@ def test_serve_host_measures_the_server_over_a_stand_in_engine(tmp_path):
     agg = json.loads(out.read_text())["rounds"]["2"][0]["rounds"][0]["aggregate"]
     assert agg["sessions"] == 2 and agg["handshakes"] == 2 and agg["errors"] == 0
     assert agg["frames_received"] == agg["frames_sent"] > 0
+
+
+def test_sessions_of_given_lengths_at_spread_times_with_both_sides_measured(server):
+    """Sessions of different lengths starting at random times (not in lockstep); each records how
+    late its own client was; the round reports the clients' CPU and the server's, from its
+    /metrics sampled over the round."""
+    wait_idle(server.url)
+    wav = lc.load_wav(str(WAV))
+    res = asyncio.run(lc.run_round(server.url, 3, [1.6, 3.2], [wav], voice="NATF2", spread=1.0, seed=5))
+    sent = sorted(s["frames_sent"] for s in res["sessions"])
+    assert sent == [20, 20, 40]  # 1.6 s, 3.2 s, 1.6 s
+    assert all(s["handshake_ms"] is not None for s in res["sessions"])
+    for s in res["sessions"]:
+        assert s["send_late_max_ms"] is not None and 0 <= s["send_late_p99_ms"] <= s["send_late_max_ms"]
+        assert s["client_behind"] == (s["send_late_max_ms"] > lc.CLIENT_LATE_S * 1000)
+    agg, srv = res["aggregate"], res["server"]
+    assert agg["client_cpu_s"] > 0 and agg["client_cpu_ms_per_frame"] > 0
+    assert srv["samples"] >= 2 and srv["cpu_ms_per_session_frame"] > 0 and srv["live_sessions_max"] >= 1
+    assert srv["gpu_memory_GB_max"] == 0  # (the CPU)
+    # each started at its seeded random delay within the spread, not all together
+    starts = np.array([s["start_ms"] for s in res["sessions"]]) / 1000
+    np.testing.assert_allclose(starts, np.random.default_rng(5).uniform(0, 1.0, 3), atol=0.05)
+    assert starts.max() - starts.min() > 0.1
