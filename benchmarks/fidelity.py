@@ -37,6 +37,8 @@ def compare(leader, variants: dict, slots: dict, frames: int, pcm_source) -> dic
     no_mask = torch.zeros(1, cfg.num_streams, dtype=torch.bool, device=dev)
     stats = {name: {"text_top1": [], "audio_top1": [], "text_kl": [], "audio_kl": []} for name in variants}
     ls = slots["leader"]
+    for eng, s in [(leader, ls)] + [(e, slots[n]) for n, e in variants.items()]:
+        eng.reserve_kv(s, eng.lm_state.kv.window)   # (step_tensors and lm_tick take no KV pages)
     for t in range(frames):
         pcm = pcm_source(t).to(dev)
         o = int(leader.lm_state.offset[ls])

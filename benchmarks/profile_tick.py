@@ -150,6 +150,8 @@ def main() -> int:
                       quantize=None if args.quantize == "none" else args.quantize,
                       kv_cache_dtype=None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype)
     slots = eng.open_many([(random_voice(eng.cfg.lm, seed=i), PROMPT_100, None) for i in range(B)])
+    for s in slots:   # (Engine.tick takes no KV pages itself)
+        eng.reserve_kv(s, eng.lm_state.kv.window)
     idx = torch.tensor(slots, device="cuda")
     pcm = 0.1 * torch.randn(B, 1920, device="cuda")
     for _ in range(3):

@@ -27,7 +27,7 @@ from .lm import LM
 from .mimi import Mimi, MimiState
 from .sampling import SamplingParams
 from .prompts import PromptCache, PromptPlan, PromptState, VoicePrompt, check_voice, plan_prompt
-from .state import LMState
+from .state import PAGE_SIZE, LMState
 from .tick import lm_tick, start_stream, user_streams, write_streams
 from .tokenizer import Tokenizer
 
@@ -35,13 +35,15 @@ log = logging.getLogger("ppx.engine")
 
 
 class EngineFull(UserError, RuntimeError):
-    """Every slot is taken."""
+    """Every slot is taken, or the KV cache has no room for another session."""
 
 
 # Batch buckets of the tick's graphs, and prompt-length buckets of the prefill's (voice frames
 # + 12 + role-prompt tokens: a bucket past a prompt's length costs its padding rows' products;
 # steps of 32 up to 512 keep that under a third).
-TICK_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+TICK_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Sessions a GPU engine holds by default at most (each a slot of the batch).
+MAX_SLOTS = 256
 PREFILL_BUCKETS = tuple(range(64, 513, 32)) + (640, 768, 1024)
 # Uncached prompts opened together that replay a prefill graph each (`Engine._prefill_replays`).
 MAX_PROMPT_REPLAYS = 4
@@ -74,13 +76,14 @@ class _Slot:
     frames: int = 0
     opened_at: float = field(default_factory=time.monotonic)
     fresh: bool = False    # a Moshi slot before its first step
+    next_pos: int = 0      # the temporal position its next step writes
 
 
 class Engine:
     def __init__(self, cfg: ModelConfig, lm: LM, mimi: Mimi, tokenizer: Tokenizer, *, max_slots: int = 1,
                  depformer_steps: int | None = None, checkpoint_id: str = "", mimi_id: str = "",
-                 kv_window: int | None = None,
-                 prompt_cache_bytes: int | None = None, kv_cache_dtype: str | None = None):
+                 kv_window: int | None = None, prompt_cache_bytes: int | None = None,
+                 kv_cache_dtype: str | None = None, kv_pages: int | None = None, kv_page_size: int | None = None):
         self.cfg = cfg
         self.lm = lm
         self.mimi = mimi
@@ -100,8 +103,10 @@ class Engine:
         if kv_window is not None and kv_window < window:
             log.warning("KV rings hold %d frames: sessions longer than that see less history than the reference",
                         kv_window)
+        # kv_pages None: enough for every slot to fill its window
         self.lm_state = LMState(cfg.lm, max_slots, self.device, self.dtype, window=kv_window,
-                                kv_dtype=kv_cache_dtype)
+                                kv_dtype=kv_cache_dtype, kv_pages=kv_pages, page_size=kv_page_size)
+        self.kv_shrunk = 0   # sessions whose window was cut for want of KV memory
         self.mimi_state = MimiState(mimi, max_slots, self.device)
         self.slots: dict[int, _Slot] = {}
         self._free = list(range(max_slots))
@@ -131,13 +136,17 @@ class Engine:
              dtype: torch.dtype | None = None, max_slots: int | None = 1, depformer_steps: int | None = None,
              kv_window: int | None = None, cuda_graphs: bool | None = None, quantize: str | None = None,
              kv_cache_dtype: str | None = None, random_weights: bool = False, seed: int = 0,
-             most_slots: int | None = None) -> "Engine":
+             most_slots: int | None = None, kv_page_size: int | None = None,
+             kv_pages: int | None = None) -> "Engine":
         """Loads the model (local files where given, the rest from the hub repo), then on a GPU
         warms up and captures the tick as CUDA graphs. max_slots None: as many sessions as the
         free GPU memory holds once the weights are in (one on the CPU), at most `most_slots`
         (a batch of so many items needs no more). random_weights: the
         config's shapes with random values drawn on the device (benchmarks; only the tokenizer
-        is read)."""
+        is read). The KV cache is a pool of pages of `kv_page_size` positions (default
+        `state.PAGE_SIZE`) taken as sessions grow: `kv_pages` of them, by default on a GPU as
+        many as the free memory holds (at most a whole window per slot), on the CPU a whole
+        window per slot."""
         from .device import check_device
         from .quant import check_fp8_device
 
@@ -168,21 +177,37 @@ class Engine:
             W.load_mimi_weights(mimi, mimi_path, cfg.mimi)
             lm_id, mimi_id = W.file_id(lm_path), W.file_id(mimi_path)
         tok = Tokenizer(tok_path, vocab_size=cfg.lm.text_card)
-        if max_slots is None:
-            max_slots = sessions_that_fit(cfg, device, dtype, kv_window, kv_cache_dtype=kv_cache_dtype)
-            log.info("room for %d sessions", max_slots)
-            max_slots = min(max_slots, most_slots or max_slots)
+        window = kv_window or cfg.lm.temporal.window
+        page = min(kv_page_size or PAGE_SIZE, 1 << (window - 1).bit_length())
+        pages_given = kv_pages
+        if device.type == "cuda":
+            fit = kv_pages_that_fit(cfg, device, dtype, page, kv_cache_dtype,
+                                    slots=max_slots or min(most_slots or MAX_SLOTS, MAX_SLOTS))
+            per_slot = -(-window // page)
+            if max_slots is None:
+                # as many sessions as fit when each lasts a minute; longer ones are admitted
+                # while their pages fit (`Engine._admit`)
+                planned = -(-min(PLANNED_SESSION_FRAMES, window) // page)
+                max_slots = max(1, min(most_slots or MAX_SLOTS, MAX_SLOTS, fit // planned))
+            kv_pages = pages_given or min(fit, max_slots * per_slot)
+            log.info("room for %d sessions; KV cache of %d pages of %d frames (%.1f GB; %.0f sessions at full context)",
+                     max_slots, kv_pages, page, kv_pages * page * kv_position_bytes(cfg, dtype, kv_cache_dtype) / 1e9,
+                     kv_pages / per_slot)
+        else:
+            max_slots = max_slots or 1
+            kv_pages = pages_given or max_slots * -(-window // page)
         if cfg.moshi:
             log.info("%s: Kyutai's Moshi: no voice or role prompt, a conversation starts from the model's initial "
                      "tokens", cfg.name)
         eng = cls(cfg, lm, mimi, tok, max_slots=max_slots, depformer_steps=depformer_steps, checkpoint_id=lm_id,
-                  mimi_id=mimi_id, kv_window=kv_window, kv_cache_dtype=kv_cache_dtype)
+                  mimi_id=mimi_id, kv_window=kv_window, kv_cache_dtype=kv_cache_dtype, kv_pages=kv_pages,
+                  kv_page_size=page)
         t_load = time.monotonic() - t0
         t_graphs = 0.0
         if device.type == "cuda" and (switches.CUDA_GRAPHS if cuda_graphs is None else cuda_graphs):
             t_graphs = eng.enable_graphs()
         log.info("ready in %.1f s (loading %.1f s, warm-up and graph capture %.1f s); weights %.2f GB, KV %.2f GB "
-                 "per session", time.monotonic() - t0, t_load, t_graphs,
+                 "per session at full context", time.monotonic() - t0, t_load, t_graphs,
                  sum(p.numel() * p.element_size() for p in lm.parameters()) / 1e9,
                  eng.lm_state.kv_bytes_per_slot() / 1e9)
         return eng
@@ -261,23 +286,32 @@ class Engine:
         if len(prepared) > len(self._free):
             raise EngineFull(f"all {self.max_slots} session slots are in use")
         slots = [self._free.pop(0) for _ in prepared]
+        kv = self.lm_state.kv
         try:
-            todo = []
+            todo, starts = [], []
             for slot, (voice, ids, sampling) in zip(slots, prepared):
                 if self.cfg.moshi:
-                    self._start_cold(slot)
+                    starts.append(0)
                     continue
                 key = (self.checkpoint_id, voice.key if voice is not None else None, tuple(ids))
                 cached = self.prompt_cache.get(key)
+                plan = None if cached is not None else plan_prompt(self.cfg.lm, voice, ids)
+                starts.append((cached or plan).offset - 1)
+                todo.append((slot, voice, plan, key, cached))
+            self._admit(slots, starts)
+            kv.flush()
+            for slot in slots:
+                if self.cfg.moshi:
+                    self._start_cold(slot)
+            for slot, _, _, _, cached in todo:
                 if cached is not None:
                     self._restore(slot, cached)
-                else:
-                    todo.append((slot, voice, plan_prompt(self.cfg.lm, voice, ids), key))
+            todo = [t for t in todo if t[4] is None]
             if todo:
                 self._prefill([t[0] for t in todo], [t[1] for t in todo], [t[2] for t in todo])
-                for slot, _, plan, key in todo:
+                for slot, _, plan, key, _ in todo:
                     self.prompt_cache.put(key, self._snapshot(slot, plan))
-            for slot, (voice, ids, sampling) in zip(slots, prepared):
+            for slot, start, (voice, ids, sampling) in zip(slots, starts, prepared):
                 seed = sampling.resolved_seed()
                 self.lm_state.set_sampling(slot, seed=seed, temp_text=sampling.temp_text,
                                            temp_audio=sampling.temp_audio, topk_text=sampling.topk_text,
@@ -285,13 +319,66 @@ class Engine:
                                            audio_seed=sampling.resolved_audio_seed(seed))
                 self.mimi_state.reset(slot)
                 self.slots[slot] = _Slot(voice=voice.name if voice else "", prompt_tokens=len(ids), seed=seed,
-                                         fresh=self.cfg.moshi)
+                                         fresh=self.cfg.moshi, next_pos=start)
         except BaseException:
             for slot in slots:
                 self.slots.pop(slot, None)
+                kv.release(slot)
             self._free = sorted(set(self._free) | set(slots))
             raise
         return slots
+
+    def _admit(self, slots: list[int], starts: list[int]) -> None:
+        """Takes the KV pages of new sessions' prompts and first steps, or refuses them
+        (EngineFull) when those pages and a reserve would not fit: one page for every live
+        session still growing, so that the sessions already talking can go on."""
+        kv = self.lm_state.kv
+        need = sum(kv.pages_for(n + 1) for n in starts)
+        growing = sum(1 for s in self.slots if kv.growing(s))
+        if need + growing > kv.free_pages:
+            raise EngineFull(f"the KV cache is full: {kv.free_pages} of {kv.num_pages} pages free, a new session "
+                             f"needs {need // len(slots)} and the {len(self.slots)} live ones keep {growing} in reserve")
+        for slot, n in zip(slots, starts):
+            kv.reserve(slot, n + 1)
+
+    def _grow(self, slot_list: list[int]) -> None:
+        """Before a step: a page for each slot whose next position starts one. A slot the pool
+        cannot serve any more keeps stepping over the history its pages hold (`PagedKV.shrink`)."""
+        kv = self.lm_state.kv
+        for s in slot_list:
+            rec = self.slots[s]
+            if not kv.reserve(s, rec.next_pos + 1):
+                w = kv.shrink(s)
+                self.kv_shrunk += 1
+                log.warning("KV memory is full: slot %d keeps its last %d frames (%.0f s) of context from here on",
+                            s, w, w * self.cfg.mimi.frame_size / self.sample_rate)
+            rec.next_pos += 1
+        kv.flush()
+
+    def reserve_kv(self, slot: int, positions: int) -> None:
+        """Backs a slot's first `positions` positions with pages now (for callers that step it
+        through `tick`, `lm_tick` or `step_tensors`, which take none themselves)."""
+        if not self.lm_state.kv.reserve(slot, positions):
+            raise EngineFull(f"the KV cache has no {positions} positions free for slot {slot}")
+        self.lm_state.kv.flush()
+
+    def kv_room(self, positions: int = 400) -> int:
+        """New sessions whose prompts of `positions` (a voice prompt and a role prompt take
+        about 400) the KV cache would admit now."""
+        kv = self.lm_state.kv
+        need = kv.pages_for(positions + 1)
+        grows = need < kv.pages_per_slot
+        free, growing, room = kv.free_pages, sum(1 for s in self.slots if kv.growing(s)), 0
+        while room < len(self._free) and need + growing <= free:   # (as `_admit` decides)
+            room, free, growing = room + 1, free - need, growing + grows
+        return room
+
+    def kv_stats(self) -> dict:
+        """Pages of the KV cache: total, used and free, their size, and the sessions whose
+        window was cut for want of them."""
+        kv = self.lm_state.kv
+        return {"pages": kv.num_pages, "used": kv.used_pages, "free": kv.free_pages, "page_positions": kv.page_size,
+                "page_bytes": kv.page_bytes(), "shrunk": self.kv_shrunk}
 
     def _start_cold(self, slot: int) -> None:
         """A Moshi conversation's start: an empty token ring with the initial tokens at column 0
@@ -308,6 +395,7 @@ class Engine:
     def close(self, slot: int) -> None:
         if slot in self.slots:
             del self.slots[slot]
+            self.lm_state.kv.release(slot)
             self._free.append(slot)
             self._free.sort()
 
@@ -359,19 +447,11 @@ class Engine:
 
     def _snapshot(self, slot: int, plan: PromptPlan) -> PromptState:
         kv = self.lm_state.kv
-        n = min(plan.positions, kv.window)
-        scales = (kv.k_scale[:, slot, :, :n].clone(), kv.v_scale[:, slot, :, :n].clone()) if kv.quantized else None
-        return PromptState(kv.k[:, slot, :, :n].clone(), kv.v[:, slot, :, :n].clone(), plan.tokens.clone(),
-                           plan.provided.clone(), plan.offset, len(plan.text_ids), scales)
+        k, v, scales = kv.read_slot(slot, min(plan.positions, kv.window))
+        return PromptState(k, v, plan.tokens.clone(), plan.provided.clone(), plan.offset, len(plan.text_ids), scales)
 
     def _restore(self, slot: int, st: PromptState) -> None:
-        kv = self.lm_state.kv
-        n = st.k.shape[2]
-        kv.k[:, slot, :, :n].copy_(st.k)
-        kv.v[:, slot, :, :n].copy_(st.v)
-        if st.scales is not None:
-            kv.k_scale[:, slot, :, :n].copy_(st.scales[0])
-            kv.v_scale[:, slot, :, :n].copy_(st.scales[1])
+        self.lm_state.kv.write_slot(slot, st.k, st.v, st.scales)
         self.lm_state.load_ring(slot, st.tokens, st.provided, st.offset)
 
     # ------------------------------------------------------------------------------
@@ -439,6 +519,7 @@ class Engine:
         s = self.slots[slot]
         if not s.fresh:
             raise ValueError(f"slot {slot} has stepped already (prime only a fresh Moshi slot)")
+        self._grow([slot])
         self._first_step(torch.tensor([slot], device=self.device), None)
         s.fresh = False
 
@@ -527,6 +608,7 @@ class Engine:
         for s in slot_list:
             if s not in self.slots:
                 raise KeyError(f"slot {s} is not open")
+        self._grow(slot_list)
         fresh = [s for s in slot_list if self.slots[s].fresh]
         out = {}
         if fresh:
@@ -569,14 +651,21 @@ def resolve_config(config: ModelConfig | str | None = None, moshi_weight=None,
     return PERSONAPLEX_7B
 
 
-def sessions_that_fit(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, kv_window: int | None = None,
-                      headroom: int = 6 << 30, cap: int = 64, kv_cache_dtype: str | None = None) -> int:
-    """Sessions whose full-context KV rings fit the free GPU memory, keeping headroom for the
-    tick's activations, the graphs and the prompt cache."""
-    if device.type != "cuda":
-        return 1
-    free, _ = torch.cuda.mem_get_info(device)
+def kv_position_bytes(cfg: ModelConfig, dtype: torch.dtype, kv_cache_dtype: str | None = None) -> int:
+    """Bytes of one position's keys and values over all layers (and their scales in e4m3)."""
     t = cfg.lm.temporal
-    vectors = 2 * t.num_layers * t.num_heads * (kv_window or t.window)
-    per = vectors * (t.head_dim + 4 if kv_cache_dtype == "fp8" else t.head_dim * torch.finfo(dtype).bits // 8)
-    return max(1, min(cap, int((free - headroom) // per)))
+    vectors = 2 * t.num_layers * t.num_heads
+    return vectors * (t.head_dim + 4 if kv_cache_dtype == "fp8" else t.head_dim * torch.finfo(dtype).bits // 8)
+
+
+def kv_pages_that_fit(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, page: int,
+                      kv_cache_dtype: str | None = None, slots: int = MAX_SLOTS, headroom: int = 6 << 30) -> int:
+    """KV pages of `page` positions that the free GPU memory holds, keeping headroom for the
+    tick's activations at `slots` rows, the graphs and the prompt cache."""
+    free, _ = torch.cuda.mem_get_info(device)
+    headroom += slots * (24 << 20)
+    return max(1, int((free - headroom) // (page * kv_position_bytes(cfg, dtype, kv_cache_dtype))))
+
+
+# a session of this many frames (one minute) and its prompt: what the default slot count plans for
+PLANNED_SESSION_FRAMES = 750 + 400

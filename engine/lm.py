@@ -171,18 +171,20 @@ class LM(nn.Module):
 
     def temporal_decode(self, x: torch.Tensor, kv, slots: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One position per slot. x: [B, dim]; pos: [B] positions (written to the KV rings
-        at pos mod the ring's window); kv: `state.KVRings`. Returns out_norm(h) [B, dim]."""
+        at pos mod the slot's window); kv: `state.PagedKV`. Returns out_norm(h) [B, dim]."""
         t = self.cfg.temporal
         B = x.shape[0]
-        H, D, C = t.num_heads, t.head_dim, kv.window
+        H, D = t.num_heads, t.head_dim
+        C = kv.window_of.index_select(0, slots)
         ring_idx = pos % C
-        lengths = torch.clamp(pos + 1, max=C)
+        lengths = torch.minimum(pos + 1, C)
         delta = None
         for i, layer in enumerate(self.layers):
             x, qkv = layer.attn_in.after_norm(x, delta, layer.norm1, t.norm_eps)
             ks, vs = kv.scales(i)
-            q = qkv_rope_write(qkv.view(B, 3, H, D), pos, t.max_period, slots, ring_idx, kv.k[i], kv.v[i], ks, vs)
-            a = decode_attention(q, kv.k[i], kv.v[i], slots, lengths, ks, vs)
+            q = qkv_rope_write(qkv.view(B, 3, H, D), pos, t.max_period, slots, ring_idx, kv.k[i], kv.v[i], ks, vs,
+                               table=kv.table)
+            a = decode_attention(q, kv.k[i], kv.v[i], slots, lengths, ks, vs, table=kv.table, window=kv.window)
             x, f = layer.ffn_in.after_norm(x, layer.attn_out(a.reshape(B, H * D)), layer.norm2, t.norm_eps)
             delta = layer.ffn_out.after_silu(f)
         return add_rms_norm(x, delta, self.out_norm, t.norm_eps)[1]
@@ -224,9 +226,9 @@ class LM(nn.Module):
                 (x, rms_norm(x, layer.norm1, t.norm_eps))
             qkv = layer.attn_in(h).view(B * T, 3, H, D)
             if direct:
-                q = qkv_rope_write(qkv, pos, t.max_period, w_slots, w_idx, kv.k[i], kv.v[i])
-                a = F.scaled_dot_product_attention(q.view(B, T, H, D).transpose(1, 2), kv.k[i][slots, :, :T],
-                                                   kv.v[i][slots, :, :T], is_causal=True).transpose(1, 2)
+                q = qkv_rope_write(qkv, pos, t.max_period, w_slots, w_idx, kv.k[i], kv.v[i], table=kv.table)
+                a = F.scaled_dot_product_attention(q.view(B, T, H, D).transpose(1, 2), kv.gather(kv.k[i], slots, T),
+                                                   kv.gather(kv.v[i], slots, T), is_causal=True).transpose(1, 2)
             else:
                 q, k, v = rope_qkv(qkv, pos, t.max_period)
                 a = prefill_attention_ref(q.view(B, T, H, D), k.view(B, T, H, D), v.view(B, T, H, D), C, mask=mask)

@@ -45,6 +45,8 @@ def make_tiny_engine(max_slots: int = 1, device: str = "cpu", dtype=torch.float3
         cfg = load_config(files["config"])
         files["config"] = dataclasses.replace(cfg, lm=dataclasses.replace(
             cfg.lm, temporal=dataclasses.replace(cfg.lm.temporal, context=window + 1)))
+    # KV pages of 4 positions: the window spans several, the last one part-filled
+    load_kw.setdefault("kv_page_size", 4)
     return Engine.load(**files, device=device, dtype=dtype, max_slots=max_slots, **load_kw)
 
 

@@ -3,7 +3,8 @@
 For pair i of a head of size D at position t: angle = t * max_period^(-2i/D),
 (a, b) -> (a cos - b sin, a sin + b cos), cast back to the input dtype.
 `qkv_rope_write` fuses it with the decode step's KV-ring write: q and k rotated, k and v
-stored at [slot, :, ring_idx] of one layer's rings, rotated q returned.
+stored at [slot, :, ring_idx] of one layer's rings (or, given a page table, at [table[slot,
+ring_idx // P], :, ring_idx % P] of its pages of P entries), rotated q returned.
 """
 from __future__ import annotations
 
@@ -62,14 +63,20 @@ def _rows_of(pos, slots, ring_idx, per: int, window: int):
     return pos, slots, (pos % window if ring_idx is None else ring_idx)
 
 
-def qkv_rope_write_ref(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring, k_scale=None, v_scale=None, per=1):
+def qkv_rope_write_ref(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring, k_scale=None, v_scale=None, per=1,
+                       table=None):
     """qkv: [B, 3, H, D]; k_ring, v_ring: [S, H, W, D] of one layer. Returns rotated q [B, H, D].
     With scales ([S, H, W]), the rings are e4m3: each stored vector is quantized with its own.
     ring_idx None: each row's position mod W. per > 1: pos and slots hold one entry per `per`
-    consecutive rows, row r at position pos[r // per] + r % per (a chunk of positions per slot)."""
+    consecutive rows, row r at position pos[r // per] + r % per (a chunk of positions per slot).
+    table ([S, pages per slot], with ring_idx given): k_ring and v_ring are pages [pages, H, P,
+    D] and ring entry i of slot s is row i mod P of page table[s, i // P]."""
     pos, slots, ring_idx = _rows_of(pos, slots, ring_idx, per, k_ring.shape[2])
     q, k = rope_ref(qkv[:, 0], qkv[:, 1], pos, max_period)
     v = qkv[:, 2]
+    if table is not None:
+        P = k_ring.shape[2]
+        slots, ring_idx = table[slots, ring_idx // P], ring_idx % P
     if k_scale is not None:
         (k, ks), (v, vs) = quantize_rows(k), quantize_rows(v)
         k_scale[slots, :, ring_idx] = ks
@@ -81,10 +88,11 @@ def qkv_rope_write_ref(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring, k_
 
 @triton.jit
 def _qkv_rope_write_kernel(qkv_ptr, pos_ptr, slot_ptr, ridx_ptr, q_ptr, k_ring, v_ring, freq_ptr, ks_ptr, vs_ptr,
-                           s_b, s_h, sq_b, sq_h, sr_slot, sr_h, sr_w, ss_slot, ss_h, HD, PER, W,
-                           HALF: tl.constexpr, QUANT: tl.constexpr, RIDX: tl.constexpr, PDL: tl.constexpr):
+                           tbl_ptr, s_b, s_h, sq_b, sq_h, sr_slot, sr_h, sr_w, ss_slot, ss_h, st_slot, HD, PER, W,
+                           HALF: tl.constexpr, QUANT: tl.constexpr, RIDX: tl.constexpr, PAGE: tl.constexpr,
+                           PDL: tl.constexpr):
     # row b: position pos[b // PER] + b % PER of slot slots[b // PER]; its ring entry ridx[b]
-    # (RIDX), else the position mod W
+    # (RIDX), else the position mod W; PAGE > 0: entry r is row r % PAGE of page tbl[slot, r // PAGE]
     pdl_start(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -111,6 +119,9 @@ def _qkv_rope_write_kernel(qkv_ptr, pos_ptr, slot_ptr, ridx_ptr, q_ptr, k_ring, 
         r = tl.load(ridx_ptr + b)
     else:
         r = p % W
+    if PAGE > 0:
+        slot = tl.load(tbl_ptr + slot * st_slot + r // PAGE)
+        r = r % PAGE
     off = slot * sr_slot + h * sr_h + r * sr_w
     # k is rounded to the activation dtype first, as the reference's rope returns it
     kra = (ka * c - kb * s).to(q_ptr.dtype.element_ty).to(tl.float32)
@@ -144,7 +155,8 @@ def rope_freqs(D: int, max_period: float, device) -> torch.Tensor:
     return _FREQS[key]
 
 
-def qkv_rope_write_triton(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring, k_scale=None, v_scale=None, per=1):
+def qkv_rope_write_triton(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring, k_scale=None, v_scale=None, per=1,
+                          table=None):
     """`qkv_rope_write_ref` in one launch."""
     B, three, H, D = qkv.shape
     assert three == 3 and qkv.stride(-1) == 1 and qkv.stride(2) == D and qkv.stride(1) == H * D
@@ -157,17 +169,22 @@ def qkv_rope_write_triton(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring,
     pos, slots = pos.contiguous(), slots.contiguous()
     ridx = ring_idx is not None
     ring_idx = ring_idx.contiguous() if ridx else pos
+    assert table is None or (ridx and table.stride(1) == 1)
     q = torch.empty(B, H, D, device=qkv.device, dtype=qkv.dtype)
     ks, vs = (k_scale, v_scale) if quant else (q, q)
+    tbl = table if table is not None else slots
     _qkv_rope_write_kernel[(B, H)](
-        qkv, pos, slots, ring_idx, q, k_ring, v_ring, rope_freqs(D, max_period, qkv.device), ks, vs,
+        qkv, pos, slots, ring_idx, q, k_ring, v_ring, rope_freqs(D, max_period, qkv.device), ks, vs, tbl,
         qkv.stride(0), D, q.stride(0), q.stride(1), k_ring.stride(0), k_ring.stride(1), k_ring.stride(2),
-        ks.stride(0) if quant else 0, ks.stride(1) if quant else 0, H * D, per, k_ring.shape[2], HALF=D // 2,
-        QUANT=quant, RIDX=ridx, num_warps=1, **pdl_kw(qkv))
+        ks.stride(0) if quant else 0, ks.stride(1) if quant else 0, tbl.stride(0), H * D, per, k_ring.shape[2],
+        HALF=D // 2, QUANT=quant, RIDX=ridx, PAGE=k_ring.shape[2] if table is not None else 0, num_warps=1,
+        **pdl_kw(qkv))
     return q
 
 
-def qkv_rope_write(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring, k_scale=None, v_scale=None, per=1):
+def qkv_rope_write(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring, k_scale=None, v_scale=None, per=1,
+                   table=None):
     if triton_enabled(qkv):
-        return qkv_rope_write_triton(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring, k_scale, v_scale, per)
-    return qkv_rope_write_ref(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring, k_scale, v_scale, per)
+        return qkv_rope_write_triton(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring, k_scale, v_scale, per,
+                                     table)
+    return qkv_rope_write_ref(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring, k_scale, v_scale, per, table)

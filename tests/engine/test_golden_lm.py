@@ -19,6 +19,7 @@ def _live(engine, slot, codes, return_logits=False):
     cfg = engine.cfg.lm
     slots = torch.tensor([slot])
     mask = user_mask(cfg, 1, "cpu")
+    engine.reserve_kv(slot, engine.lm_state.kv.window)   # (lm_tick takes no KV pages itself)
     toks, tl, al = [], [], []
     with torch.no_grad():
         for c in codes:
@@ -67,6 +68,7 @@ def test_prefill_leaves_the_state_stepping_leaves(trace, golden_voice, golden_pr
     b = make_tiny_engine(window=window)
     cfg = b.cfg.lm
     st = b.lm_state
+    b.reserve_kv(0, st.kv.window)
     st.set_sampling(0, seed=1234, audio_seed=1234, temp_text=0.7, temp_audio=0.8, topk_text=25, topk_audio=250, greedy=False)
     slots = torch.tensor([0])
     full = torch.ones(1, cfg.num_streams, dtype=torch.bool)
@@ -93,8 +95,7 @@ def test_prefill_leaves_the_state_stepping_leaves(trace, golden_voice, golden_pr
     P = int(sa.offset[slot]) - 1
     W = a.cfg.lm.temporal.window
     n = min(P, W)
-    for ring in ("k", "v"):
-        ka, kb = getattr(sa.kv, ring)[:, slot, :, :n], getattr(sb.kv, ring)[:, 0, :, :n]
+    for ka, kb in zip(sa.kv.read_slot(slot, n)[:2], sb.kv.read_slot(0, n)[:2]):
         torch.testing.assert_close(ka, kb, rtol=1e-5, atol=1e-5)
     codes = user_frames(trace, 20)
     np.testing.assert_array_equal(_live(a, slot, codes), _live(b, 0, codes))
@@ -138,7 +139,9 @@ def test_a_cached_prompt_restores_the_same_state(trace, golden_voice, golden_pro
     b = eng.open(golden_voice, golden_prompt, GREEDY)
     assert eng.prompt_cache.hits == 1
     st = eng.lm_state
-    assert torch.equal(st.kv.k[:, a], st.kv.k[:, b]) and torch.equal(st.kv.v[:, a], st.kv.v[:, b])
+    W = st.kv.window
+    for ra, rb in zip(st.kv.read_slot(a, W)[:2], st.kv.read_slot(b, W)[:2]):
+        assert torch.equal(ra, rb)
     assert torch.equal(st.tokens[a], st.tokens[b]) and int(st.offset[a]) == int(st.offset[b])
     codes = user_frames(trace, 230)
     np.testing.assert_array_equal(_live(eng, b, codes)[:, :9], trace["tokens"][:, :9])
@@ -173,10 +176,10 @@ def test_a_prompt_padded_to_its_graph_bucket_leaves_the_state_of_its_own_length(
         a, b = padded.open(voice, text, GREEDY), plain.open(voice, text, GREEDY)
         n = int(padded.lm_state.offset[a]) - 1
         assert padded.prefill_graphs.bucket(n).size > n  # (29, 57, 194 positions: each padded)
-        kv_a, kv_b = padded.lm_state.kv, plain.lm_state.kv
-        for ring in ("k", "v") + (("k_scale", "v_scale") if kv_cache_dtype else ()):
-            torch.testing.assert_close(getattr(kv_a, ring)[:, a, :, :n].float(), getattr(kv_b, ring)[:, b, :, :n].float(),
-                                       rtol=1e-5, atol=1e-5)
+        ka, va, sa = padded.lm_state.kv.read_slot(a, n)
+        kb, vb, sb = plain.lm_state.kv.read_slot(b, n)
+        for x, y in [(ka, kb), (va, vb)] + (list(zip(sa, sb)) if kv_cache_dtype else []):
+            torch.testing.assert_close(x.float(), y.float(), rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(_live(padded, a, codes), _live(plain, b, codes))
 
 

@@ -21,6 +21,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from engine.kernels.codebook_sum import _codebook_sum_kernel  # noqa: E402
 from engine.kernels.conv_input import _conv_input_kernel  # noqa: E402
+from engine.kernels.decode_attention import _attn_split_kernel  # noqa: E402
 from engine.kernels.elu import _elu_kernel  # noqa: E402
 from engine.kernels.layer_norm import _scale_add_ln_kernel  # noqa: E402
 from engine.kernels.overlap_add import _overlap_add_kernel  # noqa: E402
@@ -32,6 +33,26 @@ from engine.kernels.rvq_step import _rvq_step_kernel  # noqa: E402
 from engine.kernels.sampling import _sample_kernel, sample_warps  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
+
+
+def _rope_sig(act: str, ring: str) -> dict:
+    i32 = "i32"
+    return dict(qkv_ptr=act, pos_ptr="*i64", slot_ptr="*i64", ridx_ptr="*i64", q_ptr=act, k_ring=ring, v_ring=ring,
+                freq_ptr="*fp32", ks_ptr="*fp32", vs_ptr="*fp32", tbl_ptr="*i64", s_b=i32, s_h=i32, sq_b=i32,
+                sq_h=i32, sr_slot=i32, sr_h=i32, sr_w=i32, ss_slot=i32, ss_h=i32, st_slot=i32, HD=i32, PER=i32, W=i32)
+
+
+def _kv_pages(kind: str, quant: bool):
+    """The temporal transformer's KV-cache kernels over pages of 128 (bf16, or e4m3 with scales)."""
+    ring = "*fp8e4nv" if quant else "*bf16"
+    if kind == "rope":
+        return _qkv_rope_write_kernel, _rope_sig("*bf16", ring), dict(HALF=64, QUANT=quant, RIDX=True, PAGE=128,
+                                                                     PDL=True), (1, 1)
+    i32 = "i32"
+    sig = dict(q_ptr="*bf16", k_ring=ring, v_ring=ring, slot_ptr="*i64", len_ptr="*i64", o_ptr="*fp32",
+               m_ptr="*fp32", l_ptr="*fp32", ks_ptr="*fp32", vs_ptr="*fp32", tbl_ptr="*i64", sq_b=i32, sq_h=i32,
+               sr_slot=i32, sr_h=i32, sr_w=i32, ss_slot=i32, ss_h=i32, st_slot=i32, H=i32, CHUNK=i32, scale="fp32")
+    return _attn_split_kernel, sig, dict(D=128, BLOCK_N=128, NSPLIT=4, QUANT=quant, PAGE=128, PDL=True), (4, 3)
 
 
 def _one_row(w="*bf16", scaled=False, pro=0, delta=0, d=1, steps=1, pdl=True, cfg=(8, 256, 4, 3), vec=0):
@@ -85,11 +106,9 @@ def _codec(name, act=True, fresh=False, ks=1):
         sig = dict(x_ptr="*fp32", y_ptr="*fp32", n=i32, C=i32, T=i32, sxb=i32, sxc=i32, sxt=i32, syb=i32, syc=i32,
                    syt=i32)
         return _elu_kernel, sig, dict(BLOCK=1024, PDL=True), (4, 1)
-    if name == "rope":
-        sig = dict(qkv_ptr="*fp32", pos_ptr="*i64", slot_ptr="*i64", ridx_ptr="*i64", q_ptr="*fp32", k_ring="*fp32",
-                   v_ring="*fp32", freq_ptr="*fp32", ks_ptr="*fp32", vs_ptr="*fp32", s_b=i32, s_h=i32, sq_b=i32,
-                   sq_h=i32, sr_slot=i32, sr_h=i32, sr_w=i32, ss_slot=i32, ss_h=i32, HD=i32, PER=i32, W=i32)
-        return _qkv_rope_write_kernel, sig, dict(HALF=32, QUANT=False, RIDX=False, PDL=True), (1, 1)
+    if name == "rope":   # Mimi's rings: no page table
+        return _qkv_rope_write_kernel, _rope_sig("*fp32", "*fp32"), dict(HALF=32, QUANT=False, RIDX=False, PAGE=0,
+                                                                        PDL=True), (1, 1)
     if name == "layer norm":
         sig = dict(x_ptr="*fp32", d_ptr="*fp32", s_ptr="*fp32", w_ptr="*fp32", b_ptr="*fp32", xo_ptr="*fp32",
                    y_ptr="*fp32", N=i32, eps="fp32", sx=i32, sd=i32, sxo=i32, sy=i32)
@@ -145,6 +164,10 @@ VARIANTS = {
     "Mimi's ELU, strided": _codec("elu"),
     "Mimi's rope and ring write, chunks of positions": _codec("rope"),
     "Mimi's scale-add LayerNorm": _codec("layer norm"),
+    "KV pages: rope and write, bf16": _kv_pages("rope", False),
+    "KV pages: rope and write, e4m3": _kv_pages("rope", True),
+    "KV pages: decode attention, bf16": _kv_pages("attention", False),
+    "KV pages: decode attention, e4m3": _kv_pages("attention", True),
 }
 
 

@@ -33,3 +33,21 @@ def randn(*shape, dtype, g, device=DEVICE):
 
 
 __all__ = ["CUDA", "DEVICE", "DTYPES", "HALF", "check", "gpu", "randn", "rel"]
+
+
+def to_pages(rings, P: int, g):
+    """Rings [S, H, W, ...] as a page pool [1 + S * n, H, P, ...] (page 0 the scratch page) with
+    the pages of each slot scattered at random, and their table [S, n] (n = ceil(W / P))."""
+    S, H, W = rings.shape[:3]
+    n = -(-W // P)
+    table = (torch.randperm(S * n, generator=g) + 1).view(S, n).to(rings.device)
+    pool = torch.zeros((1 + S * n, H, P) + rings.shape[3:], dtype=rings.dtype, device=rings.device)
+    padded = torch.zeros((S, H, n * P) + rings.shape[3:], dtype=rings.dtype, device=rings.device)
+    padded[:, :, :W] = rings
+    pool[table.flatten()] = padded.unflatten(2, (n, P)).transpose(1, 2).flatten(0, 1)
+    return pool, table
+
+
+def from_pages(pool, table, W: int):
+    """`to_pages` undone: rings [S, H, W, ...]."""
+    return pool[table].transpose(1, 2).flatten(2, 3)[:, :, :W]

@@ -8,7 +8,7 @@ from engine.kernels.ring_attention import ring_chunk_attention_ref, ring_chunk_a
 from engine.kernels.step_attention import step_attention_ref, step_attention_triton
 from engine.quant import FP8
 
-from kernel_cases import DEVICE, DTYPES, HALF, check, gpu, randn, rel
+from kernel_cases import DEVICE, DTYPES, HALF, check, gpu, randn, rel, to_pages
 
 RING_SHAPES = [gpu(1, 32, 128, 2999), gpu(8, 32, 128, 2999), gpu(4, 16, 64, 16),
                (1, 4, 16, 19), (3, 2, 32, 37), (2, 3, 16, 130)]
@@ -45,6 +45,38 @@ def test_decode_attention_over_e4m3_rings(B, H, D, W):
     lengths = torch.randint(1, W + 1, (B,), generator=g).to(DEVICE)
     out = decode_attention_triton(q, k, v, slots, lengths, k_scale=ks, v_scale=vs)
     assert rel(out, decode_attention_ref(q, k, v, slots, lengths, ks, vs)) < 1e-2
+
+
+PAGED_SHAPES = [gpu(8, 32, 128, 2999, 128), gpu(4, 16, 64, 300, 64), (1, 4, 16, 19, 4), (3, 2, 32, 37, 8),
+                (2, 3, 16, 130, 16), (2, 2, 16, 12, 16)]
+
+
+@pytest.mark.parametrize("quant", [False, True])
+@pytest.mark.parametrize("B,H,D,W,P", PAGED_SHAPES)
+def test_decode_attention_over_pages(B, H, D, W, P, quant):
+    """Rings cut into pages of P entries, scattered over a pool: the same attention as over the
+    rings themselves (a slot's last page part-filled when P does not divide W)."""
+    g = torch.Generator().manual_seed(13 * B + W + P)
+    S = B + 1
+    q = randn(B, H, D, dtype=HALF, g=g)
+    k, v = (randn(S, H, W, D, dtype=HALF, g=g) for _ in range(2))
+    ks = vs = None
+    if quant:
+        k, v = k.float().to(FP8), v.float().to(FP8)
+        ks, vs = (torch.rand(S, H, W, generator=g).to(DEVICE) + 0.01 for _ in range(2))
+    slots = torch.randperm(S, generator=g)[:B].to(DEVICE)
+    lengths = torch.randint(1, W + 1, (B,), generator=g).to(DEVICE)
+    lengths[0] = W
+    same = lambda: torch.Generator().manual_seed(1)  # noqa: E731  (one page layout for all)
+    (kp, table), (vp, _) = to_pages(k, P, same()), to_pages(v, P, same())
+    ksp = vsp = None
+    if quant:
+        ksp, vsp = (to_pages(t, P, same())[0] for t in (ks, vs))
+    ref = decode_attention_ref(q, k, v, slots, lengths, ks, vs)
+    paged_ref = decode_attention_ref(q, kp, vp, slots, lengths, ksp, vsp, table=table, window=W)
+    torch.testing.assert_close(paged_ref, ref, rtol=0, atol=0)
+    out = decode_attention_triton(q, kp, vp, slots, lengths, ksp, vsp, table=table, window=W)
+    assert rel(out, ref) < 1e-2
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -7,7 +7,7 @@ from engine.kernels import triton_on_cpu
 from engine.kernels.rope import qkv_rope_write_ref, qkv_rope_write_triton, rope_qkv, rope_ref
 from engine.quant import FP8
 
-from kernel_cases import CUDA, DEVICE, DTYPES, HALF, gpu, randn
+from kernel_cases import CUDA, DEVICE, DTYPES, HALF, from_pages, gpu, randn, to_pages
 
 RING_SHAPES = [gpu(1, 32, 128, 2999), gpu(8, 32, 128, 2999), gpu(4, 16, 64, 16),
                (1, 4, 16, 19), (3, 2, 32, 37), (2, 3, 16, 130)]
@@ -51,6 +51,36 @@ def test_qkv_rope_write_of_chunks(B, T, H, D, W):
     torch.testing.assert_close(rings[0], rings[2], rtol=1e-5, atol=1e-5)
     assert torch.equal(rings[1], rings[3])
     assert int((rings[1] != 0).any(-1).sum()) == B * T * H  # every row's v landed in its own entry
+
+
+@pytest.mark.parametrize("quant", [False, True])
+@pytest.mark.parametrize("B,H,D,W,P", [gpu(8, 32, 128, 2999, 128), (1, 4, 16, 19, 4), (3, 2, 32, 37, 8)])
+def test_qkv_rope_write_into_pages(B, H, D, W, P, quant):
+    """Writing through a page table leaves, read back through it, what writing the rings does."""
+    g = torch.Generator().manual_seed(5 * B + W + P)
+    S = B + 2
+    qkv = randn(B, 3, H, D, dtype=HALF, g=g)
+    pos = torch.randint(0, 10000, (B,), generator=g).to(DEVICE)
+    slots = torch.randperm(S, generator=g)[:B].to(DEVICE)
+    ridx = pos % W
+    dt = FP8 if quant else HALF
+    rings = [torch.zeros(S, H, W, D, device=DEVICE, dtype=dt) for _ in range(2)]
+    scales = [torch.ones(S, H, W, device=DEVICE) for _ in range(2)] if quant else [None, None]
+    qr = qkv_rope_write_ref(qkv, pos, 10000.0, slots, ridx, *rings, *scales)
+    same = lambda: torch.Generator().manual_seed(2)  # noqa: E731  (one page layout for all)
+    for fn in (qkv_rope_write_ref, qkv_rope_write_triton):
+        pages = [to_pages(torch.zeros(S, H, W, D, device=DEVICE, dtype=dt), P, same()) for _ in range(2)]
+        table = pages[0][1]
+        pscales = [to_pages(torch.ones(S, H, W, device=DEVICE), P, same())[0] for _ in range(2)] if quant \
+            else [None, None]
+        q = fn(qkv, pos, 10000.0, slots, ridx, pages[0][0], pages[1][0], *pscales, table=table)
+        torch.testing.assert_close(q, qr, rtol=1e-2, atol=1e-2)
+        for ring, (pool, _) in zip(rings, pages):
+            agree = (from_pages(pool, table, W).float() == ring.float()).float().mean().item()
+            assert agree > 0.99   # (e4m3: the same codes but for rounding ties of the scaled value)
+        if quant:
+            for sc, pool in zip(scales, pscales):
+                torch.testing.assert_close(from_pages(pool, table, W), sc, rtol=1e-3, atol=1e-6)
 
 
 @pytest.mark.parametrize("B,H,D,W", RING_SHAPES)
