@@ -56,6 +56,12 @@ class StandInEngine:
     def encode_voice(self, pcm, name: str = "voice"):
         return None  # (the stand-in has no voices: its sessions name none)
 
+    def kv_room(self) -> int:
+        return len(self._free)   # (no KV cache: only slots limit it)
+
+    def kv_stats(self) -> dict:
+        return {"pages": 0, "used": 0, "free": 0, "page_positions": 0, "page_bytes": 0, "shrunk": 0}
+
     def close(self, slot: int) -> None:
         if self.slots.pop(slot, None) is not None:
             self._free.append(slot)

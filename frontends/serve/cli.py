@@ -65,9 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--topk-text", type=int, default=d.topk_text)
     ap.add_argument("--greedy", action="store_true")
     g = ap.add_argument_group("timing and limits")
-    g.add_argument("--tick-period-ms", type=float, default=20.0,
-                   help="ticks start at most this often unless every session has a frame (default 20 ms: a frame "
-                        "waits at most that long for others to share its tick)")
+    g.add_argument("--tick-deadline-ms", type=float, default=5.0,
+                   help="a tick starts when every session has a frame, or when the oldest waiting frame has waited "
+                        "this long (default 5 ms; under load ticks run back to back)")
     g.add_argument("--max-backlog-seconds", type=float, default=2.0,
                    help="how long an input frame may wait for its tick when the server falls behind real time; "
                         "older frames are dropped (counted in /metrics) so answers stay within this of the input "
@@ -138,7 +138,7 @@ def check_cpu_serving(args, device) -> None:
 
 
 def check_limits(args) -> None:
-    for name in ("tick_period_ms", "max_backlog_seconds", "burst_seconds", "client_buffer_seconds"):
+    for name in ("tick_deadline_ms", "max_backlog_seconds", "burst_seconds", "client_buffer_seconds"):
         if not getattr(args, name) > 0:
             raise UserError(f"--{name.replace('_', '-')} must be above 0 (got {getattr(args, name)})")
     if args.idle_timeout < 0:

@@ -6,10 +6,15 @@ has an input frame. Frontends talk to it through thread-safe calls (`open`, `clo
 hear back through the `Sink` each session gives: `answer` once per tick on this thread (hand the
 work off quickly), `behind` when the session's input was cut.
 
+When to tick. A tick starts as soon as every live session has a frame, or when the oldest
+waiting frame has waited `deadline` seconds: sessions at any phase share ticks, no frame waits
+for a fixed cadence, and under load (frames arriving while a tick runs have waited its length
+already) ticks run back to back, each taking the frames that arrived during the one before.
+
 Input backlog. A session's frames wait in its queue until a tick takes them; a queue longer than
-one frame is served by ticks up to `tick_period` apart, faster than real time, so a burst (a
-client back from a network stall, a server back from a pause) drains in a fraction of its
-length. When the server stays behind real time (an overloaded host), a frame that has waited
+one frame has an old first frame, so its ticks come back to back, faster than real time, and a
+burst (a client back from a network stall, a server back from a pause) drains in a fraction of
+its length. When the server stays behind real time (an overloaded host), a frame that has waited
 more than `max_wait` seconds is dropped and counted, never the newest: a session's answers stay
 within `max_wait` of its input, and every session carries on. The client is not blamed.
 """
@@ -71,14 +76,13 @@ class _Live:
 
 
 class Scheduler(threading.Thread):
-    """Ticks start as soon as every live session has a frame, else at most every `tick_period`
-    seconds (each session's frames then wait a steady share of the period, so answers come back
-    evenly spaced, and sessions at any phase share the ticks)."""
+    """Ticks start as soon as every live session has a frame, else once the oldest waiting frame
+    has waited `deadline` seconds."""
 
-    def __init__(self, engine, *, tick_period: float, max_wait: float, on_fatal=None):
+    def __init__(self, engine, *, deadline: float, max_wait: float, on_fatal=None):
         super().__init__(name="ppx-tick", daemon=True)
         self.engine = engine
-        self.tick_period = tick_period
+        self.deadline = deadline
         self.max_wait = max_wait
         self.frame_seconds = engine.frame_size / engine.sample_rate
         self.on_fatal = on_fatal
@@ -125,7 +129,6 @@ class Scheduler(threading.Thread):
 
     def run(self) -> None:
         try:
-            next_tick = 0.0
             while not self.stopping:
                 self._service()
                 ready = self._ready()
@@ -133,12 +136,14 @@ class Scheduler(threading.Thread):
                     self.wake.wait(0.05)
                     self.wake.clear()
                     continue
-                while len(ready) < len(self._live) and time.monotonic() < next_tick and not self.stopping:
-                    self.wake.wait(next_tick - time.monotonic())
+                while ready and len(ready) < len(self._live) and not self.stopping:
+                    due = self._oldest(ready) + self.deadline
+                    if time.monotonic() >= due:
+                        break
+                    self.wake.wait(due - time.monotonic())
                     self.wake.clear()
                     self._service()
                     ready = self._ready()
-                next_tick = time.monotonic() + self.tick_period
                 if ready:
                     self._tick(ready)
         except Exception:  # the engine failed: nothing can be served any more
@@ -154,6 +159,11 @@ class Scheduler(threading.Thread):
 
     def _ready(self) -> list[int]:
         return [slot for slot, live in self._live.items() if live.frames]
+
+    def _oldest(self, ready: list[int]) -> float:
+        """When the oldest waiting frame of these slots was complete."""
+        with self._lock:
+            return min(self._live[s].frames[0][1] for s in ready if self._live[s].frames)
 
     def _tick(self, ready: list[int]) -> None:
         m = self.metrics

@@ -52,7 +52,7 @@ class Server:
         self.max_sessions = args.max_sessions
         self.api_key = args.api_key or switches.API_KEY
         self.warn = ClientWarnings()
-        self.scheduler = Scheduler(engine, tick_period=args.tick_period_ms / 1000,
+        self.scheduler = Scheduler(engine, deadline=args.tick_deadline_ms / 1000,
                                    max_wait=args.max_backlog_seconds, on_fatal=self._fatal)
         self.codec = CodecThreads(args.codec_threads)
         self.voices = VoiceStore(VoiceLibrary(voices_dir) if voices_dir is not None else None, engine, cache_dir)
@@ -84,7 +84,8 @@ class Server:
         return True, ""
 
     def free_slots(self) -> int:
-        return max(0, self.max_sessions - len(self.sessions))
+        """New sessions this server would take now: free slots, as far as the KV cache has room."""
+        return max(0, min(self.max_sessions - len(self.sessions), self.engine.kv_room()))
 
     def health(self) -> tuple[bool, str]:
         """Readiness, for load balancers and Kubernetes: ready while a new session would start."""
@@ -106,6 +107,7 @@ class Server:
 
     def metrics_text(self) -> str:
         m = self.scheduler.metrics
+        kv = self.engine.kv_stats()
         live = sum(1 for s in self.sessions if s.slot is not None and not s.closed)
         return prometheus(
             gauges=[("ppx_live_sessions", "Sessions past their prompt phase.", live),
@@ -118,7 +120,11 @@ class Server:
                     ("ppx_draining", "1 while the server drains (after SIGTERM).", int(self.draining)),
                     ("ppx_gpu_memory_bytes", "GPU memory the engine's tensors hold (0 on the CPU).",
                      self._gpu_memory()),
-                    ("ppx_tasks", "Tasks of the event loop.", len(asyncio.all_tasks(self.loop)) if self.loop else 0)],
+                    ("ppx_tasks", "Tasks of the event loop.", len(asyncio.all_tasks(self.loop)) if self.loop else 0),
+                    ("ppx_kv_pages_used", "KV cache pages that sessions hold.", kv["used"]),
+                    ("ppx_kv_pages_free", "KV cache pages free.", kv["free"]),
+                    ("ppx_kv_page_bytes", "Bytes of one KV page (every layer's keys and values of "
+                     f"{kv['page_positions']} frames).", kv["page_bytes"])],
             counters=[("process_cpu_seconds_total", "CPU time of the server process, every thread.",
                        time.process_time()),
                       ("ppx_sessions_total", "Sessions started.", self.sessions_total),
@@ -128,6 +134,8 @@ class Server:
                       ("ppx_late_frames_total", "Frames answered more than one frame period after their input.",
                        m.late_frames),
                       ("ppx_frames_total", "Frames stepped.", m.frames),
+                      ("ppx_kv_shrunk_total", "Sessions whose KV window was cut to the pages they held because "
+                       "the KV cache was full (they carried on with less history).", kv["shrunk"]),
                       ("ppx_dropped_input_frames_total", "Input frames dropped because the server was behind "
                        "real time (they waited over --max-backlog-seconds for a tick).", m.dropped_frames)],
             summaries=[("ppx_tick_seconds", "Engine step time per tick (recent ticks).", m.tick_window,

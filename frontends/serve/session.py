@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.engine import EngineFull
 from engine.errors import UserError
 
 from ..ogg_opus import OggOpusReader, OggOpusWriter
@@ -258,6 +259,8 @@ class Session:
         self.open = OpenRequest(voice, text_prompt, sampling, self)
         try:
             self.slot = await asyncio.wrap_future(server.scheduler.open(self.open))
+        except EngineFull as e:   # (the KV cache has no room: try again later, elsewhere)
+            raise ProtocolError(str(e), CLOSE_TRY_LATER) from None
         except UserError as e:
             raise ProtocolError(str(e)) from None
         self.prompt_tokens = server.engine.slots[self.slot].prompt_tokens if self.slot in server.engine.slots else 0
