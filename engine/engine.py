@@ -333,7 +333,7 @@ class Engine:
         (EngineFull) when those pages and a reserve would not fit: one page for every live
         session still growing, so that the sessions already talking can go on."""
         kv = self.lm_state.kv
-        need = sum(kv.pages_for(n + 1) for n in starts)
+        need = sum(max(0, kv.pages_for(n + 1) - kv.held(s)) for s, n in zip(slots, starts))
         growing = sum(1 for s in self.slots if kv.growing(s))
         if need + growing > kv.free_pages:
             raise EngineFull(f"the KV cache is full: {kv.free_pages} of {kv.num_pages} pages free, a new session "
@@ -366,6 +366,8 @@ class Engine:
         """New sessions whose prompts of `positions` (a voice prompt and a role prompt take
         about 400) the KV cache would admit now."""
         kv = self.lm_state.kv
+        if kv.static:   # (every slot holds its pages already)
+            return len(self._free)
         need = kv.pages_for(positions + 1)
         grows = need < kv.pages_per_slot
         free, growing, room = kv.free_pages, sum(1 for s in self.slots if kv.growing(s)), 0
@@ -573,7 +575,9 @@ class Engine:
         from .graphs import BucketGraphs
 
         dim = self.cfg.lm.temporal.dim
-        lengths = [T for T in lengths if T <= self.lm_state.kv.window]
+        # (with an e4m3 KV cache the prompt runs eagerly: its replayed prefill left other keys
+        # and values than the eager pass on an H200, which the GPU test shows)
+        lengths = [T for T in lengths if T <= self.lm_state.kv.window and not self.lm_state.kv.quantized]
         return BucketGraphs(
             lambda x, slot: self.lm.temporal_prefill(x, self.lm_state.kv, slot, [x.shape[1]]),
             lambda T: (torch.zeros(1, T, dim, device=self.device, dtype=self.dtype),

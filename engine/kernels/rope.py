@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ..quant import quantize_rows
-from .common import pdl_kw, pdl_start, triton_enabled
+from .common import pdl_kw, pdl_start, pow2, triton_enabled
 
 
 def rope_freqs_ref(D: int, max_period: float, device) -> torch.Tensor:
@@ -43,7 +43,7 @@ def rope_qkv(qkv: torch.Tensor, pos: torch.Tensor, max_period: float):
     """qkv: [N, 3, H, D] (a projection's output) -> rotated q, rotated k and v, each [N, H, D],
     as `rope_ref` rounds them. On a GPU one launch: the decode step's rope-and-write kernel,
     writing k and v into a one-entry "ring" per row."""
-    if triton_enabled(qkv):
+    if triton_enabled(qkv) and qkv.shape[-1] // 2 == pow2(qkv.shape[-1] // 2):
         N, _, H, D = qkv.shape
         k = torch.empty(N, H, 1, D, device=qkv.device, dtype=qkv.dtype)
         v = torch.empty_like(k)
@@ -184,7 +184,7 @@ def qkv_rope_write_triton(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring,
 
 def qkv_rope_write(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring, k_scale=None, v_scale=None, per=1,
                    table=None):
-    if triton_enabled(qkv):
+    if triton_enabled(qkv) and qkv.shape[-1] // 2 == pow2(qkv.shape[-1] // 2):   # (the kernel's pairs: 2^n)
         return qkv_rope_write_triton(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring, k_scale, v_scale, per,
                                      table)
     return qkv_rope_write_ref(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring, k_scale, v_scale, per, table)

@@ -159,6 +159,11 @@ def test_prompts_opened_together_equal_prompts_opened_alone(trace, golden_voice,
     np.testing.assert_array_equal(_live(eng, b, codes), _live(solo, s1, codes))
 
 
+def test_an_e4m3_kv_cache_prefills_its_prompts_eagerly():
+    eng = make_tiny_engine(window=250, kv_cache_dtype="fp8")
+    assert eng.prefill_graphs_for((40, 64, 200)).sizes == []
+
+
 @pytest.mark.parametrize("kv_cache_dtype", [None, "fp8"])
 def test_a_prompt_padded_to_its_graph_bucket_leaves_the_state_of_its_own_length(trace, golden_voice, golden_prompt,
                                                                               kv_cache_dtype):
@@ -167,6 +172,12 @@ def test_a_prompt_padded_to_its_graph_bucket_leaves_the_state_of_its_own_length(
     the session then does, equal an unpadded prefill's."""
     padded = make_tiny_engine(max_slots=3, window=250, kv_cache_dtype=kv_cache_dtype)
     padded.prefill_graphs = padded.prefill_graphs_for((40, 64, 200, 256, 300))
+    if kv_cache_dtype:   # (the padded prefill itself, run eagerly: what a graph of it would replay)
+        from engine.graphs import BucketGraphs
+        padded.prefill_graphs = BucketGraphs(
+            lambda x, slot: padded.lm.temporal_prefill(x, padded.lm_state.kv, slot, [x.shape[1]]),
+            lambda T: (torch.zeros(1, T, padded.cfg.lm.temporal.dim), torch.full((1,), padded.lm_state.scratch)),
+            (40, 64, 200))
     padded.prefill_graphs.capture(cuda=False)
     assert padded.prefill_graphs.sizes == [40, 64, 200]  # (none past the window)
     plain = make_tiny_engine(max_slots=3, window=250, kv_cache_dtype=kv_cache_dtype)
