@@ -42,6 +42,7 @@ class StandInEngine:
         self.slots: dict[int, object] = {}
         self._free = list(range(max_slots))
         self.text_id = next(i for i in range(100, 1000) if self.tokenizer.piece(i))
+        self.mimi_id = "stand-in"
 
     def open_many(self, requests) -> list[int]:
         from types import SimpleNamespace
@@ -93,6 +94,10 @@ def serve(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING)
     args.max_sessions = args.max_sessions or 64
     engine = StandInEngine(args.max_sessions, tick_ms / 1000, answer)
+    if args.frontends > 1:   # (the engine process of --frontends N, its frontends started as ppx-serve's)
+        from frontends.serve.frontends import run_core
+
+        return run_core(args, argv[2:], engine, Path(args.voice_prompt_dir), None, str(TOKENIZER))
     asyncio.run(Server(engine, args, Path(args.voice_prompt_dir), None).serve())
     return 0
 
@@ -138,7 +143,7 @@ def main() -> int:
                 procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                               text=True))
             outs = [p.communicate()[0] for p in procs]
-            summary = [ln for o in outs for ln in o.splitlines() if ln.startswith("all:")]
+            summary = [ln for o in outs for ln in o.splitlines() if ln.startswith(("all:", "clients:"))]
             print(f"== {n} sessions ({len(procs)} client process(es))")
             for ln in summary:
                 print("  " + ln)

@@ -27,6 +27,7 @@ class Tokenizer:
         import sentencepiece
 
         path = Path(path)
+        self.path = path
         if not path.is_file():
             raise UserError(f"tokenizer '{path}' does not exist")
         self.sp = sentencepiece.SentencePieceProcessor()

@@ -96,10 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'all' or a list such as 0,1: one engine process per GPU behind the one port, each new "
                         "session placed on the GPU with the most free slots (--max-sessions is per GPU); with "
                         "--device cpu, a list runs that many engine processes on the CPU")
+    s.add_argument("--frontends", type=int, default=1,
+                   help="processes that run the sessions' websocket, Ogg and Opus work beside the one engine "
+                        "process, on the one port (default 1: all in one process; a Python process holds about "
+                        "100 sessions' host work)")
     s.add_argument("--agent-port", type=int, default=None,
                    help="also answer HAProxy's agent check on this TCP port: the share of free slots as a weight "
                         "('up 40%%'), 0%% when full or draining (deploy/haproxy)")
     s.add_argument("--log-tag", type=str, default=None, help=argparse.SUPPRESS)
+    s.add_argument("--core-address", type=str, default=None, help=argparse.SUPPRESS)  # (a --frontends process)
     ap.add_argument("--kv-window", type=int, default=None, help="frames of history per session (default: the "
                                                                 "model's full context)")
     ap.add_argument("--random-weights", action="store_true",
@@ -143,6 +148,11 @@ def check_limits(args) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be above 0 (got {getattr(args, name)})")
     if args.idle_timeout < 0:
         raise UserError(f"--idle-timeout must be 0 (never) or more (got {args.idle_timeout})")
+    if args.frontends < 1:
+        raise UserError(f"--frontends must be at least 1 (got {args.frontends})")
+    if args.frontends > 1 and args.gpus is not None:
+        raise UserError("--frontends and --gpus do not combine yet: --gpus runs an engine process per GPU, each "
+                        "with its own websocket work")
     if args.max_sessions is not None and args.max_sessions < 1:
         raise UserError(f"--max-sessions must be at least 1 (got {args.max_sessions})")
 
@@ -171,7 +181,9 @@ def voice_dir(args, cfg):
     return d
 
 
-def run(args) -> int:
+def run(args, argv: list[str] | None = None) -> int:
+    """Serves on this process; with --frontends N the sessions' websocket and codec work runs in
+    N processes started with `argv` (this process's flags)."""
     import torch
 
     from ..common import resolve_device
@@ -189,6 +201,10 @@ def run(args) -> int:
     voices = voice_dir(args, cfg)
     engine = load_engine(args, cfg, max_slots=args.max_sessions)
     args.max_sessions = engine.max_slots
+    if args.frontends > 1:
+        from .frontends import run_core
+
+        return run_core(args, argv, engine, voices, cache_dir(), str(engine.tokenizer.path))
     server = Server(engine, args, voices, cache_dir())
     asyncio.run(server.serve())
     return 0
@@ -201,13 +217,18 @@ def main(argv=None) -> int:
     logging.getLogger("websockets").setLevel(logging.WARNING)  # one line per session is ours
 
     def body() -> int:
-        nonlocal args
+        nonlocal args, argv
+        if args.core_address:
+            from .frontends import run_frontend
+
+            return run_frontend(args)
         if args.demo:
             given = [f for f in ("moshi_weight", "mimi_weight", "tokenizer", "config") if getattr(args, f)]
             if given or args.random_weights:
                 raise UserError("--demo serves its own tiny model: drop --" + (given[0].replace("_", "-") if given
                                                                                  else "random-weights"))
-            args = build_parser().parse_args(demo_argv(argv))
+            argv = demo_argv(argv)
+            args = build_parser().parse_args(argv)
             log.warning("DEMO: a tiny model with random weights on the CPU; its output is noise, not speech "
                         "(the real model: set HF_TOKEN and run on a GPU without --demo)")
         if args.gpus is not None:
@@ -216,6 +237,6 @@ def main(argv=None) -> int:
             check_limits(args)
             voice_dir(args, model_config(args))
             return run_front(build_parser(), args)
-        return run(args)
+        return run(args, argv)
 
     return run_main(body)

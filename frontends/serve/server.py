@@ -39,7 +39,10 @@ REALTIME = ("/v1/realtime", "/realtime")
 
 
 class Server:
-    def __init__(self, engine, args, voices_dir: Path | None, cache_dir: Path | None):
+    def __init__(self, engine, args, voices_dir: Path | None, cache_dir: Path | None, *, scheduler=None,
+                 voices=None, reuse_port: bool = False):
+        """engine: an `Engine` (or, in a frontend process of `--frontends`, a view of the engine
+        process's, with its `scheduler` and `voices` stand-ins)."""
         from voices import VoiceLibrary
 
         self.engine = engine
@@ -52,10 +55,12 @@ class Server:
         self.max_sessions = args.max_sessions
         self.api_key = args.api_key or switches.API_KEY
         self.warn = ClientWarnings()
-        self.scheduler = Scheduler(engine, deadline=args.tick_deadline_ms / 1000,
-                                   max_wait=args.max_backlog_seconds, on_fatal=self._fatal)
+        self.scheduler = scheduler or Scheduler(engine, deadline=args.tick_deadline_ms / 1000,
+                                                max_wait=args.max_backlog_seconds, on_fatal=self._fatal)
         self.codec = CodecThreads(args.codec_threads)
-        self.voices = VoiceStore(VoiceLibrary(voices_dir) if voices_dir is not None else None, engine, cache_dir)
+        self.voices = voices or VoiceStore(VoiceLibrary(voices_dir) if voices_dir is not None else None, engine,
+                                           cache_dir)
+        self.reuse_port = reuse_port
         self.routes = HttpRoutes(api_key=self.api_key, static=Path(args.static) if args.static else None,
                                  websocket_paths=(CHAT, *REALTIME), ready=self.ready, health=self.health,
                                  live=self.live, metrics_text=self.metrics_text,
@@ -125,8 +130,9 @@ class Server:
                     ("ppx_kv_pages_free", "KV cache pages free.", kv["free"]),
                     ("ppx_kv_page_bytes", "Bytes of one KV page (every layer's keys and values of "
                      f"{kv['page_positions']} frames).", kv["page_bytes"])],
-            counters=[("process_cpu_seconds_total", "CPU time of the server process, every thread.",
-                       time.process_time()),
+            counters=[("process_cpu_seconds_total", "CPU time of the server's processes (with --frontends, the "
+                       "engine process's and every frontend's), every thread.",
+                       self.engine.process_cpu() if hasattr(self.engine, "process_cpu") else time.process_time()),
                       ("ppx_sessions_total", "Sessions started.", self.sessions_total),
                       ("ppx_refusals_total", "Connections refused (capacity, API key).",
                        self.refusals + self.routes.refusals),
@@ -277,7 +283,7 @@ class Server:
             server = await serve(self.handler, self.args.host, self.args.port, process_request=self.routes,
                                  max_size=MAX_MESSAGE, ssl=ssl_ctx, ping_interval=20, close_timeout=2,
                                  server_header="ppx", compression=switches.WS_COMPRESSION,
-                                 create_connection=connection_class(self))
+                                 create_connection=connection_class(self), reuse_port=self.reuse_port or None)
         except OSError as e:
             if agent is not None:
                 agent.close()

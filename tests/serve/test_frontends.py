@@ -1,0 +1,61 @@
+"""`ppx-serve --frontends 2`: the sessions' websocket and codec work in two processes beside the
+engine process, on one port. A session through them gets exactly what it gets from a server of
+one process; voices (a .pt and a recording, loaded by the engine process), refusals, /health,
+/metrics and a SIGTERM drain behave as a lone server's."""
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+
+import pytest
+
+from serving import ServerProcess, encode, input_pcm, session
+
+PROMPT = "You are a pirate who repairs washing machines."
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_sessions_through_frontend_processes_equal_a_lone_servers(tmp_path):
+    pcm = input_pcm()
+    inputs = [encode(pcm[1920 * i: 1920 * (i + 30)]) for i in (0, 60, 120, 180)]
+    params = [{"voice_prompt": v, "text_prompt": PROMPT, "seed": s} for v, s in
+              (("NATF2", 1), ("VARM0", 2), ("NATF2", 3), ("VARM0", 4))]
+    with ServerProcess(tmp_path / "one", max_sessions=4) as lone:
+        want = [run(session(lone.url, p, m)) for p, m in zip(params, inputs)]
+    with ServerProcess(tmp_path / "two", "--frontends", "2", max_sessions=4) as s:
+        out: list = [None] * 4
+
+        def go(i):
+            out[i] = run(session(s.url, params[i], inputs[i]))
+
+        threads = [threading.Thread(target=go, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        for got, ref in zip(out, want):
+            assert got.handshake and not got.errors
+            assert got.text == ref.text and len(ref.text) > 5
+            assert len(got.audio) == len(ref.audio)
+        for _ in range(50):   # every session ended: its pages back (the figures come twice a second)
+            if s.metric("ppx_kv_pages_used") == 0:
+                break
+            time.sleep(0.1)
+        assert s.metric("ppx_kv_pages_used") == 0 and s.metric("ppx_kv_pages_free") > 0
+        assert "ready" in s.get("/health")
+        unknown = run(session(s.url, {"voice_prompt": "NOPE"}, inputs[0][:2]))
+        assert not unknown.handshake and "NOPE" in " ".join(unknown.errors) and "NATF2" in " ".join(unknown.errors)
+        log = s.log_text()
+        assert "[front-0]" in log and "[front-1]" in log
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(30) == 0
+
+
+def test_frontends_need_a_count_of_one_or_more(tmp_path):
+    with pytest.raises(RuntimeError, match="--frontends must be at least 1"):
+        ServerProcess(tmp_path, "--frontends", "0", timeout=30)
