@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from .config import LMConfig
+from .kernels.decode_attention import paged_rows
 from .quant import FP8, quantize_rows
 from .sampling import SAMPLING_DEFAULTS
 
@@ -159,10 +160,7 @@ class PagedKV:
     def gather(self, t: torch.Tensor, slots: torch.Tensor, n: int) -> torch.Tensor:
         """Ring entries 0..n-1 of the slots from one layer's pages t ([pages, H, P, ...]):
         [B, H, n, ...]."""
-        pages = self._pages(slots, n)
-        x = t[pages]                              # [B, np, H, P, ...]
-        x = x.transpose(1, 2).flatten(2, 3)       # [B, H, np * P, ...]
-        return x[:, :, :n]
+        return paged_rows(t, slots.view(-1), self.table, n)
 
     def read_slot(self, slot: int, n: int) -> tuple:
         """Ring entries 0..n-1 of one slot (n at most the window), every layer: k, v [layers, H,

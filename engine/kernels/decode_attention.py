@@ -19,8 +19,9 @@ import triton.language as tl
 from .common import num_sms, pdl_kw, pdl_start, pow2, triton_enabled
 
 
-def _paged(ring, slots, table, n):
-    """A page table's rings as [B, H, n, ...] per slot (entries 0..n-1)."""
+def paged_rows(ring, slots, table, n):
+    """Ring entries 0..n-1 of the slots, read through a page table from pages [pages, H, P,
+    ...]: [B, H, n, ...]."""
     P = ring.shape[2]
     pages = table.index_select(0, slots)[:, :-(-n // P)]
     return ring[pages].transpose(1, 2).flatten(2, 3)[:, :, :n]
@@ -33,7 +34,7 @@ def decode_attention_ref(q, k_ring, v_ring, slots, lengths, k_scale=None, v_scal
     B, H, D = q.shape
     if table is not None:
         C = window
-        pick = lambda t: _paged(t, slots, table, C)  # noqa: E731
+        pick = lambda t: paged_rows(t, slots, table, C)  # noqa: E731
     else:
         C = k_ring.shape[2]
         pick = lambda t: t.index_select(0, slots)  # noqa: E731

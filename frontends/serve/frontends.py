@@ -442,8 +442,7 @@ class RemoteScheduler:
         rid = next(self.ids)
         req.rid = rid
         self.reqs[rid] = req
-        voice = req.voice
-        self._send(("open", rid, voice, req.text_prompt, req.sampling))
+        self._send(("open", rid, req.voice, req.text_prompt, req.sampling))
         return req.future
 
     def push(self, slot: int, pcm, born: float) -> None:
