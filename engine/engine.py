@@ -115,6 +115,9 @@ class Engine:
         # Mimi's encoder runs beside the language model (see `tick`); cuDNN picks its
         # convolution algorithms by timing them during the warm-up.
         self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # A step waits for its tick on an event made with blocking sync: the thread sleeps instead
+        # of spinning a core for the tick's length (a server's frontends need those cores under load).
+        self._tick_done = torch.cuda.Event(blocking=True) if self.device.type == "cuda" else None
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         self.graphs = None
@@ -630,9 +633,10 @@ class Engine:
         pcm = np.stack([np.asarray(frames[s], dtype=np.float32).reshape(self.frame_size) for s in slot_list])
         res = self.step_tensors(torch.tensor(slot_list, device=self.device), torch.from_numpy(pcm).to(self.device))
         audio, tokens = res.audio, res.tokens
-        if self.device.type == "cuda":
+        if self._tick_done is not None:
             # wait with the GIL released, so a server's other threads run during the tick
-            torch.cuda.current_stream(self.device).synchronize()
+            self._tick_done.record(torch.cuda.current_stream(self.device))
+            self._tick_done.synchronize()
         audio, tokens = audio.cpu().numpy(), tokens.cpu().numpy()
         for i, s in enumerate(slot_list):
             self.slots[s].frames += 1

@@ -54,18 +54,23 @@ _REFLECT = bytes(int(f"{i:08b}"[::-1], 2) for i in range(256))
 
 
 def _reflect32(x: int) -> int:
-    return int(f"{x:032b}"[::-1], 2)
+    return int.from_bytes(x.to_bytes(4, "little").translate(_REFLECT), "big")
 
 
 def ogg_crc(data: bytes, crc: int = 0) -> int:
     """Ogg's CRC-32 (polynomial 0x04C11DB7, MSB first, initial value 0, no final xor), continuing
     from `crc`."""
-    r = zlib.crc32(bytes(data).translate(_REFLECT), _reflect32(crc) ^ 0xFFFFFFFF) ^ 0xFFFFFFFF
+    data = data if isinstance(data, (bytes, bytearray)) else bytes(data)
+    r = zlib.crc32(data.translate(_REFLECT), _reflect32(crc) ^ 0xFFFFFFFF) ^ 0xFFFFFFFF
     return _reflect32(r)
 
 
 def _page_crc(page: bytes | bytearray) -> int:
-    return ogg_crc(page[26:], ogg_crc(b"\0\0\0\0", ogg_crc(page[:22])))
+    """The CRC of a page, its own CRC field (bytes 22-25) counted as zeros."""
+    if page[22:26] != b"\0\0\0\0":
+        page = bytearray(page)
+        page[22:26] = b"\0\0\0\0"
+    return ogg_crc(page)
 
 
 def _check_rate(sample_rate: int) -> None:
@@ -76,6 +81,12 @@ def _check_rate(sample_rate: int) -> None:
 _opus_packet_pad = opuslib.api.libopus.opus_packet_pad
 _opus_packet_pad.argtypes = (ctypes.c_char_p, ctypes.c_int32, ctypes.c_int32)
 _opus_packet_pad.restype = ctypes.c_int
+
+
+# opuslib's `Decoder.decode_float` zero-fills a buffer four times too large and turns the samples
+# into a list of Python floats before packing them again: most of a packet's decoding time. The
+# same libopus call (opuslib's binding, its argtypes set) writes into a buffer the reader keeps.
+_opus_decode_float = opuslib.api.decoder.libopus_decode_float
 
 
 def _pad_packet(packet: bytes, size: int) -> bytes:
@@ -205,6 +216,8 @@ class OggOpusReader:
         self.sample_rate = sample_rate
         self.max_buffer = max_buffer
         self._max_frame = sample_rate * 120 // 1000  # the longest Opus packet, 120 ms
+        self._out = np.empty(self._max_frame, np.float32)   # libopus decodes into this
+        self._out_ptr = self._out.ctypes.data_as(opuslib.api.c_float_pointer)
         self._buf = bytearray()
         self._offset = 0  # stream offset of _buf[0], for error messages
         self._pcm: list[np.ndarray] = []
@@ -331,12 +344,12 @@ class OggOpusReader:
             if len(self._buf) + len(self._packet) + 4 * self._pcm_len > self.max_buffer:
                 raise OggError(f"the reader would hold more than {self.max_buffer} bytes of input and unread "
                                f"PCM (call read_pcm more often or raise max_buffer)")
-            try:
-                pcm = self._decoder.decode_float(packet, self._max_frame)
-            except opuslib.OpusError as e:
-                reason = opuslib.api.info.strerror(e.code).decode()
-                raise OggError(f"undecodable Opus packet of {len(packet)} bytes on page {seq}: {reason}") from None
-            pcm = np.frombuffer(pcm, np.float32)
+            n = _opus_decode_float(self._decoder.decoder_state, packet, len(packet), self._out_ptr,
+                                   self._max_frame, 0)
+            if n < 0:
+                reason = opuslib.api.info.strerror(n).decode()
+                raise OggError(f"undecodable Opus packet of {len(packet)} bytes on page {seq}: {reason}")
+            pcm = self._out[:n].copy()
             if self._skip:
                 dropped = min(self._skip, len(pcm))
                 pcm, self._skip = pcm[dropped:], self._skip - dropped

@@ -87,9 +87,9 @@ class _Front:
             while True:
                 op, *rest = self.conn.recv()
                 if op == "push":
-                    slot, pcm, born = rest
-                    if slot in self.slots:
-                        core.scheduler.push(slot, pcm, born)
+                    for slot, pcm, born in rest[0]:
+                        if slot in self.slots:
+                            core.scheduler.push(slot, pcm, born)
                 elif op == "open":
                     rid, voice, text, sampling = rest
                     asyncio.run_coroutine_threadsafe(self._open(rid, voice, text, sampling), core.loop)
@@ -424,6 +424,7 @@ class RemoteScheduler:
         self.conn, self.view = conn, view
         self.lock = threading.Lock()
         self.reqs: dict[int, OpenRequest] = {}
+        self._pushes: list = []
         self.ids = iter(range(1, 1 << 62))
         self.metrics = SimpleNamespace(ticks=0, frames=0, late_frames=0, dropped_frames=0, tick_seconds=0.0,
                                        tick_window=[], wait_window=[])
@@ -446,9 +447,20 @@ class RemoteScheduler:
         return req.future
 
     def push(self, slot: int, pcm, born: float) -> None:
-        self._send(("push", slot, pcm, born))
+        """On the event loop: the frames pushed while it handles what one wait for events
+        brought go to the core as one message, at the end of that pass."""
+        if not self._pushes:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._pushes.append((slot, pcm, born))
+
+    def _flush(self) -> None:
+        pushes, self._pushes = self._pushes, []
+        if pushes:
+            self._send(("push", pushes))
 
     def close(self, req: OpenRequest) -> None:
+        if self._pushes:   # (its last frames before its end)
+            self._flush()
         req.cancelled = True
         rid = getattr(req, "rid", None)
         if rid is not None and self.reqs.pop(rid, None) is not None:

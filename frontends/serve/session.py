@@ -70,7 +70,9 @@ class CodecThreads:
     """Threads that Opus-encode the sessions' answers. The encoder (C, called through ctypes,
     which releases the GIL) is most of a session's host work, so it runs here in parallel
     instead of on the event loop; a session always uses the same thread, which keeps its stream
-    in order."""
+    in order. A job returns what the event loop should then do (`(loop, fn, *args)`, or None);
+    a thread runs every job waiting for it (a tick's answers arrive together) and wakes each
+    loop once for all of them."""
 
     def __init__(self, n: int):
         self.queues = [queue.SimpleQueue() for _ in range(max(1, n))]
@@ -99,14 +101,36 @@ class CodecThreads:
     @staticmethod
     def _run(q: queue.SimpleQueue) -> None:
         while True:
-            item = q.get()
-            if item is None:
+            jobs = [q.get()]
+            while not q.empty():
+                jobs.append(q.get())
+            posts: dict = {}   # loop -> what it should run
+            for job in jobs:
+                if job is None:
+                    break
+                fn, args = job
+                try:
+                    then = fn(*args)
+                except Exception:  # noqa: BLE001 - the job reports its own session's failure
+                    log.exception("codec job failed")
+                    continue
+                if then is not None:
+                    posts.setdefault(then[0], []).append(then[1:])
+            for loop, calls in posts.items():
+                try:
+                    loop.call_soon_threadsafe(_run_all, calls)
+                except RuntimeError:   # (the loop has closed: the server is stopping)
+                    pass
+            if any(job is None for job in jobs):
                 return
-            fn, args = item
-            try:
-                fn(*args)
-            except Exception:  # noqa: BLE001 - the job reports its own session's failure
-                log.exception("codec job failed")
+
+
+def _run_all(calls: list) -> None:
+    for fn, *args in calls:
+        try:
+            fn(*args)
+        except Exception:  # noqa: BLE001 - one session's failure is not the others'
+            log.exception("handling an encoded frame failed")
 
 
 class Outbox:
@@ -211,18 +235,17 @@ class Session:
 
     # ------------------------------------------------------------------------------
 
-    def _encode(self, out, born: float, late: bool) -> None:
-        """On a codec thread. A failure here ends this session (with an error) and nothing else."""
+    def _encode(self, out, born: float, late: bool):
+        """On a codec thread: what the event loop then does with the frame (`CodecThreads`). A
+        failure here ends this session (with an error) and nothing else."""
         if self.closed:
-            return
+            return None
         try:
             msgs = self.encode_frame(out)
         except Exception as e:  # noqa: BLE001
             log.exception("session %s: encoding a frame failed", self.id)
-            self.loop.call_soon_threadsafe(self._stop, f"internal error while sending audio "
-                                                       f"({e.__class__.__name__})", 1011)
-            return
-        self.loop.call_soon_threadsafe(self._enqueue, msgs, late, born)
+            return self.loop, self._stop, f"internal error while sending audio ({e.__class__.__name__})", 1011
+        return self.loop, self._enqueue, msgs, late, born
 
     def _enqueue(self, msgs: list, late: bool, born: float) -> None:
         if self.closed:

@@ -173,6 +173,25 @@ def test_round_trip_keeps_length_and_waveform(signal):
     assert ncc(signal, out) > 0.95
 
 
+def test_reader_gives_what_opuslibs_own_decoder_gives():
+    """The reader calls libopus into its own buffer: the samples are opuslib's `decode_float`'s."""
+    import opuslib
+
+    data = encode(CHIRP)
+    packets = packets_of(parse_pages(data))[2:]   # (after OpusHead and OpusTags)
+    dec = opuslib.Decoder(SR, 1)
+    want = np.concatenate([np.frombuffer(dec.decode_float(p, SR * 120 // 1000), np.float32) for p in packets])
+    reader = OggOpusReader(SR)
+    got = []
+    for k in range(0, len(data), 333):
+        reader.append_bytes(data[k:k + 333])
+        got.append(reader.read_pcm())
+    got = np.concatenate(got)
+    skip = LOOKAHEAD   # (the pre-skip: the encoder delay, dropped by the reader)
+    assert len(got) == len(CHIRP)
+    np.testing.assert_array_equal(got, want[skip:skip + len(got)])
+
+
 def test_unflushed_stream_decodes_as_it_arrives():
     w, r = OggOpusWriter(), OggOpusReader()
     got = []
