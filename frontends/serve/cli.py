@@ -98,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--device cpu, a list runs that many engine processes on the CPU")
     s.add_argument("--frontends", type=int, default=1,
                    help="processes that run the sessions' websocket, Ogg and Opus work beside the one engine "
-                        "process, on the one port (default 1: all in one process; a Python process holds about "
-                        "100 sessions' host work)")
+                        "process, on the one port (default 1: all in one process, which on a 16-core host kept "
+                        "64 sessions in real time but not 128)")
     s.add_argument("--agent-port", type=int, default=None,
                    help="also answer HAProxy's agent check on this TCP port: the share of free slots as a weight "
                         "('up 40%%'), 0%% when full or draining (deploy/haproxy)")
@@ -181,6 +181,10 @@ def voice_dir(args, cfg):
     return d
 
 
+# sessions one Python process kept in real time, all their host work in it (an H200's 16-core host)
+ONE_PROCESS_SESSIONS = 64
+
+
 def run(args, argv: list[str] | None = None) -> int:
     """Serves on this process; with --frontends N the sessions' websocket and codec work runs in
     N processes started with `argv` (this process's flags)."""
@@ -201,6 +205,10 @@ def run(args, argv: list[str] | None = None) -> int:
     voices = voice_dir(args, cfg)
     engine = load_engine(args, cfg, max_slots=args.max_sessions)
     args.max_sessions = engine.max_slots
+    if args.frontends == 1 and args.max_sessions > ONE_PROCESS_SESSIONS:
+        log.info("up to %d sessions with their websocket and codec work in this one process, which kept %d in "
+                 "real time on a 16-core host but not 128: --frontends %d spreads that work", args.max_sessions,
+                 ONE_PROCESS_SESSIONS, -(-args.max_sessions // ONE_PROCESS_SESSIONS))
     if args.frontends > 1:
         from .frontends import run_core
 
