@@ -62,6 +62,9 @@ class StandInEngine:
     def kv_room(self) -> int:
         return len(self._free)   # (no KV cache: only slots limit it)
 
+    def gpu_memory(self) -> int:
+        return 0
+
     def kv_stats(self) -> dict:
         return {"pages": 0, "used": 0, "free": 0, "page_positions": 0, "page_bytes": 0, "shrunk": 0}
 

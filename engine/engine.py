@@ -378,6 +378,10 @@ class Engine:
             room, free, growing = room + 1, free - need, growing + grows
         return room
 
+    def gpu_memory(self) -> int:
+        """Bytes of GPU memory the engine's tensors hold (0 on the CPU)."""
+        return torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
+
     def kv_stats(self) -> dict:
         """Pages of the KV cache: total, used and free, their size, and the sessions whose
         window was cut for want of them."""

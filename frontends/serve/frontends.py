@@ -213,6 +213,7 @@ class CoreService:
         room = min(e.max_slots - len(e.slots), e.kv_room())
         return {"alive": self.scheduler.is_alive(), "live": self.scheduler.live_count, "used": len(e.slots),
                 "room": room, "kv": e.kv_stats(), "cpu": time.process_time() + sum(map(_cpu_of, self.front_pids)),
+                "gpu_memory": e.gpu_memory(),
                 "metrics": {"ticks": m.ticks, "frames": m.frames, "late_frames": m.late_frames,
                             "dropped_frames": m.dropped_frames, "tick_seconds": m.tick_seconds,
                             "tick_window": list(m.tick_window), "wait_window": list(m.wait_window)}}
@@ -411,6 +412,13 @@ class EngineView:
     def process_cpu(self) -> float:
         """CPU seconds of the engine process and every frontend process."""
         return self.latest.get("cpu", 0.0)
+
+    def used_slots(self) -> int:
+        """Slots open in the engine, every frontend's sessions counted (`slots` are this one's)."""
+        return self.latest["used"]
+
+    def gpu_memory(self) -> int:
+        return self.latest.get("gpu_memory", 0)
 
     def kv_stats(self) -> dict:
         return self.latest["kv"]

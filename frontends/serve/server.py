@@ -118,13 +118,14 @@ class Server:
             gauges=[("ppx_live_sessions", "Sessions past their prompt phase.", live),
                     ("ppx_connections", "Open websocket connections.", len(self.sessions)),
                     ("ppx_free_slots", "Free session slots of the engine.",
-                     self.engine.max_slots - len(self.engine.slots)),
+                     self.engine.max_slots - (self.engine.used_slots() if hasattr(self.engine, "used_slots")
+                                              else len(self.engine.slots))),
                     ("ppx_max_sessions", "Sessions this server takes at once.", self.max_sessions),
                     ("ppx_slot_utilization", "Open sessions over --max-sessions (1: full; what an autoscaler "
                      "targets).", len(self.sessions) / self.max_sessions),
                     ("ppx_draining", "1 while the server drains (after SIGTERM).", int(self.draining)),
                     ("ppx_gpu_memory_bytes", "GPU memory the engine's tensors hold (0 on the CPU).",
-                     self._gpu_memory()),
+                     self.engine.gpu_memory()),
                     ("ppx_tasks", "Tasks of the event loop.", len(asyncio.all_tasks(self.loop)) if self.loop else 0),
                     ("ppx_kv_pages_used", "KV cache pages that sessions hold.", kv["used"]),
                     ("ppx_kv_pages_free", "KV cache pages free.", kv["free"]),
@@ -151,12 +152,6 @@ class Server:
                        ("ppx_answer_seconds", "From an input frame being complete to its answer being queued for "
                         "sending: the wait, the tick and the Opus encoding (recent frames).", self.answer_window,
                         [])])
-
-    def _gpu_memory(self) -> int:
-        import torch
-
-        device = getattr(self.engine, "device", None)
-        return torch.cuda.memory_allocated(device) if device is not None and device.type == "cuda" else 0
 
     @property
     def defaults(self):
