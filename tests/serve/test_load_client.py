@@ -144,3 +144,15 @@ def test_sessions_of_given_lengths_at_spread_times_with_both_sides_measured(serv
     starts = np.array([s["start_ms"] for s in res["sessions"]]) / 1000
     np.testing.assert_allclose(starts, np.random.default_rng(5).uniform(0, 1.0, 3), atol=0.05)
     assert starts.max() - starts.min() > 0.1
+
+
+def test_host_costs_times_each_part_of_a_session_frame():
+    """`benchmarks.host_costs`: every part of a session-frame's host work timed, over a real parse
+    of the client's websocket frames and a real Ogg-Opus stream."""
+    from benchmarks import host_costs
+
+    costs = host_costs.measure(host_costs.speech(None, 2.0), complexity=5, min_seconds=0.05)
+    assert set(costs) == {"ogg_opus_read", "ogg_opus_write", "websocket_in", "websocket_out"}
+    assert all(us > 0 for us in costs.values())
+    # the encoder is the costly part of writing; framing a message is far cheaper than coding it
+    assert costs["ogg_opus_write"] > costs["websocket_out"]
