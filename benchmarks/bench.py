@@ -357,7 +357,7 @@ def main(argv=None) -> int:
             row.update(median_ms=med, p99_ms=float(np.percentile(ms, 99)), mean_ms=float(np.mean(ms)),
                        kv_positions_read=min(positions, full_window), bytes=nbytes,
                        achieved_GBps=nbytes / (med / 1e3) / 1e9, floor_ms=nbytes / bw * 1e3,
-                       floor_ratio=(nbytes / bw * 1e3) / med, capture_s=cap_s,
+                       floor_ratio=(nbytes / bw * 1e3) / med, capture_s=cap_s, graph_memory_GB=eng.graph_memory / 1e9,
                        peak_memory_GB=torch.cuda.max_memory_allocated() / 1e9, kv_window=window,
                        distinct_windows=distinct)
             if B == 1:

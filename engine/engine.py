@@ -121,6 +121,7 @@ class Engine:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         self.graphs = None
+        self.graph_memory = 0   # bytes the tick's graphs hold (`enable_graphs`)
         self._graph_logits = False
         self.prefill_graphs = None
         if prompt_cache_bytes is None:
@@ -555,16 +556,20 @@ class Engine:
         self._graph_logits = logits
         scratch = self.lm_state.scratch
         # a batch of n runs in the smallest bucket b >= n; rows n..b-1 point at the scratch slot
+        reserved0 = torch.cuda.memory_reserved(self.device)
         self.graphs = BucketGraphs(
             lambda slots, pcm: self.tick(slots, pcm, logits),
             lambda b: (torch.full((b,), scratch, dtype=torch.long, device=self.device),
                        torch.zeros(b, self.frame_size, device=self.device)), sizes, warmups=2)
         self.graphs.capture()
+        # (the memory the capture reserved: the graphs' shared pool of activations and their buffers)
+        self.graph_memory = torch.cuda.memory_reserved(self.device) - reserved0
         cal = calibration_stats()
         log.info("captured CUDA graphs for batch buckets %s in %.1f s (of which %.1f s timing the kernels for %d "
-                 "products and %d with a prologue, their compilation included; %d choices read from disk)", sizes,
-                 time.monotonic() - t0, cal["seconds"] - cal0["seconds"], cal["products"] - cal0["products"],
-                 cal["fused"] - cal0["fused"], cal["from_cache"] - cal0["from_cache"])
+                 "products and %d with a prologue, their compilation included; %d choices read from disk); they hold "
+                 "%.2f GB", sizes, time.monotonic() - t0, cal["seconds"] - cal0["seconds"],
+                 cal["products"] - cal0["products"], cal["fused"] - cal0["fused"], cal["from_cache"] - cal0["from_cache"],
+                 self.graph_memory / 1e9)
         self.prefill_graphs = self.prefill_graphs_for(PREFILL_BUCKETS if prefill_buckets is None else prefill_buckets)
         if self.prefill_graphs.sizes:
             t1 = time.monotonic()
