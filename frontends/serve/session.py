@@ -71,8 +71,10 @@ class CodecThreads:
     which releases the GIL) is most of a session's host work, so it runs here in parallel
     instead of on the event loop; a session always uses the same thread, which keeps its stream
     in order. A job returns what the event loop should then do (`(loop, fn, *args)`, or None);
-    a thread runs every job waiting for it (a tick's answers arrive together) and wakes each
-    loop once for all of them."""
+    a thread takes the jobs waiting for it (a tick's answers arrive together) and wakes the
+    event loop once per `POST_EVERY` of them, so that no answer waits long for the others."""
+
+    POST_EVERY = 8
 
     def __init__(self, n: int):
         self.queues = [queue.SimpleQueue() for _ in range(max(1, n))]
@@ -102,7 +104,7 @@ class CodecThreads:
     def _run(q: queue.SimpleQueue) -> None:
         while True:
             jobs = [q.get()]
-            while not q.empty():
+            while len(jobs) < CodecThreads.POST_EVERY and not q.empty():
                 jobs.append(q.get())
             posts: dict = {}   # loop -> what it should run
             for job in jobs:
