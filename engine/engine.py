@@ -561,7 +561,14 @@ class Engine:
             lambda slots, pcm: self.tick(slots, pcm, logits),
             lambda b: (torch.full((b,), scratch, dtype=torch.long, device=self.device),
                        torch.zeros(b, self.frame_size, device=self.device)), sizes, warmups=2)
-        self.graphs.capture()
+        log.info("warming up and capturing the tick's CUDA graphs for batch buckets %s (a first start on a machine "
+                 "also compiles and times the kernels: minutes; later starts read them from disk)", sizes)
+
+        def progress(i: int, n: int, size: int, seconds: float) -> None:
+            if i:
+                log.info("  batch bucket %d (%d of %d), %.0f s so far", size, i + 1, n, seconds)
+
+        self.graphs.capture(progress=progress)
         # (the memory the capture reserved: the graphs' shared pool of activations and their buffers)
         self.graph_memory = torch.cuda.memory_reserved(self.device) - reserved0
         cal = calibration_stats()

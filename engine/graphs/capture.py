@@ -52,13 +52,17 @@ class BucketGraphs:
         self.buckets: dict[int, Bucket] = {}
         self.seconds = 0.0  # the last capture's
 
-    def capture(self, cuda: bool = True) -> float:
+    def capture(self, cuda: bool = True, progress: Callable[[int, int, int, float], None] | None = None) -> float:
         """Makes every bucket's buffers and captures its graph (without a GPU, only the
-        buffers); returns seconds."""
+        buffers); returns seconds. progress(i, n, size, seconds so far) is called before the
+        i-th of the n buckets (largest first)."""
         t0 = time.monotonic()
         pool = torch.cuda.graph_pool_handle() if cuda else None
         stream = torch.cuda.Stream() if cuda else None
-        for b in sorted(self.sizes, reverse=True):
+        order = sorted(self.sizes, reverse=True)
+        for i, b in enumerate(order):
+            if progress is not None:
+                progress(i, len(order), b, time.monotonic() - t0)
             bufs = tuple(self.make_buffers(b))
             if cuda:
                 g, out = warm_and_capture(lambda: self.fn(*bufs), pool, stream, self.warmups)

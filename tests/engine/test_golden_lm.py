@@ -194,6 +194,17 @@ def test_a_prompt_padded_to_its_graph_bucket_leaves_the_state_of_its_own_length(
         np.testing.assert_array_equal(_live(padded, a, codes), _live(plain, b, codes))
 
 
+def test_capturing_graphs_tells_each_bucket_as_it_starts():
+    """A capture of many buckets takes minutes on a machine's first start: the engine logs each."""
+    from engine.graphs import BucketGraphs
+
+    g = BucketGraphs(lambda x: x + 1, lambda b: (torch.zeros(b),), (4, 1, 2))
+    told = []
+    g.capture(cuda=False, progress=lambda i, n, size, seconds: told.append((i, n, size, seconds >= 0)))
+    assert told == [(0, 3, 4, True), (1, 3, 2, True), (2, 3, 1, True)]
+    assert torch.equal(g.replay(g.bucket(2)), torch.ones(2))
+
+
 def test_which_prompts_the_prefill_graphs_take():
     """Prompts that fit a bucket replay its graph, up to four opened together (one with e4m3
     weights, where one batched pass is faster); longer ones, or more, run the eager pass."""
