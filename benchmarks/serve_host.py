@@ -108,6 +108,30 @@ def serve(argv: list[str]) -> int:
     return 0
 
 
+def process_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (user and system) of the server's processes: the one started here ("server";
+    with --frontends, the engine process) and each child ("frontend-N"), from /proc (Linux)."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def cpu(p: int) -> float:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, ValueError, IndexError):
+            return 0.0
+
+    out = {"server": cpu(pid)}
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except OSError:
+        children = []
+    for i, c in enumerate(sorted(children)):
+        out[f"frontend-{i}"] = cpu(c)
+    return out
+
+
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--serve":
         return serve(sys.argv[2:])
@@ -134,7 +158,7 @@ def main() -> int:
                 print("the stand-in server did not start")
                 return 1
         port = int(line.split("port=")[1].split()[0])
-        rounds = {}
+        rounds, cpu_by_process = {}, {}
         for n in (int(x) for x in args.sweep.split(",")):
             per = [n // args.clients + (1 if i < n % args.clients else 0) for i in range(args.clients)]
             procs, files = [], []
@@ -148,17 +172,24 @@ def main() -> int:
                     cmd += ["--wav", w]
                 procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                               text=True))
+            cpu0 = process_cpu(srv.pid)
             outs = [p.communicate()[0] for p in procs]
+            cpu1 = process_cpu(srv.pid)
+            by_process = {k: round(v - cpu0.get(k, 0.0), 2) for k, v in cpu1.items()}
             summary = [ln for o in outs for ln in o.splitlines() if ln.startswith(("all:", "clients:"))]
             print(f"== {n} sessions ({len(procs)} client process(es))")
             for ln in summary:
                 print("  " + ln)
+            print("  server CPU seconds by process over the round: " +
+                  ", ".join(f"{k} {v:.2f}" for k, v in by_process.items()))
             rounds[n] = [json.loads(Path(f).read_text()) for f in files if os.path.getsize(f)]
+            cpu_by_process[n] = by_process
             time.sleep(1)
         if args.json:
             Path(args.json).write_text(json.dumps({"server_args": args.server_args, "clients": args.clients,
                                                    "tick_ms": args.tick_ms, "answer": args.answer,
-                                                   "cpus": os.cpu_count(), "rounds": rounds}, indent=1))
+                                                   "cpus": os.cpu_count(), "rounds": rounds,
+                                                   "server_cpu_s_by_process": cpu_by_process}, indent=1))
     finally:
         srv.terminate()
         srv.wait(timeout=10)

@@ -203,7 +203,7 @@ class CoreService:
             e = self.engine
             conn.send({"frame_size": e.frame_size, "sample_rate": e.sample_rate, "cfg": e.cfg,
                        "max_slots": e.max_slots, "mimi_id": e.mimi_id, "tokenizer": self.tokenizer_path,
-                       "vocab_size": e.cfg.lm.text_card})
+                       "vocab_size": e.cfg.lm.text_card, "stats": self.stats()})
             self.fronts.add(front)
             threading.Thread(target=front.reader, name=f"ppx-core-read-{front.n}", daemon=True).start()
             threading.Thread(target=front.sender, name=f"ppx-core-send-{front.n}", daemon=True).start()
@@ -403,8 +403,7 @@ class EngineView:
         self.cfg, self.max_slots, self.mimi_id = hello["cfg"], hello["max_slots"], hello["mimi_id"]
         self.tokenizer = Tokenizer(hello["tokenizer"], vocab_size=hello["vocab_size"])
         self.slots: dict[int, SimpleNamespace] = {}
-        self.latest = {"alive": True, "live": 0, "used": 0, "room": self.max_slots,
-                       "kv": {"pages": 0, "used": 0, "free": 0, "page_positions": 0, "page_bytes": 0, "shrunk": 0}}
+        self.latest = hello["stats"]   # (the core's figures at the start; then twice a second)
 
     def kv_room(self) -> int:
         return max(0, self.latest["room"])
@@ -434,8 +433,7 @@ class RemoteScheduler:
         self.reqs: dict[int, OpenRequest] = {}
         self._pushes: list = []
         self.ids = iter(range(1, 1 << 62))
-        self.metrics = SimpleNamespace(ticks=0, frames=0, late_frames=0, dropped_frames=0, tick_seconds=0.0,
-                                       tick_window=[], wait_window=[])
+        self.metrics = SimpleNamespace(**view.latest["metrics"])   # (the core's, refreshed with its figures)
         self.on_fatal = None
         self._alive = True
         self._reader = threading.Thread(target=self._read, name="ppx-front-read", daemon=True)

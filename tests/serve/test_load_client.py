@@ -118,9 +118,12 @@ def test_serve_host_measures_the_server_over_a_stand_in_engine(tmp_path):
                        text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "== 2 sessions" in r.stdout
-    agg = json.loads(out.read_text())["rounds"]["2"][0]["rounds"][0]["aggregate"]
+    res = json.loads(out.read_text())
+    agg = res["rounds"]["2"][0]["rounds"][0]["aggregate"]
     assert agg["sessions"] == 2 and agg["handshakes"] == 2 and agg["errors"] == 0
     assert agg["frames_received"] == agg["frames_sent"] > 0
+    assert res["server_cpu_s_by_process"]["2"]["server"] > 0   # (one process: no frontends)
+    assert "server CPU seconds by process" in r.stdout
 
 
 def test_sessions_of_given_lengths_at_spread_times_with_both_sides_measured(server):
