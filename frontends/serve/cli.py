@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="close a session that sends no audio for this long, freeing its slot (default 300 s; "
                         "0: never)")
     g.add_argument("--codec-threads", type=int, default=max(1, min(8, cpu_cores() // 2)),
-                   help="threads that Opus-encode the answers (default: half the CPU cores, at most 8)")
+                   help="threads that Opus-encode the answers (default: half the CPU cores, at most 8, shared "
+                        "among the --frontends processes; given, each frontend has that many)")
     g.add_argument("--cpu-threads", type=int, default=None,
                    help="torch threads of the model's step when --device is cpu (default: the cores the codec "
                         "threads leave, at least 1; threads beyond the free cores wait on each other)")

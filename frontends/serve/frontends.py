@@ -267,6 +267,20 @@ def strip_flags(argv: list[str], flags: dict[str, bool]) -> list[str]:
     return out
 
 
+def frontend_argv(argv: list[str], args, port: int, voices_dir: Path | None) -> list[str]:
+    """A frontend process's flags: the engine process's, less those that are the engine
+    process's alone, with its port, the server's session count and voices; the codec threads
+    of the default (half the cores, at most 8) shared among the frontends unless given."""
+    out = strip_flags(argv, {"--frontends": True, "--agent-port": True, "--port": True, "--voice-prompt-dir": True,
+                             "--max-sessions": True, "--log-tag": True, "--demo": False})
+    out += ["--port", str(port), "--max-sessions", str(args.max_sessions)]
+    if voices_dir is not None:
+        out += ["--voice-prompt-dir", str(voices_dir)]
+    if not any(a.split("=", 1)[0] == "--codec-threads" for a in argv):
+        out += ["--codec-threads", str(max(1, args.codec_threads // args.frontends))]
+    return out
+
+
 def free_port(host: str) -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
@@ -297,12 +311,7 @@ def run_core(args, argv: list[str], engine, voices_dir: Path | None, cache_dir: 
     voices.warm_up()
     core = CoreService(engine, scheduler, voices, tokenizer_path, args.max_sessions)
     port = args.port or free_port(args.host)
-    child_argv = strip_flags(argv, {"--frontends": True, "--agent-port": True, "--port": True,
-                                    "--voice-prompt-dir": True, "--max-sessions": True, "--log-tag": True,
-                                    "--demo": False})
-    child_argv += ["--port", str(port), "--max-sessions", str(args.max_sessions)]
-    if voices_dir is not None:
-        child_argv += ["--voice-prompt-dir", str(voices_dir)]
+    child_argv = frontend_argv(argv, args, port, voices_dir)
 
     async def main() -> int:
         loop = asyncio.get_running_loop()

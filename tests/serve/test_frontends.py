@@ -59,3 +59,20 @@ def test_sessions_through_frontend_processes_equal_a_lone_servers(tmp_path):
 def test_frontends_need_a_count_of_one_or_more(tmp_path):
     with pytest.raises(RuntimeError, match="--frontends must be at least 1"):
         ServerProcess(tmp_path, "--frontends", "0", timeout=30)
+
+
+def test_frontend_processes_get_the_servers_flags_and_share_the_codec_threads():
+    from types import SimpleNamespace
+    from pathlib import Path
+
+    from frontends.serve.frontends import frontend_argv
+
+    args = SimpleNamespace(max_sessions=96, codec_threads=8, frontends=4)
+    argv = ["--frontends", "4", "--port=8998", "--agent-port", "9000", "--temp-text", "0.5", "--demo"]
+    out = frontend_argv(argv, args, 8998, Path("/voices"))
+    assert out == ["--temp-text", "0.5", "--port", "8998", "--max-sessions", "96", "--voice-prompt-dir", "/voices",
+                   "--codec-threads", "2"]
+    # codec threads the user gave are each frontend's
+    assert frontend_argv(["--codec-threads=3"], args, 1, None)[-4:] == ["--port", "1", "--max-sessions", "96"]
+    assert frontend_argv(["--codec-threads", "3"], args, 1, None)[:2] == ["--codec-threads", "3"]
+    assert frontend_argv([], SimpleNamespace(max_sessions=4, codec_threads=1, frontends=2), 1, None)[-1] == "1"
