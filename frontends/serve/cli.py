@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--frontends", type=int, default=1,
                    help="processes that run the sessions' websocket, Ogg and Opus work beside the one engine "
                         "process, on the one port (default 1: all in one process, which on a 16-core host kept "
-                        "64 sessions in real time but not 128)")
+                        "64 sessions in real time but not 128; with --gpus, per GPU)")
     s.add_argument("--agent-port", type=int, default=None,
                    help="also answer HAProxy's agent check on this TCP port: the share of free slots as a weight "
                         "('up 40%%'), 0%% when full or draining (deploy/haproxy)")
@@ -151,9 +151,6 @@ def check_limits(args) -> None:
         raise UserError(f"--idle-timeout must be 0 (never) or more (got {args.idle_timeout})")
     if args.frontends < 1:
         raise UserError(f"--frontends must be at least 1 (got {args.frontends})")
-    if args.frontends > 1 and args.gpus is not None:
-        raise UserError("--frontends and --gpus do not combine yet: --gpus runs an engine process per GPU, each "
-                        "with its own websocket work")
     if args.max_sessions is not None and args.max_sessions < 1:
         raise UserError(f"--max-sessions must be at least 1 (got {args.max_sessions})")
 

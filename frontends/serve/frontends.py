@@ -322,7 +322,8 @@ def run_core(args, argv: list[str], engine, voices_dir: Path | None, cache_dir: 
         for i in range(args.frontends):
             procs.append(await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "frontends.serve", "--core-address", core.address, *child_argv,
-                "--log-tag", f"front-{i}", stdout=asyncio.subprocess.PIPE, env=env))
+                "--log-tag", f"{args.log_tag} front-{i}" if args.log_tag else f"front-{i}",
+                stdout=asyncio.subprocess.PIPE, env=env))
         core.front_pids = [p.pid for p in procs]
         # each frontend says PPX_READY once it listens; then this process does
         for p in procs:

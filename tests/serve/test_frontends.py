@@ -76,3 +76,37 @@ def test_frontend_processes_get_the_servers_flags_and_share_the_codec_threads():
     assert frontend_argv(["--codec-threads=3"], args, 1, None)[-4:] == ["--port", "1", "--max-sessions", "96"]
     assert frontend_argv(["--codec-threads", "3"], args, 1, None)[:2] == ["--codec-threads", "3"]
     assert frontend_argv([], SimpleNamespace(max_sessions=4, codec_threads=1, frontends=2), 1, None)[-1] == "1"
+
+
+def test_frontends_behind_each_gpus_engine(tmp_path):
+    """`--gpus 0,1 --frontends 2` (here two CPU engines): each engine process runs its sessions'
+    host work in two frontends; sessions through the front equal a lone server's, land on both
+    engines, and SIGTERM drains the whole tree."""
+    pcm = input_pcm()
+    inputs = [encode(pcm[1920 * i: 1920 * (i + 20)]) for i in (0, 60, 120)]
+    params = [{"voice_prompt": "NATF2", "text_prompt": PROMPT, "seed": s} for s in (1, 2, 3)]
+    with ServerProcess(tmp_path / "one", max_sessions=3) as lone:
+        want = [run(session(lone.url, p, m)) for p, m in zip(params, inputs)]
+    with ServerProcess(tmp_path / "gpus", "--gpus", "0,1", "--frontends", "2", max_sessions=2, timeout=150) as s:
+        out: list = [None] * 3
+
+        def go(i):
+            out[i] = run(session(s.url, params[i], inputs[i]))
+
+        threads = [threading.Thread(target=go, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        for got, ref in zip(out, want):
+            assert got.handshake and not got.errors
+            assert got.text == ref.text and len(ref.text) > 5
+            assert len(got.audio) == len(ref.audio)
+        log = s.log_text()
+        for tag in ("[gpu 0 front-0]", "[gpu 0 front-1]", "[gpu 1 front-0]", "[gpu 1 front-1]"):
+            assert tag in log
+        placed = {line.split('"')[1]: float(line.split()[-1]) for line in s.get("/metrics").splitlines()
+                  if line.startswith("ppx_engine_placements_total{")}
+        assert sorted(placed) == ["0", "1"] and all(n >= 1 for n in placed.values())   # (3 sessions, 2 a GPU)
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(60) == 0
