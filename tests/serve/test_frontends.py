@@ -20,24 +20,30 @@ def run(coro):
     return asyncio.run(coro)
 
 
+def together(url: str, params: list, inputs: list) -> list:
+    """Sessions all at once (batched together, which gives what each alone would)."""
+    out: list = [None] * len(params)
+
+    def go(i):
+        out[i] = run(session(url, params[i], inputs[i]))
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(params))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return out
+
+
 def test_sessions_through_frontend_processes_equal_a_lone_servers(tmp_path):
     pcm = input_pcm()
     inputs = [encode(pcm[1920 * i: 1920 * (i + 30)]) for i in (0, 60, 120, 180)]
     params = [{"voice_prompt": v, "text_prompt": PROMPT, "seed": s} for v, s in
               (("NATF2", 1), ("VARM0", 2), ("NATF2", 3), ("VARM0", 4))]
     with ServerProcess(tmp_path / "one", max_sessions=4) as lone:
-        want = [run(session(lone.url, p, m)) for p, m in zip(params, inputs)]
+        want = together(lone.url, params, inputs)
     with ServerProcess(tmp_path / "two", "--frontends", "2", max_sessions=4) as s:
-        out: list = [None] * 4
-
-        def go(i):
-            out[i] = run(session(s.url, params[i], inputs[i]))
-
-        threads = [threading.Thread(target=go, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
+        out = together(s.url, params, inputs)
         for got, ref in zip(out, want):
             assert got.handshake and not got.errors
             assert got.text == ref.text and len(ref.text) > 5
@@ -83,21 +89,12 @@ def test_frontends_behind_each_gpus_engine(tmp_path):
     host work in two frontends; sessions through the front equal a lone server's, land on both
     engines, and SIGTERM drains the whole tree."""
     pcm = input_pcm()
-    inputs = [encode(pcm[1920 * i: 1920 * (i + 20)]) for i in (0, 60, 120)]
+    inputs = [encode(pcm[1920 * i: 1920 * (i + 16)]) for i in (0, 60, 120)]
     params = [{"voice_prompt": "NATF2", "text_prompt": PROMPT, "seed": s} for s in (1, 2, 3)]
     with ServerProcess(tmp_path / "one", max_sessions=3) as lone:
-        want = [run(session(lone.url, p, m)) for p, m in zip(params, inputs)]
+        want = together(lone.url, params, inputs)
     with ServerProcess(tmp_path / "gpus", "--gpus", "0,1", "--frontends", "2", max_sessions=2, timeout=150) as s:
-        out: list = [None] * 3
-
-        def go(i):
-            out[i] = run(session(s.url, params[i], inputs[i]))
-
-        threads = [threading.Thread(target=go, args=(i,)) for i in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
+        out = together(s.url, params, inputs)
         for got, ref in zip(out, want):
             assert got.handshake and not got.errors
             assert got.text == ref.text and len(ref.text) > 5
