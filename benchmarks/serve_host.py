@@ -65,6 +65,9 @@ class StandInEngine:
     def gpu_memory(self) -> int:
         return 0
 
+    def used_slots(self) -> int:
+        return len(self.slots)
+
     def kv_stats(self) -> dict:
         return {"pages": 0, "used": 0, "free": 0, "page_positions": 0, "page_bytes": 0, "shrunk": 0}
 

@@ -379,6 +379,10 @@ class Engine:
             room, free, growing = room + 1, free - need, growing + grows
         return room
 
+    def used_slots(self) -> int:
+        """Slots holding a session."""
+        return len(self.slots)
+
     def gpu_memory(self) -> int:
         """Bytes of GPU memory the engine's tensors hold (0 on the CPU)."""
         return torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0

@@ -210,8 +210,9 @@ class CoreService:
 
     def stats(self) -> dict:
         e, m = self.engine, self.scheduler.metrics
-        room = min(e.max_slots - len(e.slots), e.kv_room())
-        return {"alive": self.scheduler.is_alive(), "live": self.scheduler.live_count, "used": len(e.slots),
+        used = e.used_slots()
+        room = min(e.max_slots - used, e.kv_room())
+        return {"alive": self.scheduler.is_alive(), "live": self.scheduler.live_count, "used": used,
                 "room": room, "kv": e.kv_stats(), "cpu": time.process_time() + sum(map(_cpu_of, self.front_pids)),
                 "gpu_memory": e.gpu_memory(),
                 "metrics": {"ticks": m.ticks, "frames": m.frames, "late_frames": m.late_frames,

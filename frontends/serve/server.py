@@ -118,8 +118,7 @@ class Server:
             gauges=[("ppx_live_sessions", "Sessions past their prompt phase.", live),
                     ("ppx_connections", "Open websocket connections.", len(self.sessions)),
                     ("ppx_free_slots", "Free session slots of the engine.",
-                     self.engine.max_slots - (self.engine.used_slots() if hasattr(self.engine, "used_slots")
-                                              else len(self.engine.slots))),
+                     self.engine.max_slots - self.engine.used_slots()),
                     ("ppx_max_sessions", "Sessions this server takes at once.", self.max_sessions),
                     ("ppx_slot_utilization", "Open sessions over --max-sessions (1: full; what an autoscaler "
                      "targets).", len(self.sessions) / self.max_sessions),
