@@ -68,6 +68,9 @@ class StandInEngine:
     def used_slots(self) -> int:
         return len(self.slots)
 
+    def process_cpu(self) -> float:
+        return time.process_time()
+
     def kv_stats(self) -> dict:
         return {"pages": 0, "used": 0, "free": 0, "page_positions": 0, "page_bytes": 0, "shrunk": 0}
 

@@ -379,6 +379,10 @@ class Engine:
             room, free, growing = room + 1, free - need, growing + grows
         return room
 
+    def process_cpu(self) -> float:
+        """CPU seconds of this process, every thread."""
+        return time.process_time()
+
     def used_slots(self) -> int:
         """Slots holding a session."""
         return len(self.slots)

@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import socket
-import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -132,7 +131,7 @@ class Server:
                      f"{kv['page_positions']} frames).", kv["page_bytes"])],
             counters=[("process_cpu_seconds_total", "CPU time of the server's processes (with --frontends, the "
                        "engine process's and every frontend's), every thread.",
-                       self.engine.process_cpu() if hasattr(self.engine, "process_cpu") else time.process_time()),
+                       self.engine.process_cpu()),
                       ("ppx_sessions_total", "Sessions started.", self.sessions_total),
                       ("ppx_refusals_total", "Connections refused (capacity, API key).",
                        self.refusals + self.routes.refusals),
