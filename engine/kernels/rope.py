@@ -39,11 +39,17 @@ def rope_ref(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, max_period: fl
     return rot(q), rot(k)
 
 
+def _kernel_takes(qkv: torch.Tensor) -> bool:
+    """Whether the rope-and-write kernel runs for this projection: Triton on, and a head of 2^n
+    pairs (its block); otherwise the reference does."""
+    return triton_enabled(qkv) and qkv.shape[-1] // 2 == pow2(qkv.shape[-1] // 2)
+
+
 def rope_qkv(qkv: torch.Tensor, pos: torch.Tensor, max_period: float):
     """qkv: [N, 3, H, D] (a projection's output) -> rotated q, rotated k and v, each [N, H, D],
     as `rope_ref` rounds them. On a GPU one launch: the decode step's rope-and-write kernel,
     writing k and v into a one-entry "ring" per row."""
-    if triton_enabled(qkv) and qkv.shape[-1] // 2 == pow2(qkv.shape[-1] // 2):
+    if _kernel_takes(qkv):
         N, _, H, D = qkv.shape
         k = torch.empty(N, H, 1, D, device=qkv.device, dtype=qkv.dtype)
         v = torch.empty_like(k)
@@ -184,7 +190,7 @@ def qkv_rope_write_triton(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring,
 
 def qkv_rope_write(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring, k_scale=None, v_scale=None, per=1,
                    table=None):
-    if triton_enabled(qkv) and qkv.shape[-1] // 2 == pow2(qkv.shape[-1] // 2):   # (the kernel's pairs: 2^n)
+    if _kernel_takes(qkv):
         return qkv_rope_write_triton(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring, k_scale, v_scale, per,
                                      table)
     return qkv_rope_write_ref(qkv, pos, max_period, slots, ring_idx, k_ring, v_ring, k_scale, v_scale, per, table)
